@@ -1,0 +1,454 @@
+//! The echo state machine of one connection: the original IOCP example's flow, written once.
+//!
+//! ```text
+//! accepted ──▶ post receive
+//! received N ──▶ queue N bytes, post a send of them (one send in flight at a time)
+//! sent n ──▶ short? send the rest : release the buffer, send the next queued bytes
+//! pending ≥ limit ──▶ stop receiving until the echo drains (backpressure)
+//! end of stream ──▶ flush what is pending, then close          (half-close)
+//! server stopping ──▶ stop receiving, flush, shut down writing, discard until the peer closes
+//! error ──▶ cancel what is pending, close this one connection when nothing is in flight
+//! ```
+//!
+//! The machine never performs I/O: each handler records what happened and posts the next
+//! [`Op`]s through [`Submit`]. It never closes a socket while an operation on it is pending,
+//! so a late completion can never land on a reused descriptor.
+
+use crate::backend::Submit;
+use crate::op::{BufId, Op, OpError, Received, Socket};
+use crate::stats::Stats;
+use crate::token::Token;
+
+const NIL: u32 = u32::MAX;
+
+/// Limits that shape every connection of a worker.
+#[derive(Copy, Clone, Debug)]
+pub struct Limits {
+    /// Bytes a connection may hold received but not yet echoed before it stops receiving.
+    pub max_pending: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_pending: 64 * 1024,
+        }
+    }
+}
+
+#[derive(Copy, Clone, Debug)]
+struct Seg {
+    buf: BufId,
+    off: u32,
+    len: u32,
+    next: u32,
+}
+
+/// Shared storage for the queued echo segments of all connections of one worker.
+///
+/// A connection keeps only the head and tail index of its queue, so an idle connection costs
+/// no heap memory of its own.
+#[derive(Default)]
+pub struct Segments {
+    slots: Vec<Seg>,
+    free: Vec<u32>,
+}
+
+impl Segments {
+    /// Empty storage.
+    pub fn new() -> Segments {
+        Segments::default()
+    }
+
+    /// Segments currently queued across all connections.
+    pub fn in_use(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    fn alloc(&mut self, seg: Seg) -> u32 {
+        if let Some(i) = self.free.pop() {
+            self.slots[i as usize] = seg;
+            i
+        } else {
+            self.slots.push(seg);
+            (self.slots.len() - 1) as u32
+        }
+    }
+}
+
+#[derive(Copy, Clone, Debug, Default)]
+struct Queue {
+    head: u32,
+    tail: u32,
+}
+
+impl Queue {
+    const EMPTY: Queue = Queue {
+        head: NIL,
+        tail: NIL,
+    };
+
+    fn is_empty(&self) -> bool {
+        self.head == NIL
+    }
+
+    fn push(&mut self, segs: &mut Segments, buf: BufId, len: u32) {
+        let i = segs.alloc(Seg {
+            buf,
+            off: 0,
+            len,
+            next: NIL,
+        });
+        if self.tail == NIL {
+            self.head = i;
+        } else {
+            segs.slots[self.tail as usize].next = i;
+        }
+        self.tail = i;
+    }
+
+    fn front<'a>(&self, segs: &'a mut Segments) -> Option<&'a mut Seg> {
+        (self.head != NIL).then(|| &mut segs.slots[self.head as usize])
+    }
+
+    fn pop(&mut self, segs: &mut Segments) -> Option<BufId> {
+        if self.head == NIL {
+            return None;
+        }
+        let i = self.head;
+        let seg = segs.slots[i as usize];
+        self.head = seg.next;
+        if self.head == NIL {
+            self.tail = NIL;
+        }
+        segs.free.push(i);
+        Some(seg.buf)
+    }
+}
+
+/// Everything a handler needs besides the connection itself.
+pub struct Cx<'a, S: Submit> {
+    /// Where operations are posted and buffers returned.
+    pub io: &'a mut S,
+    /// Queued echo segments.
+    pub segs: &'a mut Segments,
+    /// Per-connection limits.
+    pub limits: &'a Limits,
+    /// Counters.
+    pub stats: &'a mut Stats,
+}
+
+/// Where a connection is in its life.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Receiving and echoing.
+    Open,
+    /// No longer receiving; sending what is queued. Then, if `linger`, shut down the write
+    /// side and discard input until the peer closes; otherwise close.
+    Flushing {
+        /// True when the server is stopping (the peer has not closed its side).
+        linger: bool,
+    },
+    /// Write side shut down; discarding input until end of stream.
+    Lingering,
+    /// An error or a forced stop: waiting for pending operations to finish, then closing.
+    Aborting,
+    /// The close has been posted; the slot may be freed.
+    Closed,
+}
+
+/// The state of the connection's receive operation.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum RecvState {
+    /// No receive posted.
+    Idle,
+    /// A receive is posted.
+    Armed,
+    /// A receive is posted and its cancellation requested.
+    Canceling,
+    /// The last receive found no buffer; waiting for the worker to unpark it.
+    Parked,
+}
+
+/// Whether the connection is still alive after a handler ran.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum Status {
+    /// Still has work or may get more.
+    Open,
+    /// Its close was posted: free the slot.
+    Closed,
+}
+
+/// One connection's echo state.
+#[derive(Debug)]
+pub struct Conn {
+    token: Token,
+    sock: Socket,
+    phase: Phase,
+    recv: RecvState,
+    eof: bool,
+    sending: u32,
+    send_cancel_posted: bool,
+    queue: Queue,
+    pending: u32,
+}
+
+impl Conn {
+    /// State for a connection just accepted (or adopted) under `token`.
+    pub fn new(token: Token, sock: Socket) -> Conn {
+        Conn {
+            token,
+            sock,
+            phase: Phase::Open,
+            recv: RecvState::Idle,
+            eof: false,
+            sending: 0,
+            send_cancel_posted: false,
+            queue: Queue::EMPTY,
+            pending: 0,
+        }
+    }
+
+    /// The connection's token.
+    pub fn token(&self) -> Token {
+        self.token
+    }
+
+    /// Where the connection is in its life.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// The state of its receive.
+    pub fn recv_state(&self) -> RecvState {
+        self.recv
+    }
+
+    /// Bytes received and not yet echoed.
+    pub fn pending(&self) -> u32 {
+        self.pending
+    }
+
+    /// True while a send is in flight.
+    pub fn is_sending(&self) -> bool {
+        self.sending > 0
+    }
+
+    /// Accepted: post the first receive.
+    pub fn on_accepted<S: Submit>(&mut self, cx: &mut Cx<'_, S>) -> Status {
+        self.advance(cx)
+    }
+
+    /// A receive completed: queue the bytes for echo, or note end of stream or the error.
+    pub fn on_recv<S: Submit>(
+        &mut self,
+        cx: &mut Cx<'_, S>,
+        result: Result<Received, OpError>,
+        more: bool,
+    ) -> Status {
+        if !more {
+            self.recv = RecvState::Idle;
+        }
+        match result {
+            Ok(Received::Data { buf, len }) => self.received(cx, buf, len),
+            Ok(Received::Eof) => self.eof = true,
+            Err(OpError::NoBuffers) if !more => {
+                self.recv = RecvState::Parked;
+                cx.stats.parked += 1;
+            }
+            Err(OpError::Canceled) => {}
+            Err(_) => self.fail(cx),
+        }
+        self.advance(cx)
+    }
+
+    /// A send completed: account the bytes sent and send what remains.
+    pub fn on_sent<S: Submit>(&mut self, cx: &mut Cx<'_, S>, result: Result<u32, OpError>) -> Status {
+        let asked = std::mem::take(&mut self.sending);
+        match result {
+            Ok(n) if n > 0 && n <= asked => self.sent(cx, n, asked),
+            // Zero bytes, more than asked, cancelled or failed: nothing sensible can follow.
+            _ => self.fail(cx),
+        }
+        self.advance(cx)
+    }
+
+    /// The worker found buffers again: receive once more if still wanted.
+    pub fn unpark<S: Submit>(&mut self, cx: &mut Cx<'_, S>) -> Status {
+        if self.recv == RecvState::Parked {
+            self.recv = RecvState::Idle;
+        }
+        self.advance(cx)
+    }
+
+    /// The server is stopping: stop receiving, echo what was received, then say goodbye.
+    pub fn shutdown<S: Submit>(&mut self, cx: &mut Cx<'_, S>) -> Status {
+        if self.phase == Phase::Open {
+            self.phase = Phase::Flushing { linger: true };
+        }
+        self.advance(cx)
+    }
+
+    /// Close as soon as pending operations allow, dropping whatever is queued.
+    pub fn abort<S: Submit>(&mut self, cx: &mut Cx<'_, S>) -> Status {
+        if self.phase != Phase::Closed {
+            self.phase = Phase::Aborting;
+        }
+        self.advance(cx)
+    }
+
+    fn received<S: Submit>(&mut self, cx: &mut Cx<'_, S>, buf: BufId, len: u32) {
+        match self.phase {
+            Phase::Open | Phase::Flushing { .. } => {
+                self.queue.push(cx.segs, buf, len);
+                self.pending += len;
+            }
+            // Lingering or closing: the bytes have nowhere to go.
+            _ => cx.io.release(buf),
+        }
+    }
+
+    fn sent<S: Submit>(&mut self, cx: &mut Cx<'_, S>, n: u32, asked: u32) {
+        if n < asked {
+            cx.stats.short_sends += 1;
+        }
+        cx.stats.bytes_echoed += n as u64;
+        self.pending -= n;
+        let seg = self.queue.front(cx.segs).expect("a send completed with nothing queued");
+        seg.off += n;
+        seg.len -= n;
+        if seg.len == 0 {
+            let buf = self.queue.pop(cx.segs).expect("front exists");
+            cx.io.release(buf);
+        }
+    }
+
+    fn fail<S: Submit>(&mut self, cx: &mut Cx<'_, S>) {
+        if !matches!(self.phase, Phase::Aborting | Phase::Closed) {
+            cx.stats.errors += 1;
+            self.phase = Phase::Aborting;
+        }
+    }
+
+    /// Decides the next operations from the current state; every handler ends here.
+    fn advance<S: Submit>(&mut self, cx: &mut Cx<'_, S>) -> Status {
+        if self.phase == Phase::Open && self.eof {
+            self.phase = Phase::Flushing { linger: false };
+        }
+        match self.phase {
+            Phase::Open => {
+                self.post_send(cx);
+                if self.pending >= cx.limits.max_pending {
+                    if self.recv == RecvState::Armed {
+                        cx.stats.paused += 1;
+                        self.cancel_recv(cx);
+                    }
+                } else if self.recv == RecvState::Idle {
+                    self.post_recv(cx);
+                }
+                Status::Open
+            }
+            Phase::Flushing { linger } => {
+                self.stop_receiving(cx);
+                self.post_send(cx);
+                if !self.queue.is_empty() || self.is_sending() || self.recv != RecvState::Idle {
+                    return Status::Open;
+                }
+                if linger && !self.eof {
+                    cx.io.push(Op::Shutdown {
+                        token: self.token,
+                        sock: self.sock,
+                    });
+                    self.phase = Phase::Lingering;
+                    self.post_recv(cx);
+                    Status::Open
+                } else {
+                    self.close(cx)
+                }
+            }
+            Phase::Lingering => {
+                if self.eof {
+                    self.stop_receiving(cx);
+                    if self.recv == RecvState::Idle {
+                        return self.close(cx);
+                    }
+                } else if self.recv == RecvState::Idle {
+                    self.post_recv(cx);
+                }
+                Status::Open
+            }
+            Phase::Aborting => {
+                self.stop_receiving(cx);
+                if self.is_sending() && !self.send_cancel_posted {
+                    self.send_cancel_posted = true;
+                    cx.io.push(Op::CancelSend {
+                        token: self.token,
+                        sock: self.sock,
+                    });
+                }
+                if self.recv != RecvState::Idle || self.is_sending() {
+                    return Status::Open;
+                }
+                while let Some(buf) = self.queue.pop(cx.segs) {
+                    cx.io.release(buf);
+                }
+                self.pending = 0;
+                self.close(cx)
+            }
+            Phase::Closed => Status::Closed,
+        }
+    }
+
+    fn post_recv<S: Submit>(&mut self, cx: &mut Cx<'_, S>) {
+        self.recv = RecvState::Armed;
+        cx.io.push(Op::Recv {
+            token: self.token,
+            sock: self.sock,
+        });
+    }
+
+    fn post_send<S: Submit>(&mut self, cx: &mut Cx<'_, S>) {
+        if self.is_sending() {
+            return;
+        }
+        if let Some(seg) = self.queue.front(cx.segs) {
+            self.sending = seg.len;
+            cx.io.push(Op::Send {
+                token: self.token,
+                sock: self.sock,
+                buf: seg.buf,
+                off: seg.off,
+                len: seg.len,
+            });
+        }
+    }
+
+    fn cancel_recv<S: Submit>(&mut self, cx: &mut Cx<'_, S>) {
+        self.recv = RecvState::Canceling;
+        cx.io.push(Op::CancelRecv {
+            token: self.token,
+            sock: self.sock,
+        });
+    }
+
+    /// Cancels a posted receive, and forgets a parked one.
+    fn stop_receiving<S: Submit>(&mut self, cx: &mut Cx<'_, S>) {
+        match self.recv {
+            RecvState::Armed => self.cancel_recv(cx),
+            RecvState::Parked => self.recv = RecvState::Idle,
+            RecvState::Idle | RecvState::Canceling => {}
+        }
+    }
+
+    fn close<S: Submit>(&mut self, cx: &mut Cx<'_, S>) -> Status {
+        debug_assert!(self.queue.is_empty() && !self.is_sending() && self.recv == RecvState::Idle);
+        self.phase = Phase::Closed;
+        cx.stats.closed += 1;
+        cx.io.push(Op::Close {
+            token: self.token,
+            sock: self.sock,
+        });
+        Status::Closed
+    }
+}

@@ -1,0 +1,24 @@
+//! The backend-neutral heart of echoport.
+//!
+//! This crate owns everything that does not touch the operating system: the vocabulary of
+//! posted [`Op`]erations and reaped [`Completion`]s (the io_uring SQE/CQE, or IOCP's posted
+//! `OVERLAPPED` and `GetQueuedCompletionStatus`), the [`Token`] that ties a completion back to
+//! one incarnation of one connection, the per-connection echo state machine ([`conn::Conn`]),
+//! and the event loop that drives it over any [`Backend`] ([`worker::Worker`]).
+//!
+//! Nothing here is `unsafe`, and everything here can be tested with a scripted fake backend.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod conn;
+pub mod op;
+pub mod slab;
+pub mod stats;
+pub mod testing;
+pub mod token;
+pub mod worker;
+
+pub use backend::{Backend, Submit};
+pub use op::{BufId, Completion, ListenerId, Op, OpError, Received, Socket};
+pub use token::{OpKind, Token};

@@ -1,0 +1,164 @@
+//! Operations posted to a backend and the completions it reports back.
+//!
+//! The echo logic speaks only this vocabulary. A completion backend (io_uring, IOCP) maps an
+//! [`Op`] to one submission; a readiness backend (epoll) performs it when the socket is ready
+//! and reports the same [`Completion`]. Buffers belong to the backend: the state machine only
+//! ever holds a [`BufId`] and hands it back with [`crate::Submit::release`] once the echo of
+//! its bytes has been sent.
+
+use std::fmt;
+
+use crate::token::Token;
+
+/// A socket as the backend names it (a file descriptor, an io_uring direct descriptor, a
+/// Windows `SOCKET`). Opaque to the state machine, which never closes it itself.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Socket(pub u64);
+
+/// A buffer owned by the backend, lent to the state machine between a receive completion and
+/// [`crate::Submit::release`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BufId(pub u32);
+
+/// A listening socket registered with a backend.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ListenerId(pub u32);
+
+/// An operation posted to a backend. Each one that names a connection produces completions
+/// tagged with its token; cancellations, shutdowns and closes report nothing back.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Accept connections on a listener until an error or cancellation ends the operation
+    /// (multishot where the backend can, otherwise one accept per post).
+    Accept {
+        /// The listener to accept on.
+        listener: ListenerId,
+    },
+    /// Stop accepting and close the listener.
+    CloseListener {
+        /// The listener to close.
+        listener: ListenerId,
+    },
+    /// Receive into backend buffers until an error, end of stream or cancellation ends the
+    /// operation (multishot where the backend can, otherwise one receive per post).
+    Recv {
+        /// The connection.
+        token: Token,
+        /// Its socket.
+        sock: Socket,
+    },
+    /// Send `len` bytes of buffer `buf`, starting at `off`. At most one per connection.
+    Send {
+        /// The connection.
+        token: Token,
+        /// Its socket.
+        sock: Socket,
+        /// The buffer holding the bytes (received earlier, or filled by a client).
+        buf: BufId,
+        /// Offset of the first byte to send.
+        off: u32,
+        /// Number of bytes to send.
+        len: u32,
+    },
+    /// Cancel the connection's pending receive; it completes with [`OpError::Canceled`] (or
+    /// with whatever it completed with first).
+    CancelRecv {
+        /// The connection.
+        token: Token,
+        /// Its socket.
+        sock: Socket,
+    },
+    /// Cancel the connection's pending send.
+    CancelSend {
+        /// The connection.
+        token: Token,
+        /// Its socket.
+        sock: Socket,
+    },
+    /// Shut down the sending side of the connection (the peer reads end of stream).
+    Shutdown {
+        /// The connection.
+        token: Token,
+        /// Its socket.
+        sock: Socket,
+    },
+    /// Close the socket. Posted only when no operation of the connection is pending.
+    Close {
+        /// The connection (or [`Token::NONE`] for a socket refused at accept).
+        token: Token,
+        /// The socket to close.
+        sock: Socket,
+    },
+}
+
+/// What a receive delivered.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Received {
+    /// `len` bytes (at least one) at the start of buffer `buf`, now lent to the receiver.
+    Data {
+        /// The buffer.
+        buf: BufId,
+        /// Number of bytes received.
+        len: u32,
+    },
+    /// The peer shut down its sending side: no more bytes will come.
+    Eof,
+}
+
+/// Why an operation failed, in the few kinds the echo logic tells apart.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum OpError {
+    /// The operation was cancelled on request.
+    Canceled,
+    /// No buffer was free to receive into (io_uring's `-ENOBUFS`); retry when buffers return.
+    NoBuffers,
+    /// The process or the ring ran out of descriptors (EMFILE, ENFILE, a full direct table).
+    TooManyFiles,
+    /// Any other error, as the operating system's error code.
+    Os(i32),
+}
+
+impl fmt::Display for OpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OpError::Canceled => f.write_str("operation cancelled"),
+            OpError::NoBuffers => f.write_str("no receive buffer free"),
+            OpError::TooManyFiles => f.write_str("too many open files"),
+            OpError::Os(code) => write!(f, "{}", std::io::Error::from_raw_os_error(*code)),
+        }
+    }
+}
+
+impl std::error::Error for OpError {}
+
+/// A finished (or progressing) operation, as reaped from the backend.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Completion {
+    /// An accept finished. `more` says whether the accept stays posted.
+    Accept {
+        /// The listener.
+        listener: ListenerId,
+        /// The new connection's socket, or why none came.
+        result: Result<Socket, OpError>,
+        /// True while the operation stays posted (multishot). An error always ends it.
+        more: bool,
+    },
+    /// A receive delivered data, end of stream or an error. `more` says whether it stays posted.
+    Recv {
+        /// The connection.
+        token: Token,
+        /// What was received.
+        result: Result<Received, OpError>,
+        /// True while the operation stays posted (multishot). End of stream and errors end it.
+        more: bool,
+    },
+    /// A send finished, having sent `n` bytes (possibly fewer than asked: a short send).
+    Send {
+        /// The connection.
+        token: Token,
+        /// Bytes sent, or why the send failed.
+        result: Result<u32, OpError>,
+    },
+    /// The loop was woken from outside (a signal, a stop request).
+    Wake,
+}

@@ -1,0 +1,147 @@
+//! A scripted, in-memory backend for testing the echo logic without a kernel.
+//!
+//! [`FakeIo`] records every posted [`Op`] and every released buffer and checks the contract a
+//! real backend relies on: no two sends in flight on one connection, no close while an
+//! operation is pending, no buffer released twice or released while unknown.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backend::{Backend, Submit, Waker};
+use crate::op::{BufId, Completion, ListenerId, Op, Socket};
+use crate::token::Token;
+
+/// Recording backend. Buffers are "received" with [`FakeIo::lend`]; completions are scripted
+/// with [`FakeIo::complete`] and come out of [`Backend::wait`] in order.
+#[derive(Default)]
+pub struct FakeIo {
+    /// Every operation posted, in order.
+    pub ops: Vec<Op>,
+    /// Every buffer released, in order.
+    pub released: Vec<BufId>,
+    /// Buffers currently lent out.
+    pub lent: HashSet<BufId>,
+    /// Contents of buffers by id.
+    pub contents: HashMap<BufId, Vec<u8>>,
+    /// Connections with a send in flight.
+    pub sending: HashSet<Token>,
+    /// Connections with a receive posted (and not ended).
+    pub receiving: HashSet<Token>,
+    /// Connections closed.
+    pub closed: Vec<Token>,
+    /// Completions to hand out on the next waits.
+    pub script: VecDeque<Completion>,
+    next_buf: u32,
+    listeners: u32,
+}
+
+impl FakeIo {
+    /// An empty fake.
+    pub fn new() -> FakeIo {
+        FakeIo::default()
+    }
+
+    /// Lends a fresh buffer holding `bytes`, as a receive completion would.
+    pub fn lend(&mut self, bytes: &[u8]) -> BufId {
+        let id = BufId(self.next_buf);
+        self.next_buf += 1;
+        self.lent.insert(id);
+        self.contents.insert(id, bytes.to_vec());
+        id
+    }
+
+    /// Queues a completion for the next wait, keeping the bookkeeping of in-flight ops.
+    pub fn complete(&mut self, c: Completion) {
+        self.script.push_back(c);
+    }
+
+    /// Notes the effect of a completion on the in-flight bookkeeping (called when delivered).
+    pub fn note_delivered(&mut self, c: &Completion) {
+        match *c {
+            Completion::Send { token, .. } => {
+                self.sending.remove(&token);
+            }
+            Completion::Recv { token, more, .. } if !more => {
+                self.receiving.remove(&token);
+            }
+            _ => {}
+        }
+    }
+
+    /// Takes the operations posted since the last call.
+    pub fn take_ops(&mut self) -> Vec<Op> {
+        std::mem::take(&mut self.ops)
+    }
+}
+
+impl Submit for FakeIo {
+    fn push(&mut self, op: Op) {
+        match op {
+            Op::Send { token, .. } => {
+                assert!(self.sending.insert(token), "two sends in flight on {token:?}");
+            }
+            Op::Recv { token, .. } => {
+                assert!(self.receiving.insert(token), "two receives posted on {token:?}");
+            }
+            Op::Close { token, .. } if token != Token::NONE => {
+                assert!(!self.sending.contains(&token), "close with a send in flight");
+                assert!(!self.receiving.contains(&token), "close with a receive posted");
+                assert!(!self.closed.contains(&token), "closed twice");
+                self.closed.push(token);
+            }
+            _ => {}
+        }
+        self.ops.push(op);
+    }
+
+    fn release(&mut self, buf: BufId) {
+        assert!(self.lent.remove(&buf), "buffer {buf:?} released twice or never lent");
+        self.released.push(buf);
+    }
+}
+
+struct NoWake;
+impl Waker for NoWake {
+    fn wake(&self) {}
+}
+
+impl Backend for FakeIo {
+    fn add_listener(&mut self, _l: std::net::TcpListener) -> io::Result<ListenerId> {
+        self.listeners += 1;
+        Ok(ListenerId(self.listeners - 1))
+    }
+
+    fn adopt(&mut self, _s: std::net::TcpStream) -> io::Result<Socket> {
+        Ok(Socket(0))
+    }
+
+    fn waker(&self) -> Arc<dyn Waker> {
+        Arc::new(NoWake)
+    }
+
+    fn wait(&mut self, out: &mut Vec<Completion>, _t: Option<Duration>) -> io::Result<()> {
+        while let Some(c) = self.script.pop_front() {
+            self.note_delivered(&c);
+            out.push(c);
+        }
+        Ok(())
+    }
+
+    fn buf(&self, buf: BufId) -> &[u8] {
+        &self.contents[&buf]
+    }
+
+    fn alloc_buf(&mut self) -> Option<BufId> {
+        Some(self.lend(&[0; 64]))
+    }
+
+    fn buf_mut(&mut self, buf: BufId) -> &mut [u8] {
+        self.contents.get_mut(&buf).expect("known buffer")
+    }
+
+    fn describe(&self) -> String {
+        "fake".into()
+    }
+}

@@ -1,0 +1,343 @@
+//! The event loop of one thread: reap completions from a backend and hand each to its
+//! connection's handler, like the original's `GetQueuedCompletionStatus` loop.
+//!
+//! The worker owns the connection slab, the listeners' accept state (including the back-off
+//! when descriptors run out), parked connections waiting for buffers, and graceful shutdown.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::backend::Backend;
+use crate::conn::{Conn, Cx, Limits, Segments, Status};
+use crate::op::{Completion, ListenerId, Op, OpError, Received, Socket};
+use crate::slab::Slab;
+use crate::stats::Stats;
+use crate::token::Token;
+
+/// First pause after an accept fails for lack of descriptors; doubles up to [`BACKOFF_MAX`].
+pub const BACKOFF_MIN: Duration = Duration::from_millis(5);
+/// Longest pause between accept attempts while descriptors are exhausted.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// How often parked connections retry when no buffer came back in the meantime.
+const PARK_RETRY: Duration = Duration::from_millis(10);
+/// Consecutive unexplained accept errors tolerated before backing off anyway.
+const ACCEPT_ERRORS_BEFORE_BACKOFF: u32 = 16;
+
+/// How a worker behaves.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Per-connection limits.
+    pub limits: Limits,
+    /// How long a graceful shutdown may take before connections are cut.
+    pub shutdown_timeout: Duration,
+    /// Most connections this worker holds at once; more are refused at accept.
+    pub max_connections: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            limits: Limits::default(),
+            shutdown_timeout: Duration::from_secs(10),
+            max_connections: usize::MAX,
+        }
+    }
+}
+
+struct Listener {
+    id: ListenerId,
+    armed: bool,
+    open: bool,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    errors_in_row: u32,
+}
+
+/// One event loop over one backend.
+pub struct Worker<B: Backend> {
+    backend: B,
+    cfg: Config,
+    conns: Slab<Conn>,
+    segs: Segments,
+    stats: Stats,
+    listeners: Vec<Listener>,
+    parked: VecDeque<Token>,
+    stop: Arc<AtomicBool>,
+    stopping: Option<Instant>,
+    aborted: bool,
+    events: Vec<Completion>,
+}
+
+impl<B: Backend> Worker<B> {
+    /// A worker serving `listeners` (already registered with `backend`) until `stop` is set
+    /// and its waker called.
+    pub fn new(backend: B, listeners: &[ListenerId], cfg: Config, stop: Arc<AtomicBool>) -> Self {
+        Worker {
+            backend,
+            cfg,
+            conns: Slab::with_capacity(1024),
+            segs: Segments::new(),
+            stats: Stats::default(),
+            listeners: listeners
+                .iter()
+                .map(|&id| Listener {
+                    id,
+                    armed: false,
+                    open: true,
+                    retry_at: None,
+                    backoff: BACKOFF_MIN,
+                    errors_in_row: 0,
+                })
+                .collect(),
+            parked: VecDeque::new(),
+            stop,
+            stopping: None,
+            aborted: false,
+            events: Vec::with_capacity(1024),
+        }
+    }
+
+    /// The backend, for inspection.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The backend, for tests and tools that drive it directly.
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
+    /// Live connections.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats;
+        s.cq_overflows = self.backend.overflows();
+        s
+    }
+
+    /// Runs until stopped and every connection has closed (or the shutdown deadline forced
+    /// them closed). Returns what was served.
+    pub fn run(mut self) -> io::Result<Stats> {
+        loop {
+            if self.stopping.is_none() && self.stop.load(Ordering::Acquire) {
+                self.begin_shutdown();
+            }
+            let now = Instant::now();
+            if self.stopping.is_some() && self.conns.is_empty() {
+                break;
+            }
+            if let Some(start) = self.stopping {
+                // Cancellations could not finish (a wedged backend): give up on them.
+                if now > start + self.cfg.shutdown_timeout + Duration::from_secs(2) {
+                    tracing::warn!(left = self.conns.len(), "connections did not finish closing");
+                    break;
+                }
+            }
+            let timeout = self.next_timeout(now);
+            self.turn(timeout)?;
+        }
+        // Hand the last closes to the kernel.
+        self.events.clear();
+        self.backend.wait(&mut self.events, Some(Duration::ZERO))?;
+        Ok(self.stats())
+    }
+
+    /// One pass: submit, wait up to `timeout`, dispatch every completion reaped.
+    pub fn turn(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.on_timers(Instant::now());
+        self.arm_listeners();
+        let mut events = std::mem::take(&mut self.events);
+        events.clear();
+        self.backend.wait(&mut events, timeout)?;
+        let mut sends = 0;
+        for c in events.drain(..) {
+            sends += matches!(c, Completion::Send { .. }) as usize;
+            self.dispatch(c);
+        }
+        self.events = events;
+        self.unpark(sends);
+        Ok(())
+    }
+
+    /// Registers a connection that is already established (a socket the caller adopted into
+    /// the backend) and starts echoing on it.
+    pub fn adopt(&mut self, sock: Socket) -> Token {
+        let token = self.conns.insert_with(|t| Conn::new(t, sock));
+        self.stats.accepted += 1;
+        self.with_conn(token, |c, cx| c.on_accepted(cx));
+        token
+    }
+
+    /// Starts a graceful shutdown now, without waiting for the stop flag.
+    pub fn begin_shutdown(&mut self) {
+        if self.stopping.is_some() {
+            return;
+        }
+        self.stopping = Some(Instant::now());
+        for l in &mut self.listeners {
+            if l.open {
+                l.open = false;
+                self.backend.push(Op::CloseListener { listener: l.id });
+            }
+        }
+        for token in self.conns.tokens() {
+            self.with_conn(token, |c, cx| c.shutdown(cx));
+        }
+    }
+
+    fn dispatch(&mut self, c: Completion) {
+        match c {
+            Completion::Accept {
+                listener,
+                result,
+                more,
+            } => self.on_accept(listener, result, more),
+            Completion::Recv {
+                token,
+                result,
+                more,
+            } => {
+                if self.conns.get_mut(token).is_none() {
+                    // A completion for a connection already gone: only its buffer matters.
+                    if let Ok(Received::Data { buf, .. }) = result {
+                        self.backend.release(buf);
+                    }
+                    return;
+                }
+                self.with_conn(token, |c, cx| c.on_recv(cx, result, more));
+                if let Some(conn) = self.conns.get_mut(token) {
+                    if conn.recv_state() == crate::conn::RecvState::Parked {
+                        self.parked.push_back(token);
+                    }
+                }
+            }
+            Completion::Send { token, result } => {
+                self.with_conn(token, |c, cx| c.on_sent(cx, result));
+            }
+            Completion::Wake => {}
+        }
+    }
+
+    /// Runs a handler on a live connection and frees its slot if it closed.
+    fn with_conn(&mut self, token: Token, f: impl FnOnce(&mut Conn, &mut Cx<'_, B>) -> Status) {
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
+        let mut cx = Cx {
+            io: &mut self.backend,
+            segs: &mut self.segs,
+            limits: &self.cfg.limits,
+            stats: &mut self.stats,
+        };
+        if f(conn, &mut cx) == Status::Closed {
+            self.conns.remove(token);
+        }
+    }
+
+    fn on_accept(&mut self, id: ListenerId, result: Result<Socket, OpError>, more: bool) {
+        let Some(l) = self.listeners.iter_mut().find(|l| l.id == id) else {
+            return;
+        };
+        if !more {
+            l.armed = false;
+        }
+        match result {
+            Ok(sock) => {
+                l.backoff = BACKOFF_MIN;
+                l.errors_in_row = 0;
+                if self.stopping.is_some() || self.conns.len() >= self.cfg.max_connections {
+                    self.stats.refused += 1;
+                    self.backend.push(Op::Close {
+                        token: Token::NONE,
+                        sock,
+                    });
+                } else {
+                    self.adopt(sock);
+                }
+            }
+            Err(OpError::Canceled) => {}
+            Err(e) => {
+                l.errors_in_row += 1;
+                let exhausted = matches!(e, OpError::TooManyFiles | OpError::NoBuffers);
+                if exhausted || l.errors_in_row >= ACCEPT_ERRORS_BEFORE_BACKOFF {
+                    let pause = l.backoff;
+                    l.retry_at = Some(Instant::now() + pause);
+                    l.backoff = (l.backoff * 2).min(BACKOFF_MAX);
+                    self.stats.accept_backoffs += 1;
+                    if pause == BACKOFF_MIN || pause == BACKOFF_MAX {
+                        tracing::warn!(error = %e, pause_ms = pause.as_millis() as u64, "accept failed; pausing accepts");
+                    }
+                } else {
+                    tracing::debug!(error = %e, "accept failed; retrying");
+                }
+            }
+        }
+    }
+
+    /// Posts an accept on every open listener that has none and is not backing off.
+    fn arm_listeners(&mut self) {
+        for l in &mut self.listeners {
+            if l.open && !l.armed && l.retry_at.is_none() {
+                l.armed = true;
+                self.backend.push(Op::Accept { listener: l.id });
+            }
+        }
+    }
+
+    /// Gives parked connections another try: one per buffer that came back with a send.
+    fn unpark(&mut self, budget: usize) {
+        let budget = budget.max(1).min(self.parked.len());
+        for _ in 0..budget {
+            let Some(token) = self.parked.pop_front() else {
+                break;
+            };
+            self.with_conn(token, |c, cx| c.unpark(cx));
+        }
+    }
+
+    fn on_timers(&mut self, now: Instant) {
+        for l in &mut self.listeners {
+            if l.retry_at.is_some_and(|t| t <= now) {
+                l.retry_at = None;
+            }
+        }
+        if let Some(start) = self.stopping {
+            if !self.aborted && now >= start + self.cfg.shutdown_timeout {
+                self.aborted = true;
+                tracing::warn!(left = self.conns.len(), "shutdown deadline passed; closing connections");
+                for token in self.conns.tokens() {
+                    self.with_conn(token, |c, cx| c.abort(cx));
+                }
+            }
+        }
+    }
+
+    fn next_timeout(&self, now: Instant) -> Option<Duration> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        for l in &self.listeners {
+            if let Some(t) = l.retry_at {
+                consider(t);
+            }
+        }
+        if let Some(start) = self.stopping {
+            let limit = if self.aborted {
+                start + self.cfg.shutdown_timeout + Duration::from_secs(2)
+            } else {
+                start + self.cfg.shutdown_timeout
+            };
+            consider(limit);
+        }
+        if !self.parked.is_empty() {
+            consider(now + PARK_RETRY);
+        }
+        next.map(|t| t.saturating_duration_since(now))
+    }
+}
