@@ -264,7 +264,11 @@ impl Conn {
     }
 
     /// A send completed: account the bytes sent and send what remains.
-    pub fn on_sent<S: Submit>(&mut self, cx: &mut Cx<'_, S>, result: Result<u32, OpError>) -> Status {
+    pub fn on_sent<S: Submit>(
+        &mut self,
+        cx: &mut Cx<'_, S>,
+        result: Result<u32, OpError>,
+    ) -> Status {
         let asked = std::mem::take(&mut self.sending);
         match result {
             Ok(n) if n > 0 && n <= asked => self.sent(cx, n, asked),
@@ -315,7 +319,10 @@ impl Conn {
         }
         cx.stats.bytes_echoed += n as u64;
         self.pending -= n;
-        let seg = self.queue.front(cx.segs).expect("a send completed with nothing queued");
+        let seg = self
+            .queue
+            .front(cx.segs)
+            .expect("a send completed with nothing queued");
         seg.off += n;
         seg.len -= n;
         if seg.len == 0 {

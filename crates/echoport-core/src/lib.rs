@@ -19,6 +19,6 @@ pub mod testing;
 pub mod token;
 pub mod worker;
 
-pub use backend::{Backend, Submit};
+pub use backend::{Backend, Submit, Waker};
 pub use op::{BufId, Completion, ListenerId, Op, OpError, Received, Socket};
 pub use token::{OpKind, Token};

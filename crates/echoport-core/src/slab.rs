@@ -140,7 +140,10 @@ mod tests {
         assert_eq!(a.id, b.id, "slot is reused");
         assert_ne!(a.gen, b.gen, "generation moved on");
         assert!(s.get_mut(a).is_none());
-        assert!(s.remove(a).is_none(), "a stale token cannot free the new tenant");
+        assert!(
+            s.remove(a).is_none(),
+            "a stale token cannot free the new tenant"
+        );
         assert_eq!(s.get_mut(b), Some(&mut "b"));
         assert_eq!(s.len(), 1);
     }

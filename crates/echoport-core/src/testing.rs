@@ -80,14 +80,26 @@ impl Submit for FakeIo {
     fn push(&mut self, op: Op) {
         match op {
             Op::Send { token, .. } => {
-                assert!(self.sending.insert(token), "two sends in flight on {token:?}");
+                assert!(
+                    self.sending.insert(token),
+                    "two sends in flight on {token:?}"
+                );
             }
             Op::Recv { token, .. } => {
-                assert!(self.receiving.insert(token), "two receives posted on {token:?}");
+                assert!(
+                    self.receiving.insert(token),
+                    "two receives posted on {token:?}"
+                );
             }
             Op::Close { token, .. } if token != Token::NONE => {
-                assert!(!self.sending.contains(&token), "close with a send in flight");
-                assert!(!self.receiving.contains(&token), "close with a receive posted");
+                assert!(
+                    !self.sending.contains(&token),
+                    "close with a send in flight"
+                );
+                assert!(
+                    !self.receiving.contains(&token),
+                    "close with a receive posted"
+                );
                 assert!(!self.closed.contains(&token), "closed twice");
                 self.closed.push(token);
             }
@@ -97,7 +109,10 @@ impl Submit for FakeIo {
     }
 
     fn release(&mut self, buf: BufId) {
-        assert!(self.lent.remove(&buf), "buffer {buf:?} released twice or never lent");
+        assert!(
+            self.lent.remove(&buf),
+            "buffer {buf:?} released twice or never lent"
+        );
         self.released.push(buf);
     }
 }

@@ -97,7 +97,10 @@ mod tests {
         for kind in [OpKind::Accept, OpKind::Recv, OpKind::Send, OpKind::Connect] {
             assert_eq!(Token::unpack(t.pack(kind)), Some((kind, t)));
         }
-        assert_eq!(Token::unpack(Token::NONE.pack(OpKind::Close)), Some((OpKind::Close, Token::NONE)));
+        assert_eq!(
+            Token::unpack(Token::NONE.pack(OpKind::Close)),
+            Some((OpKind::Close, Token::NONE))
+        );
     }
 
     #[test]

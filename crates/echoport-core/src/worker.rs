@@ -136,7 +136,10 @@ impl<B: Backend> Worker<B> {
             if let Some(start) = self.stopping {
                 // Cancellations could not finish (a wedged backend): give up on them.
                 if now > start + self.cfg.shutdown_timeout + Duration::from_secs(2) {
-                    tracing::warn!(left = self.conns.len(), "connections did not finish closing");
+                    tracing::warn!(
+                        left = self.conns.len(),
+                        "connections did not finish closing"
+                    );
                     break;
                 }
             }
@@ -311,7 +314,10 @@ impl<B: Backend> Worker<B> {
         if let Some(start) = self.stopping {
             if !self.aborted && now >= start + self.cfg.shutdown_timeout {
                 self.aborted = true;
-                tracing::warn!(left = self.conns.len(), "shutdown deadline passed; closing connections");
+                tracing::warn!(
+                    left = self.conns.len(),
+                    "shutdown deadline passed; closing connections"
+                );
                 for token in self.conns.tokens() {
                     self.with_conn(token, |c, cx| c.abort(cx));
                 }

@@ -31,7 +31,11 @@ impl M {
             conn: Conn::new(T, S),
         };
         assert_eq!(m.step(|c, cx| c.on_accepted(cx)), Status::Open);
-        assert_eq!(m.ops(), vec![Op::Recv { token: T, sock: S }], "accept posts a receive");
+        assert_eq!(
+            m.ops(),
+            vec![Op::Recv { token: T, sock: S }],
+            "accept posts a receive"
+        );
         m
     }
 
@@ -61,33 +65,60 @@ impl M {
             more,
         };
         self.io.note_delivered(&c);
-        let st = self.step(|c, cx| c.on_recv(cx, Ok(Received::Data { buf, len: bytes.len() as u32 }), more));
+        let st = self.step(|c, cx| {
+            c.on_recv(
+                cx,
+                Ok(Received::Data {
+                    buf,
+                    len: bytes.len() as u32,
+                }),
+                more,
+            )
+        });
         (buf, st)
     }
 
     fn recv_result(&mut self, result: Result<Received, OpError>, more: bool) -> Status {
-        self.io.note_delivered(&Completion::Recv { token: T, result, more });
+        self.io.note_delivered(&Completion::Recv {
+            token: T,
+            result,
+            more,
+        });
         self.step(|c, cx| c.on_recv(cx, result, more))
     }
 
     fn sent(&mut self, result: Result<u32, OpError>) -> Status {
-        self.io.note_delivered(&Completion::Send { token: T, result });
+        self.io
+            .note_delivered(&Completion::Send { token: T, result });
         self.step(|c, cx| c.on_sent(cx, result))
     }
 }
 
 fn send(buf: BufId, off: u32, len: u32) -> Op {
-    Op::Send { token: T, sock: S, buf, off, len }
+    Op::Send {
+        token: T,
+        sock: S,
+        buf,
+        off,
+        len,
+    }
 }
 
 #[test]
 fn received_bytes_are_sent_back_exactly_then_buffer_released() {
     let mut m = M::new(1 << 16);
     let (b, _) = m.recv(b"hello", true);
-    assert_eq!(m.ops(), vec![send(b, 0, 5)], "echo exactly the bytes received");
+    assert_eq!(
+        m.ops(),
+        vec![send(b, 0, 5)],
+        "echo exactly the bytes received"
+    );
     assert_eq!(m.sent(Ok(5)), Status::Open);
     assert_eq!(m.io.released, vec![b]);
-    assert!(m.ops().is_empty(), "multishot receive still posted: nothing to re-post");
+    assert!(
+        m.ops().is_empty(),
+        "multishot receive still posted: nothing to re-post"
+    );
     assert_eq!(m.stats.bytes_echoed, 5);
 }
 
@@ -128,9 +159,17 @@ fn data_received_during_a_send_is_queued_in_order() {
 fn end_of_stream_flushes_pending_echo_then_closes() {
     let mut m = M::new(1 << 16);
     let (b, _) = m.recv(b"tail", true);
-    assert_eq!(m.recv_result(Ok(Received::Eof), false), Status::Open, "echo still pending");
+    assert_eq!(
+        m.recv_result(Ok(Received::Eof), false),
+        Status::Open,
+        "echo still pending"
+    );
     assert_eq!(m.ops(), vec![send(b, 0, 4)]);
-    assert_eq!(m.sent(Ok(2)), Status::Open, "short send during flush continues");
+    assert_eq!(
+        m.sent(Ok(2)),
+        Status::Open,
+        "short send during flush continues"
+    );
     assert_eq!(m.ops(), vec![send(b, 2, 2)]);
     assert_eq!(m.sent(Ok(2)), Status::Closed);
     assert_eq!(m.ops(), vec![Op::Close { token: T, sock: S }]);
@@ -150,13 +189,24 @@ fn reset_while_sending_cancels_the_send_and_closes_after_its_completion() {
     let (a, _) = m.recv(b"x", true);
     let (b, _) = m.recv(b"y", true);
     m.ops();
-    assert_eq!(m.recv_result(Err(OpError::Os(ECONNRESET)), false), Status::Open);
-    assert_eq!(m.ops(), vec![Op::CancelSend { token: T, sock: S }], "no close while a send is in flight");
+    assert_eq!(
+        m.recv_result(Err(OpError::Os(ECONNRESET)), false),
+        Status::Open
+    );
+    assert_eq!(
+        m.ops(),
+        vec![Op::CancelSend { token: T, sock: S }],
+        "no close while a send is in flight"
+    );
     assert_eq!(m.sent(Err(OpError::Canceled)), Status::Closed);
     assert_eq!(m.ops(), vec![Op::Close { token: T, sock: S }]);
     let mut released = m.io.released.clone();
     released.sort_by_key(|b| b.0);
-    assert_eq!(released, vec![a, b], "every lent buffer returned exactly once");
+    assert_eq!(
+        released,
+        vec![a, b],
+        "every lent buffer returned exactly once"
+    );
     assert_eq!(m.stats.errors, 1);
 }
 
@@ -181,7 +231,10 @@ fn zero_byte_send_completion_is_an_error_not_a_loop() {
     m.ops();
     m.sent(Ok(0));
     assert_eq!(m.conn.phase(), Phase::Aborting);
-    assert!(!m.ops().iter().any(|o| matches!(o, Op::Send { .. })), "no resend of zero progress");
+    assert!(
+        !m.ops().iter().any(|o| matches!(o, Op::Send { .. })),
+        "no resend of zero progress"
+    );
 }
 
 #[test]
@@ -189,12 +242,19 @@ fn backpressure_stops_receiving_until_the_echo_drains() {
     let mut m = M::new(100);
     let (a, _) = m.recv(&[0; 60], true);
     let (b, _) = m.recv(&[0; 60], true);
-    assert_eq!(m.ops(), vec![send(a, 0, 60), Op::CancelRecv { token: T, sock: S }]);
+    assert_eq!(
+        m.ops(),
+        vec![send(a, 0, 60), Op::CancelRecv { token: T, sock: S }]
+    );
     assert_eq!(m.stats.paused, 1);
     m.recv_result(Err(OpError::Canceled), false);
     assert!(m.ops().is_empty(), "still over the limit: no new receive");
     m.sent(Ok(60));
-    assert_eq!(m.ops(), vec![send(b, 0, 60), Op::Recv { token: T, sock: S }], "below the limit again");
+    assert_eq!(
+        m.ops(),
+        vec![send(b, 0, 60), Op::Recv { token: T, sock: S }],
+        "below the limit again"
+    );
 }
 
 #[test]
@@ -218,11 +278,18 @@ fn graceful_shutdown_echoes_what_was_received_then_shuts_down_and_lingers() {
     let (b, _) = m.recv(b"raced", true);
     m.recv_result(Err(OpError::Canceled), false);
     m.sent(Ok(3));
-    assert_eq!(m.ops(), vec![send(b, 0, 5)], "bytes received before the cancel landed are echoed");
+    assert_eq!(
+        m.ops(),
+        vec![send(b, 0, 5)],
+        "bytes received before the cancel landed are echoed"
+    );
     m.sent(Ok(5));
     assert_eq!(
         m.ops(),
-        vec![Op::Shutdown { token: T, sock: S }, Op::Recv { token: T, sock: S }],
+        vec![
+            Op::Shutdown { token: T, sock: S },
+            Op::Recv { token: T, sock: S }
+        ],
         "then FIN, and read until the peer closes"
     );
     let (c, _) = m.recv(b"ignored", true);
@@ -231,7 +298,11 @@ fn graceful_shutdown_echoes_what_was_received_then_shuts_down_and_lingers() {
     assert_eq!(m.recv_result(Ok(Received::Eof), false), Status::Closed);
     let mut released = m.io.released.clone();
     released.sort_by_key(|b| b.0);
-    assert_eq!(released, vec![a, b, c], "every buffer returned exactly once");
+    assert_eq!(
+        released,
+        vec![a, b, c],
+        "every buffer returned exactly once"
+    );
 }
 
 #[test]
@@ -241,14 +312,25 @@ fn abort_cancels_the_receive_and_closes_only_after_it_ends() {
     assert_eq!(m.ops(), vec![Op::CancelRecv { token: T, sock: S }]);
     assert_eq!(m.recv_result(Err(OpError::Canceled), false), Status::Closed);
     assert_eq!(m.ops(), vec![Op::Close { token: T, sock: S }]);
-    assert_eq!(m.step(|c, cx| c.abort(cx)), Status::Closed, "aborting twice is harmless");
+    assert_eq!(
+        m.step(|c, cx| c.abort(cx)),
+        Status::Closed,
+        "aborting twice is harmless"
+    );
     assert!(m.ops().is_empty());
 }
 
 fn worker() -> Worker<FakeIo> {
     let mut io = FakeIo::new();
-    let l = io.add_listener(std::net::TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
-    Worker::new(io, &[l], Config::default(), Arc::new(AtomicBool::new(false)))
+    let l = io
+        .add_listener(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .unwrap();
+    Worker::new(
+        io,
+        &[l],
+        Config::default(),
+        Arc::new(AtomicBool::new(false)),
+    )
 }
 
 #[test]
@@ -257,7 +339,14 @@ fn worker_drops_stale_completions_for_a_reused_slot() {
     w.turn(None).unwrap();
     let old = w.adopt(Socket(5));
     // The old connection ends; its slot is freed and reused by a new connection.
-    push(&mut w, Completion::Recv { token: old, result: Ok(Received::Eof), more: false });
+    push(
+        &mut w,
+        Completion::Recv {
+            token: old,
+            result: Ok(Received::Eof),
+            more: false,
+        },
+    );
     w.turn(None).unwrap();
     assert_eq!(w.connections(), 0);
     let new = w.adopt(Socket(5));
@@ -265,12 +354,22 @@ fn worker_drops_stale_completions_for_a_reused_slot() {
     assert_ne!(new.gen, old.gen);
     // A late receive for the old incarnation: its buffer goes back, nothing reaches the new one.
     let buf = io(&mut w).lend(b"ghost");
-    push(&mut w, Completion::Recv { token: old, result: Ok(Received::Data { buf, len: 5 }), more: true });
+    push(
+        &mut w,
+        Completion::Recv {
+            token: old,
+            result: Ok(Received::Data { buf, len: 5 }),
+            more: true,
+        },
+    );
     io(&mut w).take_ops();
     w.turn(None).unwrap();
     assert!(io(&mut w).released.contains(&buf), "stale buffer released");
     assert!(
-        !io(&mut w).take_ops().iter().any(|o| matches!(o, Op::Send { .. })),
+        !io(&mut w)
+            .take_ops()
+            .iter()
+            .any(|o| matches!(o, Op::Send { .. })),
         "nothing meant for the old connection is sent on the new one"
     );
     assert_eq!(w.connections(), 1);
@@ -280,15 +379,36 @@ fn worker_drops_stale_completions_for_a_reused_slot() {
 fn worker_backs_off_when_descriptors_run_out() {
     let mut w = worker();
     w.turn(None).unwrap();
-    assert_eq!(io(&mut w).take_ops(), vec![Op::Accept { listener: ListenerId(0) }]);
-    push(&mut w, Completion::Accept { listener: ListenerId(0), result: Err(OpError::TooManyFiles), more: false });
+    assert_eq!(
+        io(&mut w).take_ops(),
+        vec![Op::Accept {
+            listener: ListenerId(0)
+        }]
+    );
+    push(
+        &mut w,
+        Completion::Accept {
+            listener: ListenerId(0),
+            result: Err(OpError::TooManyFiles),
+            more: false,
+        },
+    );
     w.turn(None).unwrap();
     w.turn(None).unwrap();
-    assert!(io(&mut w).take_ops().is_empty(), "accept is not re-posted at once after EMFILE");
+    assert!(
+        io(&mut w).take_ops().is_empty(),
+        "accept is not re-posted at once after EMFILE"
+    );
     assert_eq!(w.stats().accept_backoffs, 1);
     std::thread::sleep(echoport_core::worker::BACKOFF_MIN * 2);
     w.turn(Some(std::time::Duration::ZERO)).unwrap();
-    assert_eq!(io(&mut w).take_ops(), vec![Op::Accept { listener: ListenerId(0) }], "re-armed after the pause");
+    assert_eq!(
+        io(&mut w).take_ops(),
+        vec![Op::Accept {
+            listener: ListenerId(0)
+        }],
+        "re-armed after the pause"
+    );
 }
 
 #[test]
@@ -296,10 +416,23 @@ fn worker_refuses_connections_while_stopping() {
     let mut w = worker();
     w.turn(None).unwrap();
     w.begin_shutdown();
-    push(&mut w, Completion::Accept { listener: ListenerId(0), result: Ok(Socket(9)), more: true });
+    push(
+        &mut w,
+        Completion::Accept {
+            listener: ListenerId(0),
+            result: Ok(Socket(9)),
+            more: true,
+        },
+    );
     io(&mut w).take_ops();
     w.turn(None).unwrap();
-    assert_eq!(io(&mut w).take_ops(), vec![Op::Close { token: Token::NONE, sock: Socket(9) }]);
+    assert_eq!(
+        io(&mut w).take_ops(),
+        vec![Op::Close {
+            token: Token::NONE,
+            sock: Socket(9)
+        }]
+    );
     assert_eq!(w.stats().refused, 1);
     assert_eq!(w.connections(), 0);
 }

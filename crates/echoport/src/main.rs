@@ -1,1 +1,65 @@
-fn main(){}
+//! `echoport`: a completion-based TCP echo server, its test client and its load generator.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod backends;
+mod bench;
+mod client;
+mod serve;
+
+/// A completion-based TCP echo server (io_uring, epoll or IOCP), its test client, and a
+/// load generator that checks every byte and tells the truth about latency.
+#[derive(Parser, Debug)]
+#[command(name = "echoport", version, propagate_version = true)]
+struct Cli {
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive list
+    /// (RUST_LOG is used when this is not given).
+    #[arg(long, global = true, value_name = "FILTER")]
+    log: Option<String>,
+
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the echo server (loopback only unless told otherwise).
+    Serve(serve::Args),
+    /// Send lines to an echo server and print what comes back, with round-trip times.
+    Client(client::Args),
+    /// Load-test an echo server: throughput, latency percentiles, byte-exact verification.
+    Bench(bench::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log.as_deref());
+    let result = match cli.cmd {
+        Cmd::Serve(args) => serve::run(args),
+        Cmd::Client(args) => client::run(args),
+        Cmd::Bench(args) => bench::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("echoport: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(filter: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match filter {
+        Some(f) => EnvFilter::new(f),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}

@@ -1,0 +1,154 @@
+//! Unix glue shared by the backends: error mapping, the eventfd waker, and the signal thread.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use echoport_core::{OpError, Waker};
+
+/// Maps an OS error code (positive errno) to the kinds the echo logic tells apart.
+pub fn op_error(errno: i32) -> OpError {
+    match errno {
+        libc::ECANCELED => OpError::Canceled,
+        libc::ENOBUFS => OpError::NoBuffers,
+        libc::EMFILE | libc::ENFILE => OpError::TooManyFiles,
+        e => OpError::Os(e),
+    }
+}
+
+/// An eventfd that wakes a loop blocked in its backend's wait.
+pub struct EventFd {
+    fd: OwnedFd,
+}
+
+impl EventFd {
+    /// A new non-blocking, close-on-exec eventfd.
+    pub fn new() -> io::Result<EventFd> {
+        // SAFETY: eventfd takes no pointers; a negative return is an error, otherwise we own
+        // the new descriptor exclusively.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        Ok(EventFd {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Drains the counter (after a wake-up was seen).
+    pub fn drain(&self) {
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into a local u64 that lives across the call; the fd is valid
+        // for the life of `self`.
+        unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                &mut v as *mut u64 as *mut libc::c_void,
+                8,
+            )
+        };
+    }
+}
+
+impl AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl Waker for EventFd {
+    fn wake(&self) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a local u64; the fd is valid for the life of `self`.
+        // A full counter (EAGAIN) already means "woken", so the result is not needed.
+        unsafe {
+            libc::write(
+                self.fd.as_raw_fd(),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            )
+        };
+    }
+}
+
+/// Blocks SIGINT and SIGTERM in the calling thread and in every thread it spawns afterwards,
+/// then starts a thread that waits for them: the first sets `stop` and wakes every loop, the
+/// second exits the process at once with status 128 + signal number.
+///
+/// Call before spawning the worker threads.
+pub fn handle_stop_signals(stop: Arc<AtomicBool>, wakers: Vec<Arc<dyn Waker>>) -> io::Result<()> {
+    block_stop_signals()?;
+    std::thread::Builder::new()
+        .name("echoport-signals".into())
+        .spawn(move || {
+            let set = stop_signal_set();
+            let mut seen = 0;
+            loop {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: both pointers refer to live locals; the signals are blocked in this
+                // thread (inherited mask), as sigwait requires.
+                if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                    continue;
+                }
+                seen += 1;
+                if seen == 1 {
+                    tracing::info!(signal = sig, "stopping: no new connections, finishing echoes (signal again to exit at once)");
+                    stop.store(true, Ordering::Release);
+                    for w in &wakers {
+                        w.wake();
+                    }
+                } else {
+                    tracing::warn!(signal = sig, "second signal: exiting now");
+                    std::process::exit(128 + sig);
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn stop_signal_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset initialises the zeroed set; sigaddset only writes into it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        set
+    }
+}
+
+/// Blocks SIGINT and SIGTERM in the calling thread (and the threads it spawns afterwards), so
+/// that only the signal thread of [`handle_stop_signals`] receives them.
+pub fn block_stop_signals() -> io::Result<()> {
+    let set = stop_signal_set();
+    // SAFETY: `set` is an initialised sigset_t on our stack; a null old-set pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+/// Pins the calling thread to one CPU.
+#[cfg(target_os = "linux")]
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "CPU number too large",
+        ));
+    }
+    // SAFETY: the cpu_set_t is zero-initialised on our stack and CPU_SET writes within it
+    // (cpu < CPU_SETSIZE was checked); sched_setaffinity reads exactly size_of of it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

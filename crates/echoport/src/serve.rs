@@ -1,0 +1,377 @@
+//! `echoport serve`: bind the listeners, start one event loop per thread, stop on a signal.
+//!
+//! Each worker thread owns one backend instance (one io_uring ring, one epoll set, ...) and
+//! its own listening socket per address (`SO_REUSEPORT`, so the kernel spreads connections
+//! over the threads); nothing is shared between threads but the stop flag.
+
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use echoport_core::stats::Stats;
+use echoport_core::worker::{Config, Worker};
+use echoport_core::{Backend, Waker};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// The default listen addresses: loopback only, IPv4 and IPv6.
+pub const DEFAULT_LISTEN: [&str; 2] = ["127.0.0.1:7007", "[::1]:7007"];
+
+/// Options of `echoport serve`.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Examples:\n  \
+    echoport serve                          # 127.0.0.1:7007 and [::1]:7007\n  \
+    echoport serve -l 0.0.0.0:7007          # every IPv4 interface (think first)\n  \
+    echoport serve --threads 1 --backend epoll")]
+pub struct Args {
+    /// Address to listen on; repeat for several. Loopback only by default; name a wider
+    /// address (0.0.0.0:7007, [::]:7007) only when you mean to expose the server.
+    #[arg(short, long = "listen", value_name = "ADDR")]
+    pub listen: Vec<String>,
+
+    /// Event-loop threads, each with its own ring (or epoll set) and listener.
+    /// Default: the number of CPUs.
+    #[arg(short, long, value_name = "N")]
+    pub threads: Option<usize>,
+
+    /// Pin worker threads to these CPUs, in order (e.g. "0", "0,1", "0-3").
+    #[arg(long, value_name = "LIST")]
+    pub cpus: Option<String>,
+
+    /// I/O backend. `auto` uses io_uring when the kernel allows it and epoll otherwise,
+    /// saying why; naming one is strict and fails if it cannot start.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+
+    /// Seconds a graceful stop (SIGINT/SIGTERM) may take to echo what was received before
+    /// connections are cut. A second signal exits at once.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub shutdown_timeout: f64,
+
+    /// Bytes one connection may hold received but not yet echoed; past this the server stops
+    /// reading from it until its peer reads the echo.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024)]
+    pub max_pending: u32,
+
+    /// Connections each worker thread accepts at most; more are closed at once.
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Size of one receive buffer in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 8192)]
+    pub buf_size: u32,
+
+    /// Receive buffers per thread (a power of two; io_uring's provided-buffer ring).
+    #[arg(long, value_name = "N", default_value_t = 2048)]
+    pub buffers: u32,
+
+    /// io_uring: use plain one-shot operations (no multishot, no buffer ring, no direct
+    /// descriptors), as on older kernels.
+    #[arg(long)]
+    pub no_fast_path: bool,
+}
+
+/// Which I/O backend to run.
+#[derive(clap::ValueEnum, Copy, Clone, Debug, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// io_uring if it works here, else epoll.
+    Auto,
+    /// Linux io_uring only.
+    IoUring,
+    /// Linux epoll only.
+    Epoll,
+}
+
+/// Runs the server until stopped; exit code 0 after a graceful stop.
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    if !(args.shutdown_timeout.is_finite() && args.shutdown_timeout >= 0.0) {
+        bail!("--shutdown-timeout must be a number of seconds >= 0");
+    }
+    let cpus = match &args.cpus {
+        Some(list) => parse_cpu_list(list)?,
+        None => Vec::new(),
+    };
+    let explicit = !args.listen.is_empty();
+    let specs: Vec<String> = if explicit {
+        args.listen.clone()
+    } else {
+        DEFAULT_LISTEN.iter().map(|s| s.to_string()).collect()
+    };
+    let listeners = bind_all(&specs, threads, explicit)?;
+    let addrs: Vec<SocketAddr> = listeners[0]
+        .iter()
+        .map(|l| l.local_addr().expect("bound socket has an address"))
+        .collect();
+
+    let cfg = Config {
+        limits: echoport_core::conn::Limits {
+            max_pending: args.max_pending.max(1),
+        },
+        shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout),
+        max_connections: args.max_connections.unwrap_or(usize::MAX),
+    };
+    let kind = crate::backends::choose(&args)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    echoport_io::sys::block_stop_signals()?;
+
+    let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<(Arc<dyn Waker>, String)>>();
+    let mut handles = Vec::new();
+    for (i, socks) in listeners.into_iter().enumerate() {
+        let ready = ready_tx.clone();
+        let cfg = cfg.clone();
+        let stop = stop.clone();
+        let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
+        let opts = crate::backends::Options::from_serve(&args);
+        let h = std::thread::Builder::new()
+            .name(format!("echoport-w{i}"))
+            .spawn(move || -> anyhow::Result<Stats> {
+                if let Some(cpu) = cpu {
+                    echoport_io::sys::pin_to_cpu(cpu)
+                        .with_context(|| format!("pinning to CPU {cpu}"))?;
+                }
+                match crate::backends::open(kind, &opts) {
+                    Ok(crate::backends::AnyBackend::Uring(b)) => {
+                        serve_on(b, socks, cfg, stop, &ready)
+                    }
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        let _ = ready.send(Err(anyhow::anyhow!("{msg}")));
+                        Err(e)
+                    }
+                }
+            })
+            .context("spawning a worker thread")?;
+        handles.push(h);
+    }
+    drop(ready_tx);
+
+    let mut wakers = Vec::new();
+    let mut describe = String::new();
+    let mut failure = None;
+    for r in ready_rx.iter().take(threads) {
+        match r {
+            Ok((w, d)) => {
+                wakers.push(w);
+                describe = d;
+            }
+            Err(e) => failure = failure.or(Some(e)),
+        }
+    }
+    if let Some(e) = failure {
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        for w in &wakers {
+            w.wake();
+        }
+        return Err(e);
+    }
+    echoport_io::sys::handle_stop_signals(stop.clone(), wakers)?;
+    tracing::info!(
+        backend = %describe,
+        threads,
+        addrs = %addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(","),
+        "echoport serving"
+    );
+    for a in &addrs {
+        tracing::info!("listening on {a}");
+    }
+
+    let mut total = Stats::default();
+    let mut error = None;
+    for h in handles {
+        match h.join() {
+            Ok(Ok(s)) => total.merge(&s),
+            Ok(Err(e)) => error = error.or(Some(e)),
+            Err(_) => error = error.or(Some(anyhow::anyhow!("a worker thread panicked"))),
+        }
+    }
+    tracing::info!(%total, "stopped");
+    match error {
+        Some(e) => Err(e),
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// One worker thread: register this thread's listeners, report ready, run the loop.
+fn serve_on<B: Backend>(
+    mut backend: B,
+    socks: Vec<TcpListener>,
+    cfg: Config,
+    stop: Arc<AtomicBool>,
+    ready: &mpsc::Sender<anyhow::Result<(Arc<dyn Waker>, String)>>,
+) -> anyhow::Result<Stats> {
+    let mut ids = Vec::new();
+    for s in socks {
+        match backend.add_listener(s) {
+            Ok(id) => ids.push(id),
+            Err(e) => {
+                let e = anyhow::Error::new(e).context("registering a listener");
+                let _ = ready.send(Err(anyhow::anyhow!("{e:#}")));
+                return Err(e);
+            }
+        }
+    }
+    let _ = ready.send(Ok((backend.waker(), backend.describe())));
+    Ok(Worker::new(backend, &ids, cfg, stop).run()?)
+}
+
+/// Resolves every listen spec and binds `threads` sockets to each (one per worker thread).
+///
+/// Returns the sockets grouped by thread. Default addresses that cannot be bound because the
+/// address family is missing (no IPv6 on the host) are skipped with a warning; anything
+/// named explicitly must bind or the whole start fails.
+pub fn bind_all(
+    specs: &[String],
+    threads: usize,
+    explicit: bool,
+) -> anyhow::Result<Vec<Vec<TcpListener>>> {
+    let mut per_thread: Vec<Vec<TcpListener>> = (0..threads).map(|_| Vec::new()).collect();
+    for spec in specs {
+        let addrs: Vec<SocketAddr> = spec
+            .to_socket_addrs()
+            .with_context(|| format!("bad listen address {spec:?} (expected HOST:PORT, e.g. 127.0.0.1:7007 or [::1]:7007)"))?
+            .collect();
+        let Some(&addr) = addrs.first() else {
+            bail!("listen address {spec:?} resolves to nothing");
+        };
+        match bind_group(addr, threads) {
+            Ok(group) => {
+                for (t, l) in group.into_iter().enumerate() {
+                    per_thread[t].push(l);
+                }
+            }
+            Err(e)
+                if !explicit && e.raw_os_error() == Some(libc::EAFNOSUPPORT)
+                    || !explicit && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) =>
+            {
+                tracing::warn!("skipping default address {addr}: {e}");
+            }
+            Err(e) => {
+                let hint = match e.kind() {
+                    std::io::ErrorKind::AddrInUse => {
+                        " (another process is listening there; pick another port with --listen)"
+                    }
+                    std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges)",
+                    std::io::ErrorKind::AddrNotAvailable => " (no interface has that address)",
+                    _ => "",
+                };
+                bail!("cannot listen on {addr}: {e}{hint}");
+            }
+        }
+    }
+    if per_thread[0].is_empty() {
+        bail!("no address to listen on");
+    }
+    Ok(per_thread)
+}
+
+/// Binds `n` listening sockets to one address. With more than one, they share the port with
+/// `SO_REUSEPORT`; a plain bind first makes sure nobody else holds the port (reuseport would
+/// otherwise let us silently share it with another process of the same user).
+fn bind_group(addr: SocketAddr, n: usize) -> std::io::Result<Vec<TcpListener>> {
+    let first = listener(addr, false)?;
+    if n == 1 {
+        return Ok(vec![first]);
+    }
+    let port = first.local_addr()?.port();
+    drop(first);
+    let mut addr = addr;
+    addr.set_port(port);
+    (0..n).map(|_| listener(addr, true)).collect()
+}
+
+fn listener(addr: SocketAddr, reuseport: bool) -> std::io::Result<TcpListener> {
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    s.set_reuse_address(true)?;
+    if reuseport {
+        s.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    // Accepted sockets inherit TCP_NODELAY from the listener on Linux: an echo sent in two
+    // pieces must not wait ~40 ms for the client's delayed ACK.
+    s.set_tcp_nodelay(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    Ok(s.into())
+}
+
+/// Parses "0", "0,2", "0-3", "0-1,4" into CPU numbers.
+pub fn parse_cpu_list(list: &str) -> anyhow::Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || anyhow::anyhow!("bad CPU list {list:?} (expected e.g. 0,1 or 0-3)");
+        if let Some((a, b)) = part.split_once('-') {
+            let (a, b): (usize, usize) = (
+                a.trim().parse().map_err(|_| bad())?,
+                b.trim().parse().map_err(|_| bad())?,
+            );
+            if a > b {
+                return Err(bad());
+            }
+            out.extend(a..=b);
+        } else {
+            out.push(part.parse().map_err(|_| bad())?);
+        }
+    }
+    if out.is_empty() {
+        bail!("empty CPU list");
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_parse() {
+        assert_eq!(parse_cpu_list("0").unwrap(), vec![0]);
+        assert_eq!(parse_cpu_list("0-2,5").unwrap(), vec![0, 1, 2, 5]);
+        assert!(parse_cpu_list("2-1").is_err());
+        assert!(parse_cpu_list("x").is_err());
+        assert!(parse_cpu_list("").is_err());
+    }
+
+    #[test]
+    fn port_in_use_is_a_clear_error() {
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let spec = taken.local_addr().unwrap().to_string();
+        let err = bind_all(&[spec], 2, true).unwrap_err().to_string();
+        assert!(
+            err.contains("cannot listen on") && err.contains("another process"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_address_is_a_clear_error() {
+        let err = bind_all(&["nonsense".into()], 1, true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bad listen address"), "{err}");
+    }
+
+    #[test]
+    fn port_zero_gives_every_thread_the_same_port() {
+        let g = bind_all(&["127.0.0.1:0".into()], 3, true).unwrap();
+        let ports: Vec<u16> = g
+            .iter()
+            .map(|t| t[0].local_addr().unwrap().port())
+            .collect();
+        assert!(ports.iter().all(|&p| p == ports[0] && p != 0), "{ports:?}");
+    }
+}
