@@ -67,6 +67,16 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 2048)]
     pub buffers: u32,
 
+    /// io_uring: completion queue entries per ring (the kernel holds back what does not fit
+    /// and echoport counts it as an overflow).
+    #[arg(long, value_name = "N", default_value_t = 65536)]
+    pub cq_entries: u32,
+
+    /// io_uring (kernel 6.12+): when idle, let completions gather for up to this many
+    /// microseconds before waking, trading that much latency for fewer wake-ups. 0 = off.
+    #[arg(long, value_name = "USEC", default_value_t = 0)]
+    pub batch_wait_us: u32,
+
     /// io_uring: use plain one-shot operations (no multishot, no buffer ring, no direct
     /// descriptors), as on older kernels.
     #[arg(long)]
