@@ -303,6 +303,9 @@ impl Uring {
             dropped: 0,
             region: Some(region),
         };
+        if cfg.batch_wait_us > 0 {
+            features.push("batched-wait");
+        }
         if fast {
             uring.setup_fast_path(cfg, buffers)?;
             features.extend([
