@@ -715,7 +715,9 @@ impl Backend for Uring {
             None => {
                 // Wait for a batch, but no longer than batch_wait_us for it; then for one.
                 let args = types::SubmitArgs::new().min_wait_usec(self.batch_wait_us);
-                self.ring.submitter().submit_with_args(self.batch as usize, &args)
+                self.ring
+                    .submitter()
+                    .submit_with_args(self.batch as usize, &args)
             }
             Some(t) => {
                 let ts = types::Timespec::new()
@@ -807,10 +809,9 @@ impl Drop for Uring {
         }
         if self.inflight > 0 {
             // The kernel may still write into the buffers: never free them.
+            // (The buffer ring's entries are plain memory that no destructor frees.)
             std::mem::forget(self.region.take());
-            if let Some(r) = self.buf_ring.take() {
-                std::mem::forget(r);
-            }
+            self.buf_ring = None;
         } else if let Some(r) = self.buf_ring.take() {
             let _ = self.ring.submitter().unregister_buf_ring(BGID);
             // SAFETY: unregistered (or the ring is idle and about to close); allocated with

@@ -258,8 +258,11 @@ pub fn bind_all(
                 }
             }
             Err(e)
-                if !explicit && e.raw_os_error() == Some(libc::EAFNOSUPPORT)
-                    || !explicit && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) =>
+                if !explicit
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+                    ) =>
             {
                 tracing::warn!("skipping default address {addr}: {e}");
             }

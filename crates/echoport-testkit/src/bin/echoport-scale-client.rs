@@ -35,7 +35,11 @@ fn run() -> anyhow::Result<()> {
         Some(s) if s != "-" => echoport_testkit::parse_sources(s).map_err(anyhow::Error::msg)?,
         _ => Vec::new(),
     };
-    let hold = Duration::from_secs_f64(args.get(3).map_or(Ok(10.0), |s| s.parse()).context("bad HOLD_SECS")?);
+    let hold = Duration::from_secs_f64(
+        args.get(3)
+            .map_or(Ok(10.0), |s| s.parse())
+            .context("bad HOLD_SECS")?,
+    );
 
     let started = Instant::now();
     let mut conns = Vec::with_capacity(n);
@@ -43,7 +47,8 @@ fn run() -> anyhow::Result<()> {
         let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         if !sources.is_empty() {
             let src = SocketAddr::new(sources[i % sources.len()], 0);
-            s.bind(&src.into()).with_context(|| format!("binding connection {i} to {src}"))?;
+            s.bind(&src.into())
+                .with_context(|| format!("binding connection {i} to {src}"))?;
         }
         s.connect_timeout(&addr.into(), Duration::from_secs(10))
             .with_context(|| format!("connection {i} of {n}"))?;
@@ -53,7 +58,11 @@ fn run() -> anyhow::Result<()> {
     }
     let connected = started.elapsed();
     echo_all(&mut conns, 0)?;
-    println!("ready {n} connect_s={:.2} total_s={:.2}", connected.as_secs_f64(), started.elapsed().as_secs_f64());
+    println!(
+        "ready {n} connect_s={:.2} total_s={:.2}",
+        connected.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
 
     // Hold until the deadline or until stdin closes (the driver's signal to finish).
     let (tx, rx) = mpsc::channel();
@@ -80,14 +89,22 @@ fn echo_all(conns: &mut [TcpStream], round: u32) -> anyhow::Result<()> {
     // Write in batches so that the kernel buffers, not round trips, set the pace.
     for chunk in (0..conns.len()).collect::<Vec<_>>().chunks(512) {
         for &i in chunk {
-            conns[i].write_all(&msg(i)).with_context(|| format!("writing to connection {i}"))?;
+            conns[i]
+                .write_all(&msg(i))
+                .with_context(|| format!("writing to connection {i}"))?;
         }
         for &i in chunk {
             let want = msg(i);
             let mut got = vec![0u8; want.len()];
-            conns[i].read_exact(&mut got).with_context(|| format!("reading the echo of connection {i}"))?;
+            conns[i]
+                .read_exact(&mut got)
+                .with_context(|| format!("reading the echo of connection {i}"))?;
             if got != want {
-                bail!("connection {i}: echo {:?} differs from {:?}", String::from_utf8_lossy(&got), String::from_utf8_lossy(&want));
+                bail!(
+                    "connection {i}: echo {:?} differs from {:?}",
+                    String::from_utf8_lossy(&got),
+                    String::from_utf8_lossy(&want)
+                );
             }
         }
     }
