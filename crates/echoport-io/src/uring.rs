@@ -254,6 +254,8 @@ pub struct Uring {
     inflight: u64,
     batch_wait_us: u32,
     batch: u32,
+    /// Size of the direct descriptor table (fast path only).
+    direct_files: Option<u32>,
     /// Loop turns that found the kernel holding completions back (CQ overflow).
     overflows: u64,
     /// Completions the kernel dropped outright (only without `IORING_FEAT_NODROP`).
@@ -299,6 +301,7 @@ impl Uring {
             inflight: 0,
             batch_wait_us: cfg.batch_wait_us,
             batch: cfg.batch.max(1),
+            direct_files: None,
             overflows: 0,
             dropped: 0,
             region: Some(region),
@@ -330,9 +333,10 @@ impl Uring {
         let direct = if cfg.direct_files > 0 {
             cfg.direct_files
         } else {
-            nofile_limit().clamp(1024, 1 << 20)
+            crate::sys::nofile_limit().clamp(1024, 1 << 20) as u32
         };
         self.ring.submitter().register_files_sparse(direct)?;
+        self.direct_files = Some(direct);
         let layout = Layout::from_size_align(
             buffers as usize * std::mem::size_of::<types::BufRingEntry>(),
             4096,
@@ -777,6 +781,10 @@ impl Backend for Uring {
         format!("io_uring ({})", self.features.join(", "))
     }
 
+    fn max_connections(&self) -> Option<usize> {
+        self.direct_files.map(|n| n as usize)
+    }
+
     fn overflows(&self) -> u64 {
         self.overflows + self.dropped
     }
@@ -838,16 +846,4 @@ fn build_ring(cfg: &Config) -> io::Result<(IoUring, Vec<&'static str>)> {
         return Ok((r, vec!["coop-taskrun"]));
     }
     Ok((b.build(cfg.sq_entries)?, vec![]))
-}
-
-fn nofile_limit() -> u32 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the local struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return 1024;
-    }
-    lim.rlim_cur.min(u32::MAX as u64) as u32
 }

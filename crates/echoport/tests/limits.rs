@@ -1,5 +1,5 @@
-//! io_uring fast-path limits under stress: a starved buffer ring, a tiny completion queue,
-//! and a client that never reads. Each case checks every echoed byte.
+//! Limits under stress: a starved buffer ring, a tiny completion queue, a client that never
+//! reads, silent clients, and the connection cap. Each case checks every echoed byte.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -177,4 +177,118 @@ fn a_client_that_never_reads_is_throttled_and_does_not_stall_others() {
         stat(&stats, "paused") > 0,
         "the hog's receive was never paused: {stats}"
     );
+}
+
+/// Reads until end of stream or error; true if the server closed the connection.
+fn closed_by_server(s: &mut TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false, // timed out: still open
+        }
+    }
+}
+
+#[test]
+fn idle_timeout_closes_silent_clients_but_not_chatty_ones() {
+    let server = Server::start(&["--threads", "1", "--idle-timeout", "0.5"]);
+    let mut silent = TcpStream::connect(server.addr).unwrap();
+    let mut chatty = TcpStream::connect(server.addr).unwrap();
+    chatty
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let started = Instant::now();
+    let mut echo = [0u8; 5];
+    while started.elapsed() < Duration::from_millis(1500) {
+        chatty.write_all(b"still").unwrap();
+        chatty.read_exact(&mut echo).unwrap();
+        assert_eq!(&echo, b"still");
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        closed_by_server(&mut silent, Duration::from_millis(100)),
+        "silent client still open after 1.5 s"
+    );
+    drop(chatty);
+    let stats = server.stop();
+    assert_eq!(stat(&stats, "timeouts"), 1, "{stats}");
+}
+
+#[test]
+fn write_timeout_closes_a_client_that_stops_reading() {
+    let server = Server::start(&[
+        "--threads",
+        "1",
+        "--write-timeout",
+        "0.5",
+        "--max-pending",
+        "16384",
+    ]);
+    let hog = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    hog.set_recv_buffer_size(4096).unwrap();
+    hog.connect(&server.addr.into()).unwrap();
+    hog.set_write_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut hog = TcpStream::from(hog);
+    let chunk = vec![1u8; 16384];
+    let started = Instant::now();
+    let mut broken = false;
+    while started.elapsed() < Duration::from_secs(5) {
+        match hog.write(&chunk) {
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => {
+                broken = true; // reset or broken pipe: the server closed us
+                break;
+            }
+        }
+    }
+    assert!(broken, "a never-reading client was not closed within 5 s");
+    let stats = server.stop();
+    assert!(stat(&stats, "timeouts") >= 1, "{stats}");
+}
+
+#[test]
+fn connections_past_the_cap_are_closed_at_once_and_others_unaffected() {
+    let server = Server::start(&["--threads", "2", "--max-connections", "4"]);
+    let mut held: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(server.addr).unwrap())
+        .collect();
+    for (i, s) in held.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let msg = format!("held {i}");
+        s.write_all(msg.as_bytes()).unwrap();
+        let mut got = vec![0u8; msg.len()];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(got, msg.as_bytes());
+    }
+    let mut extra = TcpStream::connect(server.addr).unwrap();
+    let t = Instant::now();
+    assert!(
+        closed_by_server(&mut extra, Duration::from_secs(2)),
+        "the fifth connection was left hanging"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "refusal took {:?}",
+        t.elapsed()
+    );
+    // The admitted ones still work, and a freed place is reusable.
+    drop(held.pop());
+    thread::sleep(Duration::from_millis(100));
+    ping_pong(server.addr, 1, 3, 100);
+    for s in held.iter_mut() {
+        s.write_all(b"ok").unwrap();
+        let mut got = [0u8; 2];
+        s.read_exact(&mut got).unwrap();
+    }
+    drop(held);
+    let stats = server.stop();
+    assert_eq!(stat(&stats, "refused"), 1, "{stats}");
 }
