@@ -333,7 +333,8 @@ impl Uring {
         let direct = if cfg.direct_files > 0 {
             cfg.direct_files
         } else {
-            crate::sys::nofile_limit().clamp(1024, 1 << 20) as u32
+            // The kernel refuses a table larger than RLIMIT_NOFILE.
+            crate::sys::nofile_limit().clamp(16, 1 << 20) as u32
         };
         self.ring.submitter().register_files_sparse(direct)?;
         self.direct_files = Some(direct);

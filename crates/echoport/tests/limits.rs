@@ -16,7 +16,20 @@ struct Server {
 
 impl Server {
     fn start(args: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_echoport"))
+        Server::start_with(Command::new(env!("CARGO_BIN_EXE_echoport")), args)
+    }
+
+    /// Starts the server under `prlimit --nofile=N`.
+    fn start_with_fd_limit(n: u32, args: &[&str]) -> Server {
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--nofile={n}"))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_echoport"));
+        Server::start_with(cmd, args)
+    }
+
+    fn start_with(mut cmd: Command, args: &[&str]) -> Server {
+        let mut child = cmd
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
             .stderr(Stdio::piped())
@@ -46,6 +59,14 @@ impl Server {
             addr,
             log: rx,
         }
+    }
+
+    /// CPU time (user + system) the server has used, in clock ticks.
+    fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = after_name.split_whitespace().collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
     }
 
     fn rss_kib(&self) -> u64 {
@@ -291,4 +312,58 @@ fn connections_past_the_cap_are_closed_at_once_and_others_unaffected() {
     drop(held);
     let stats = server.stop();
     assert_eq!(stat(&stats, "refused"), 1, "{stats}");
+}
+
+fn descriptor_exhaustion(args: &[&str]) {
+    let server = Server::start_with_fd_limit(256, args);
+    // 1,000 clients knock; the server can hold only about 200 of them.
+    let mut knocking: Vec<TcpStream> = (0..1000)
+        .map(|_| TcpStream::connect(server.addr).expect("the listen backlog takes the connect"))
+        .collect();
+    thread::sleep(Duration::from_millis(300));
+    let before = server.cpu_ticks();
+    thread::sleep(Duration::from_secs(1));
+    let used = server.cpu_ticks() - before;
+    // A server re-posting accept in a loop would burn ~100 ticks (one CPU) in that second.
+    assert!(
+        used <= 10,
+        "server used {used} ticks of CPU in 1 s while out of descriptors"
+    );
+    // Once the clients leave, service resumes.
+    knocking.clear();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut s = TcpStream::connect(server.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let ok = s.write_all(b"back").is_ok() && {
+            let mut got = [0u8; 4];
+            s.read_exact(&mut got).is_ok() && &got == b"back"
+        };
+        if ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "service did not resume after the clients left"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let stats = server.stop();
+    assert!(stat(&stats, "accept_backoffs") > 0, "{stats}");
+}
+
+#[test]
+fn descriptor_exhaustion_backs_off_instead_of_spinning_direct_descriptors() {
+    descriptor_exhaustion(&["--threads", "1", "--max-connections", "100000"]);
+}
+
+#[test]
+fn descriptor_exhaustion_backs_off_instead_of_spinning_plain_descriptors() {
+    descriptor_exhaustion(&[
+        "--threads",
+        "1",
+        "--no-fast-path",
+        "--max-connections",
+        "100000",
+    ]);
 }
