@@ -3,6 +3,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod proxy;
+
 use std::net::{IpAddr, Ipv4Addr};
 
 /// Parses "127.0.0.2", "127.0.0.2-127.0.0.9" or a comma list of either into addresses.
