@@ -24,6 +24,8 @@ pub struct Options {
     pub cq_entries: u32,
     /// io_uring batched wait, in microseconds (0: off).
     pub batch_wait_us: u32,
+    /// Buffers per thread for bytes the caller sends itself (the load generator).
+    pub send_buffers: u32,
 }
 
 impl Options {
@@ -35,6 +37,7 @@ impl Options {
             fast_path: !a.no_fast_path,
             cq_entries: a.cq_entries,
             batch_wait_us: a.batch_wait_us,
+            send_buffers: 256,
         }
     }
 
@@ -46,6 +49,7 @@ impl Options {
             cq_entries: self.cq_entries.max(1),
             sq_entries: 4096.min(self.cq_entries.max(1)),
             batch_wait_us: self.batch_wait_us,
+            send_buffers: self.send_buffers,
             ..Default::default()
         }
     }
@@ -59,7 +63,12 @@ pub enum AnyBackend {
 
 /// Decides the backend once, before the threads start, logging why when `auto` falls back.
 pub fn choose(args: &crate::serve::Args) -> anyhow::Result<Kind> {
-    match args.backend {
+    choose_kind(args.backend)
+}
+
+/// [`choose`] for any command that names a backend (`serve`, `bench`).
+pub fn choose_kind(choice: BackendChoice) -> anyhow::Result<Kind> {
+    match choice {
         BackendChoice::Auto | BackendChoice::IoUring => match echoport_io::uring::probe() {
             Ok(()) => Ok(Kind::Uring),
             Err(e) => bail!("io_uring is not usable here: {e}"),
@@ -74,5 +83,23 @@ pub fn open(kind: Kind, opts: &Options) -> anyhow::Result<AnyBackend> {
         Kind::Uring => Ok(AnyBackend::Uring(echoport_io::uring::Uring::new(
             &opts.uring(),
         )?)),
+    }
+}
+
+/// Code that runs over whichever backend was opened, monomorphised for each kind (the
+/// load generator's event loop). Adding a backend adds an arm to [`AnyBackend::run`] only.
+pub trait WithBackend {
+    /// What the code returns.
+    type Output;
+    /// Runs with the opened backend.
+    fn run<B: echoport_core::Backend>(self, backend: B) -> Self::Output;
+}
+
+impl AnyBackend {
+    /// Hands the backend, whatever its kind, to `f`.
+    pub fn run<F: WithBackend>(self, f: F) -> F::Output {
+        match self {
+            AnyBackend::Uring(b) => f.run(b),
+        }
     }
 }
