@@ -124,6 +124,10 @@ pub fn group(v: f64) -> String {
     out
 }
 
+fn secs(d: Duration) -> String {
+    format!("{} s", d.as_secs_f64())
+}
+
 fn us(v: f64) -> String {
     if v >= 1000.0 {
         group(v)
@@ -138,11 +142,11 @@ pub fn text(p: &Params, r: &RunResult) -> String {
     let t = &r.tally;
     let span = match p.count {
         Some(n) => format!("{} messages", group(n as f64)),
-        None => format!("{:.3?}", p.duration),
+        None => secs(p.duration),
     };
     let _ = writeln!(
         s,
-        "echoport bench -> {}  [{}; {} threads; {} connections; {}; {}; {} + {:.3?} warm-up]",
+        "echoport bench -> {}  [{}; {} threads; {} connections; {}; {}; {} + {} warm-up]",
         p.server,
         r.backend,
         p.threads,
@@ -150,7 +154,7 @@ pub fn text(p: &Params, r: &RunResult) -> String {
         p.size,
         describe_load(&r.load),
         span,
-        p.warmup
+        secs(p.warmup)
     );
     let _ = writeln!(
         s,
@@ -220,8 +224,10 @@ pub fn text(p: &Params, r: &RunResult) -> String {
     if let Some((pid, c)) = &r.server_cpu {
         let _ = writeln!(
             s,
-            "  server CPU   {:.3} s (pid {pid}){}",
+            "  server CPU   {:.3} s (user {:.3}, sys {:.3}; pid {pid}){}",
             c.total_s(),
+            c.user_s,
+            c.system_s,
             r.server_us_per_echo()
                 .map(|v| format!(" = {v:.2} us per echo"))
                 .unwrap_or_default()
@@ -229,6 +235,13 @@ pub fn text(p: &Params, r: &RunResult) -> String {
     }
     if t.overflows > 0 {
         let _ = writeln!(s, "  client CQ overflows {}", t.overflows);
+    }
+    if t.max_late_ns >= 1_000_000 {
+        let _ = writeln!(
+            s,
+            "  note         the client's own loop ran up to {:.1} ms late (machine busy?)",
+            t.max_late_ns as f64 / 1e6
+        );
     }
     let verdict = if r.interrupted {
         "INTERRUPTED (partial results)"
@@ -350,6 +363,7 @@ fn run_json(r: &RunResult) -> Value {
             v
         }),
         "cq_overflows": t.overflows,
+        "client_max_late_us": round(t.max_late_ns as f64 / 1000.0, 1),
         "interrupted": r.interrupted,
         "ok": !r.failed() && !r.interrupted,
     })
@@ -382,7 +396,7 @@ pub fn json_doc(
             "connections": p.connections,
             "threads": p.threads,
             "cpus": p.cpus,
-            "backend": format!("{:?}", p.backend).to_lowercase(),
+            "backend": clap::ValueEnum::to_possible_value(&p.backend).map(|v| v.get_name().to_string()),
             "connect_rate": p.connect_rate,
             "sources": p.sources.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
             "size": { "min": p.size.min, "max": p.size.max },

@@ -87,6 +87,9 @@ pub struct Tally {
     pub errors: Errors,
     /// Completions the kernel held back (io_uring CQ overflow) in the client.
     pub overflows: u64,
+    /// The longest a worker's wait overran its own deadline: how late the client itself
+    /// was (descheduled, or busy), which every latency measured meanwhile includes.
+    pub max_late_ns: u64,
 }
 
 impl Default for Tally {
@@ -98,6 +101,7 @@ impl Default for Tally {
             last_done_ns: 0,
             errors: Errors::default(),
             overflows: 0,
+            max_late_ns: 0,
         }
     }
 }
@@ -113,6 +117,7 @@ impl Tally {
         self.last_done_ns = self.last_done_ns.max(o.last_done_ns);
         self.errors.merge(&o.errors);
         self.overflows += o.overflows;
+        self.max_late_ns = self.max_late_ns.max(o.max_late_ns);
     }
 
     /// Latency at quantile `q` (0..=1), in microseconds.

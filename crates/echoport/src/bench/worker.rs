@@ -305,7 +305,21 @@ impl<B: Backend> Worker<B> {
             let mut events = std::mem::take(&mut self.events);
             events.clear();
             self.io.wait(&mut events, Some(timeout))?;
+            let before = now;
             let now = self.now();
+            // A wait that returns well past its deadline means this thread was not running
+            // (a busy machine): report it, it inflates every latency measured meanwhile.
+            let late = now.saturating_sub(before + timeout.as_nanos() as u64);
+            self.tally.max_late_ns = self.tally.max_late_ns.max(late);
+            if late > 50_000_000 {
+                tracing::debug!(
+                    late_ms = late / 1_000_000,
+                    timeout_us = timeout.as_micros() as u64,
+                    events = events.len(),
+                    conns = self.conns.len(),
+                    "wait returned late"
+                );
+            }
             for c in events.drain(..) {
                 self.dispatch(c, now);
             }
@@ -412,33 +426,33 @@ impl<B: Backend> Worker<B> {
         true
     }
 
-    /// Open loop: hand out every message now due. Both loops: notice the end of creation.
+    /// Open loop: hand out every message now due (even late: a message intended before the
+    /// end is sent and counted however late the loop gets to it). Both loops: notice the end
+    /// of creation.
     fn schedule(&mut self, now: u64) {
+        if let ThreadLoad::Open {
+            interval_ns,
+            offset_ns,
+        } = self.plan.load
+        {
+            while !self.active.is_empty() {
+                let t = (offset_ns + self.k as f64 * interval_ns) as u64;
+                if t > now {
+                    break;
+                }
+                let token = self.active[self.rr % self.active.len()];
+                self.rr = self.rr.wrapping_add(1);
+                if !self.issue(token, t) {
+                    self.begin_drain(now, now + self.plan.timeout_ns);
+                    return;
+                }
+                self.k += 1;
+            }
+        }
         if self.plan.end_ns.is_some_and(|e| now >= e)
             || self.plan.count.is_some_and(|c| self.issued_measured >= c)
         {
             self.begin_drain(now, now + self.plan.timeout_ns);
-            return;
-        }
-        let ThreadLoad::Open {
-            interval_ns,
-            offset_ns,
-        } = self.plan.load
-        else {
-            return;
-        };
-        while !self.active.is_empty() {
-            let t = (offset_ns + self.k as f64 * interval_ns) as u64;
-            if t > now {
-                break;
-            }
-            let token = self.active[self.rr % self.active.len()];
-            self.rr = self.rr.wrapping_add(1);
-            if !self.issue(token, t) {
-                self.begin_drain(now, now + self.plan.timeout_ns);
-                return;
-            }
-            self.k += 1;
         }
     }
 
