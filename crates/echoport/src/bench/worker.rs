@@ -604,13 +604,25 @@ impl<B: Backend> Worker<B> {
             }
             return;
         };
-        let Worker { io, conns, .. } = self;
+        let Worker {
+            io,
+            conns,
+            tally,
+            plan,
+            ..
+        } = self;
         let c = conns.get_mut(token).expect("caller checked");
         let dst = io.buf_mut(buf);
         let cap = dst.len();
         let mut filled = 0;
         while filled < cap && c.send_idx < c.queue.len() {
             let m = c.queue[c.send_idx];
+            if c.send_off == 0 && m.measured {
+                if plan.end_ns.is_none_or(|e| now < e) {
+                    tally.sent += 1;
+                }
+                tally.max_send_lag_ns = tally.max_send_lag_ns.max(now.saturating_sub(m.t));
+            }
             let n = ((m.len - c.send_off) as usize).min(cap - filled);
             pattern::fill(m.key, c.send_off, &mut dst[filled..filled + n]);
             filled += n;
