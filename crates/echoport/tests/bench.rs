@@ -635,3 +635,23 @@ fn connect_rate_spreads_the_connections_out() {
         "6 connections at 10/s took only {spread:?}"
     );
 }
+
+#[test]
+fn a_coarse_tick_batches_sends_and_the_wait_shows_in_the_latency() {
+    let ts = test_server(echo);
+    let out = bench(
+        ts.addr,
+        &[
+            "-c", "2", "-r", "2000", "-d", "1s", "--warmup", "0", "--tick", "20ms",
+        ],
+    );
+    let d = doc(&out);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(num(&d, "params.tick_s"), 0.02);
+    let r = &d["runs"][0];
+    let ratio = num(r, "rate_ratio");
+    assert!((0.95..=1.05).contains(&ratio), "{r:#}");
+    // Messages wait up to a tick to be sent, and that wait is part of their latency.
+    assert!(num(r, "max_send_lag_us") >= 10_000.0, "{r:#}");
+    assert!(num(r, "latency_us.p50") >= 3_000.0, "{r:#}");
+}

@@ -422,6 +422,7 @@ pub fn json_doc(
             "rate": match p.load { Load::Open { rate } if p.sweep.is_empty() => Some(rate), _ => None },
             "sweep": p.sweep,
             "timeout_s": p.timeout.as_secs_f64(),
+            "tick_s": p.tick.as_secs_f64(),
         },
         "runs": runs.iter().map(run_json).collect::<Vec<_>>(),
         "interrupted": interrupted,

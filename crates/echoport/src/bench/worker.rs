@@ -86,6 +86,9 @@ pub struct Plan {
     pub count: Option<u64>,
     /// No-progress timeout, and the grace at the end for the last echoes.
     pub timeout_ns: u64,
+    /// Open loop: the shortest sleep on the timer alone (messages falling due sooner wait
+    /// for it or for the next completion, and their latency includes that wait).
+    pub tick_ns: u64,
 }
 
 /// How a worker reports that its backend is open: its waker and description, or why not.
@@ -343,7 +346,8 @@ impl<B: Backend> Worker<B> {
             } = self.plan.load
             {
                 if !self.active.is_empty() {
-                    at = at.min((offset_ns + self.k as f64 * interval_ns) as u64);
+                    let due = (offset_ns + self.k as f64 * interval_ns) as u64;
+                    at = at.min(due.max(now + self.plan.tick_ns));
                 }
             }
         } else if !self.deadline_passed {
