@@ -289,7 +289,7 @@ impl<B: Backend> Worker<B> {
             }
             if self.phase == Phase::Drain && !self.deadline_passed && now >= self.drain_deadline {
                 self.deadline_passed = true;
-                self.end_all(now);
+                self.end_all();
             }
             if now >= self.next_scan {
                 self.next_scan = now + self.scan_every;
@@ -302,6 +302,15 @@ impl<B: Backend> Worker<B> {
                 .store(self.tally.errors.total(), Ordering::Relaxed);
             live.conns.store(self.conns.len() as u64, Ordering::Relaxed);
             if self.phase == Phase::Drain && self.conns.is_empty() {
+                break;
+            }
+            if self.deadline_passed && now > self.drain_deadline.saturating_add(2_000_000_000) {
+                // Cancellations that never completed (a wedged backend): give up on them;
+                // dropping the backend cancels what is left.
+                tracing::warn!(
+                    left = self.conns.len(),
+                    "connections did not finish closing"
+                );
                 break;
             }
             let timeout = self.next_wakeup(now);
@@ -483,14 +492,14 @@ impl<B: Backend> Worker<B> {
 
     /// The end grace ran out (or Ctrl-C): close everything; echoes still owed are errors
     /// unless interrupted.
-    fn end_all(&mut self, now: u64) {
+    fn end_all(&mut self) {
         self.scratch.clear();
         self.scratch.extend_from_slice(&self.active);
         for i in 0..self.scratch.len() {
             let token = self.scratch[i];
             let owed = self.conns.get_mut(token).is_some_and(|c| c.owed() > 0);
             if owed && !self.interrupted {
-                self.fail(token, Failure::Timeout, now);
+                self.fail(token, Failure::Timeout);
             } else {
                 self.begin_close(token);
             }
@@ -506,13 +515,13 @@ impl<B: Backend> Worker<B> {
                 c.owed() > 0 && now.saturating_sub(c.last_progress) > self.plan.timeout_ns
             });
             if stalled {
-                self.fail(token, Failure::Timeout, now);
+                self.fail(token, Failure::Timeout);
             }
         }
     }
 
     /// Counts a broken connection (and the echo it still owed) and closes it.
-    fn fail(&mut self, token: Token, why: Failure, _now: u64) {
+    fn fail(&mut self, token: Token, why: Failure) {
         let Some(c) = self.conns.get_mut(token) else {
             return;
         };
@@ -678,10 +687,10 @@ impl<B: Backend> Worker<B> {
                             self.rearm.push(token);
                         }
                     }
-                    Ok(Received::Eof) => self.fail(token, Failure::Lost, now),
+                    Ok(Received::Eof) => self.fail(token, Failure::Lost),
                     Err(OpError::NoBuffers) => self.rearm.push(token),
                     Err(OpError::Canceled) => {}
-                    Err(e) => self.fail(token, classify(e), now),
+                    Err(e) => self.fail(token, classify(e)),
                 }
                 self.maybe_close(token);
             }
@@ -716,13 +725,13 @@ impl<B: Backend> Worker<B> {
                     Ok(_) => {
                         self.io.release(buf);
                         self.wake_buf_waiter();
-                        self.fail(token, Failure::Lost, now);
+                        self.fail(token, Failure::Lost);
                     }
                     Err(e) => {
                         self.io.release(buf);
                         self.wake_buf_waiter();
                         if !closing && e != OpError::Canceled {
-                            self.fail(token, classify(e), now);
+                            self.fail(token, classify(e));
                         }
                     }
                 }
