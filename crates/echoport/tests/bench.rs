@@ -198,6 +198,7 @@ fn closed_loop_against_the_server_reports_everything_in_json() {
     std::fs::create_dir_all(&dir).unwrap();
     let hgrm = dir.join("closed.hgrm");
     let svg = dir.join("closed.svg");
+    let pid = server.pid().to_string();
     let out = bench(
         server.addr,
         &[
@@ -217,6 +218,8 @@ fn closed_loop_against_the_server_reports_everything_in_json() {
             hgrm.to_str().unwrap(),
             "--plot",
             svg.to_str().unwrap(),
+            "--server-pid",
+            &pid,
         ],
     );
     let d = doc(&out);
@@ -251,6 +254,11 @@ fn closed_loop_against_the_server_reports_everything_in_json() {
     assert_eq!(num(r, "connections.failed"), 0.0);
     assert!(num(r, "client_cpu.total_s") > 0.0, "{r:#}");
     assert!(num(r, "client_cpu.us_per_echo") > 0.0, "{r:#}");
+    assert_eq!(num(r, "server_cpu.pid"), server.pid() as f64);
+    assert!(
+        num(r, "server_cpu.total_s") > 0.0,
+        "the server echoed: {r:#}"
+    );
     assert_eq!(r["interrupted"], false);
     assert!(stderr(&out).contains("result       OK"), "{}", stderr(&out));
     assert!(
