@@ -63,6 +63,9 @@ pub struct Config {
     pub fast_path: bool,
     /// Size of the direct descriptor table (0: the process's descriptor limit).
     pub direct_files: u32,
+    /// Accept into direct descriptors on the fast path. Off when the caller needs to know
+    /// peers' addresses (a direct descriptor cannot be asked).
+    pub direct_accept: bool,
     /// When non-zero, a blocking wait asks the kernel (6.12+) to gather up to
     /// [`Config::batch`] completions for this many microseconds before waking the loop:
     /// fewer wake-ups under load, at most this much added latency.
@@ -81,6 +84,7 @@ impl Default for Config {
             send_buffers: 256,
             fast_path: true,
             direct_files: 0,
+            direct_accept: true,
             batch_wait_us: 0,
             batch: 32,
         }
@@ -256,6 +260,8 @@ pub struct Uring {
     batch: u32,
     /// Size of the direct descriptor table (fast path only).
     direct_files: Option<u32>,
+    /// Accepted connections get direct descriptors.
+    direct_accept: bool,
     /// Loop turns that found the kernel holding completions back (CQ overflow).
     overflows: u64,
     /// Completions the kernel dropped outright (only without `IORING_FEAT_NODROP`).
@@ -302,6 +308,7 @@ impl Uring {
             batch_wait_us: cfg.batch_wait_us,
             batch: cfg.batch.max(1),
             direct_files: None,
+            direct_accept: fast && cfg.direct_accept,
             overflows: 0,
             dropped: 0,
             region: Some(region),
@@ -311,12 +318,12 @@ impl Uring {
         }
         if fast {
             uring.setup_fast_path(cfg, buffers)?;
-            features.extend([
-                "multishot-accept",
-                "multishot-recv",
-                "buf-ring",
-                "direct-fds",
-            ]);
+            features.extend(["multishot-accept", "multishot-recv", "buf-ring"]);
+            features.push(if uring.direct_accept {
+                "direct-fds"
+            } else {
+                "plain-fds (to see peer addresses)"
+            });
         } else {
             uring.recv_free = (0..buffers).rev().collect();
             features.push("one-shot-ops");
@@ -505,7 +512,7 @@ impl Uring {
                 }
                 let closing = l.closing;
                 let sock = result(res).map(|v| {
-                    Socket(if self.fast {
+                    Socket(if self.direct_accept {
                         FIXED | v as u64
                     } else {
                         v as u64
@@ -615,7 +622,7 @@ impl Submit for Uring {
                 self.listeners[i].armed = true;
                 let e = if self.fast {
                     opcode::AcceptMulti::new(types::Fd(fd))
-                        .allocate_file_index(true)
+                        .allocate_file_index(self.direct_accept)
                         .build()
                 } else {
                     opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())
@@ -783,7 +790,15 @@ impl Backend for Uring {
     }
 
     fn max_connections(&self) -> Option<usize> {
-        self.direct_files.map(|n| n as usize)
+        self.direct_files
+            .filter(|_| self.direct_accept)
+            .map(|n| n as usize)
+    }
+
+    fn peer_ip(&self, sock: Socket) -> Option<std::net::IpAddr> {
+        (sock.0 & FIXED == 0)
+            .then(|| crate::sys::peer_ip(sock.0 as RawFd))
+            .flatten()
     }
 
     fn overflows(&self) -> u64 {

@@ -61,6 +61,11 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
 
+    /// Connections one source IP address may hold at once; more are closed at once.
+    /// (With io_uring this accepts into plain descriptors, to learn peers' addresses.)
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_ip: Option<u32>,
+
     /// Seconds a connection may stay silent (nothing received, no echo owed) before it is
     /// closed. 0 turns it off.
     #[arg(long, value_name = "SECS", default_value_t = 300.0)]
@@ -144,7 +149,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             max_pending: args.max_pending.max(1),
         },
         shutdown_timeout,
-        admission: Admission::new(args.max_connections.unwrap_or(usize::MAX)),
+        admission: Admission::with_per_ip(
+            args.max_connections.unwrap_or(usize::MAX),
+            args.max_connections_per_ip,
+        ),
         idle_timeout,
         write_timeout,
     };
