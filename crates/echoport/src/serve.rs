@@ -66,6 +66,20 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub max_connections_per_ip: Option<u32>,
 
+    /// Also echo UDP datagrams (RFC 862) on the same addresses and ports. Off by default:
+    /// UDP echo can be abused for reflection, so replies are refused to service and
+    /// privileged ports, our own port, broadcast and multicast sources, and rate-limited.
+    #[arg(long)]
+    pub udp: bool,
+
+    /// UDP: replies per second to one source address (with a burst of twice that).
+    #[arg(long, value_name = "PPS", default_value_t = 100.0)]
+    pub udp_rate: f64,
+
+    /// UDP: replies per second in total.
+    #[arg(long, value_name = "PPS", default_value_t = 20_000.0)]
+    pub udp_global_rate: f64,
+
     /// Seconds a connection may stay silent (nothing received, no echo owed) before it is
     /// closed. 0 turns it off.
     #[arg(long, value_name = "SECS", default_value_t = 300.0)]
@@ -219,6 +233,29 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         return Err(e);
     }
+    let udp = if args.udp {
+        if !(args.udp_rate > 0.0 && args.udp_global_rate > 0.0) {
+            bail!("--udp-rate and --udp-global-rate must be positive");
+        }
+        let limits = echoport_core::udp::UdpLimits {
+            per_source_rate: args.udp_rate,
+            per_source_burst: (args.udp_rate * 2.0).max(1.0),
+            global_rate: args.udp_global_rate,
+            ..Default::default()
+        };
+        match crate::udp::spawn(&addrs, limits, stop.clone()) {
+            Ok(h) => h,
+            Err(e) => {
+                stop.store(true, std::sync::atomic::Ordering::Release);
+                for w in &wakers {
+                    w.wake();
+                }
+                return Err(e);
+            }
+        }
+    } else {
+        Vec::new()
+    };
     echoport_io::sys::handle_stop_signals(stop.clone(), wakers)?;
     tracing::info!(
         backend = %describe,
@@ -240,7 +277,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             Err(_) => error = error.or(Some(anyhow::anyhow!("a worker thread panicked"))),
         }
     }
-    tracing::info!(%total, "stopped");
+    let mut udp_total = echoport_core::udp::UdpStats::default();
+    for h in udp {
+        if let Ok(s) = h.join() {
+            udp_total.merge(&s);
+        }
+    }
+    if args.udp {
+        tracing::info!(%total, udp = %udp_total, "stopped");
+    } else {
+        tracing::info!(%total, "stopped");
+    }
     match error {
         Some(e) => Err(e),
         None => Ok(ExitCode::SUCCESS),
@@ -350,11 +397,7 @@ fn bind_group(addr: SocketAddr, n: usize) -> std::io::Result<Vec<TcpListener>> {
 }
 
 fn listener(addr: SocketAddr, reuseport: bool) -> std::io::Result<TcpListener> {
-    let s = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.cloexec(),
-        Some(Protocol::TCP),
-    )?;
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
     if reuseport {
         s.set_reuse_port(true)?;
