@@ -540,8 +540,8 @@ impl<B: Backend> Worker<B> {
         if !self.parked.is_empty() {
             consider(now + PARK_RETRY);
         }
-        if !self.wheel.is_empty() {
-            consider(self.epoch + TICK * (self.now + 1));
+        if let Some(due) = self.wheel.next_due() {
+            consider(self.epoch + TICK * (due.max(self.now as u64 + 1) as u32));
         }
         next.map(|t| t.saturating_duration_since(now))
     }
