@@ -72,6 +72,19 @@ pub struct Config {
     pub batch_wait_us: u32,
     /// Completions a batched wait aims for.
     pub batch: u32,
+    /// How the kernel runs completion work for this ring.
+    pub taskrun: TaskRun,
+}
+
+/// How the kernel runs the work that completes operations (`task_work`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum TaskRun {
+    /// `SINGLE_ISSUER | DEFER_TASKRUN`: only when the loop waits for completions (6.1+).
+    Defer,
+    /// `COOP_TASKRUN`: at the next system call, without an interrupt (5.19+).
+    Coop,
+    /// The default of old kernels: interrupt the loop for each batch (for comparison only).
+    Interrupt,
 }
 
 impl Default for Config {
@@ -87,6 +100,7 @@ impl Default for Config {
             direct_accept: true,
             batch_wait_us: 0,
             batch: 32,
+            taskrun: TaskRun::Defer,
         }
     }
 }
@@ -285,8 +299,8 @@ impl Uring {
     /// Sets up a ring with the fast path when asked for and available.
     pub fn new(cfg: &Config) -> io::Result<Uring> {
         let (ring, mut features) = build_ring(cfg)?;
-        let deferred = features.contains(&"defer-taskrun");
-        let fast = cfg.fast_path && deferred;
+        // Multishot receive with a buffer ring needs kernel 6.0; DEFER_TASKRUN (6.1) implies it.
+        let fast = cfg.fast_path && (features.contains(&"defer-taskrun") || kernel_at_least(6, 0));
         let buffers = cfg.buffers.clamp(1, 32768).next_power_of_two();
         let region = Region::new(cfg.buf_size.max(64), buffers + cfg.send_buffers)?;
         let mut uring = Uring {
@@ -846,20 +860,37 @@ impl Drop for Uring {
 }
 
 /// Builds a ring with the best task-running mode the kernel accepts.
+/// Builds a ring with the best task-running mode the kernel accepts, starting from the one
+/// asked for.
 fn build_ring(cfg: &Config) -> io::Result<(IoUring, Vec<&'static str>)> {
     let mut b = IoUring::builder();
     b.setup_cqsize(cfg.cq_entries)
         .setup_clamp()
         .setup_submit_all();
-    let mut deferred = b.clone();
-    deferred.setup_single_issuer().setup_defer_taskrun();
-    if let Ok(r) = deferred.build(cfg.sq_entries) {
-        return Ok((r, vec!["single-issuer", "defer-taskrun"]));
+    if cfg.taskrun == TaskRun::Defer {
+        let mut deferred = b.clone();
+        deferred.setup_single_issuer().setup_defer_taskrun();
+        if let Ok(r) = deferred.build(cfg.sq_entries) {
+            return Ok((r, vec!["single-issuer", "defer-taskrun"]));
+        }
     }
-    let mut coop = b.clone();
-    coop.setup_coop_taskrun().setup_taskrun_flag();
-    if let Ok(r) = coop.build(cfg.sq_entries) {
-        return Ok((r, vec!["coop-taskrun"]));
+    if cfg.taskrun != TaskRun::Interrupt {
+        let mut coop = b.clone();
+        coop.setup_coop_taskrun().setup_taskrun_flag();
+        if let Ok(r) = coop.build(cfg.sq_entries) {
+            return Ok((r, vec!["coop-taskrun"]));
+        }
     }
-    Ok((b.build(cfg.sq_entries)?, vec![]))
+    Ok((b.build(cfg.sq_entries)?, vec!["interrupt-taskrun"]))
+}
+
+/// Whether the running kernel is at least `major.minor` (multishot receive needs 6.0).
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
+        return false;
+    };
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let ma: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let mi: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (ma, mi) >= (major, minor)
 }

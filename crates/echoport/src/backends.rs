@@ -26,6 +26,8 @@ pub struct Options {
     pub batch_wait_us: u32,
     /// io_uring: accept into direct descriptors (off when peers' addresses are needed).
     pub direct_accept: bool,
+    /// io_uring task-running mode.
+    pub taskrun: echoport_io::uring::TaskRun,
 }
 
 impl Options {
@@ -38,6 +40,11 @@ impl Options {
             cq_entries: a.cq_entries,
             batch_wait_us: a.batch_wait_us,
             direct_accept: a.max_connections_per_ip.is_none(),
+            taskrun: match a.taskrun {
+                crate::serve::TaskRunChoice::Defer => echoport_io::uring::TaskRun::Defer,
+                crate::serve::TaskRunChoice::Coop => echoport_io::uring::TaskRun::Coop,
+                crate::serve::TaskRunChoice::Interrupt => echoport_io::uring::TaskRun::Interrupt,
+            },
         }
     }
 
@@ -50,6 +57,7 @@ impl Options {
             sq_entries: 4096.min(self.cq_entries.max(1)),
             batch_wait_us: self.batch_wait_us,
             direct_accept: self.direct_accept,
+            taskrun: self.taskrun,
             ..Default::default()
         }
     }

@@ -108,10 +108,27 @@ pub struct Args {
     #[arg(long, value_name = "USEC", default_value_t = 0)]
     pub batch_wait_us: u32,
 
+    /// io_uring: how the kernel runs completion work: `defer` (DEFER_TASKRUN, the default,
+    /// falling back to `coop` on kernels before 6.1), `coop` (COOP_TASKRUN), or `interrupt`
+    /// (neither; only for measuring what the flags buy).
+    #[arg(long, value_enum, default_value_t = TaskRunChoice::Defer)]
+    pub taskrun: TaskRunChoice,
+
     /// io_uring: use plain one-shot operations (no multishot, no buffer ring, no direct
     /// descriptors), as on older kernels.
     #[arg(long)]
     pub no_fast_path: bool,
+}
+
+/// io_uring task-running mode (see `--taskrun`).
+#[derive(clap::ValueEnum, Copy, Clone, Debug, PartialEq, Eq)]
+pub enum TaskRunChoice {
+    /// DEFER_TASKRUN.
+    Defer,
+    /// COOP_TASKRUN.
+    Coop,
+    /// Neither.
+    Interrupt,
 }
 
 /// Which I/O backend to run.
