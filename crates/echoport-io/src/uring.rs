@@ -780,10 +780,9 @@ impl Drop for Uring {
         }
         if self.inflight > 0 {
             // The kernel may still write into the buffers: never free them.
+            // (The buffer ring's entries are plain memory that no destructor frees.)
             std::mem::forget(self.region.take());
-            if let Some(r) = self.buf_ring.take() {
-                std::mem::forget(r);
-            }
+            self.buf_ring = None;
         } else if let Some(r) = self.buf_ring.take() {
             let _ = self.ring.submitter().unregister_buf_ring(BGID);
             // SAFETY: unregistered (or the ring is idle and about to close); allocated with
