@@ -118,7 +118,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout),
         max_connections: args.max_connections.unwrap_or(usize::MAX),
     };
-    let kind = crate::backends::choose(&args)?;
+    let opts = crate::backends::Options::from_serve(&args);
+    let chosen = crate::backends::choose(args.backend, &opts)?;
     let stop = Arc::new(AtomicBool::new(false));
     echoport_io::sys::block_stop_signals()?;
 
@@ -129,7 +130,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let cfg = cfg.clone();
         let stop = stop.clone();
         let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
-        let opts = crate::backends::Options::from_serve(&args);
+        let opts = opts.clone();
+        let chosen = chosen.clone();
         let h = std::thread::Builder::new()
             .name(format!("echoport-w{i}"))
             .spawn(move || -> anyhow::Result<Stats> {
@@ -137,9 +139,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     echoport_io::sys::pin_to_cpu(cpu)
                         .with_context(|| format!("pinning to CPU {cpu}"))?;
                 }
-                match crate::backends::open(kind, &opts) {
+                match crate::backends::open(&chosen, &opts) {
                     Ok(crate::backends::AnyBackend::Uring(b)) => {
-                        serve_on(b, socks, cfg, stop, &ready)
+                        serve_on(*b, socks, cfg, stop, &ready)
+                    }
+                    Ok(crate::backends::AnyBackend::Epoll(b)) => {
+                        serve_on(*b, socks, cfg, stop, &ready)
                     }
                     Err(e) => {
                         let msg = format!("{e:#}");
@@ -154,13 +159,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     drop(ready_tx);
 
     let mut wakers = Vec::new();
-    let mut describe = String::new();
+    let mut describes: Vec<String> = Vec::new();
     let mut failure = None;
     for r in ready_rx.iter().take(threads) {
         match r {
             Ok((w, d)) => {
                 wakers.push(w);
-                describe = d;
+                if !describes.contains(&d) {
+                    describes.push(d);
+                }
             }
             Err(e) => failure = failure.or(Some(e)),
         }
@@ -173,12 +180,28 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         return Err(e);
     }
     echoport_io::sys::handle_stop_signals(stop.clone(), wakers)?;
-    tracing::info!(
-        backend = %describe,
-        threads,
-        addrs = %addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(","),
-        "echoport serving"
-    );
+    // One line that says which backend serves, and why not io_uring when it is not.
+    let describe = describes.join(" + ");
+    let addrs_list = addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    match &chosen.fallback {
+        Some(why) => tracing::info!(
+            backend = %describe,
+            why_not_io_uring = %why,
+            threads,
+            addrs = %addrs_list,
+            "echoport serving"
+        ),
+        None => tracing::info!(
+            backend = %describe,
+            threads,
+            addrs = %addrs_list,
+            "echoport serving"
+        ),
+    }
     for a in &addrs {
         tracing::info!("listening on {a}");
     }
@@ -248,8 +271,11 @@ pub fn bind_all(
                 }
             }
             Err(e)
-                if !explicit && e.raw_os_error() == Some(libc::EAFNOSUPPORT)
-                    || !explicit && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) =>
+                if !explicit
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+                    ) =>
             {
                 tracing::warn!("skipping default address {addr}: {e}");
             }
