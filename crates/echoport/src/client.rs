@@ -153,11 +153,11 @@ fn read_echo(stream: &mut TcpStream, line: &[u8], echo: &mut [u8]) -> anyhow::Re
             ),
             Ok(k) => {
                 if let Some(i) = (got..got + k).find(|&i| echo[i] != line[i]) {
-                    let end = (i + 32).min(got + k);
+                    let (from, to) = (i.saturating_sub(16), (i + 16).min(got + k));
                     bail!(
                         "the echo differs from what was sent at byte {i}: sent {}, got {}",
-                        show(&line[i..end.min(line.len())]),
-                        show(&echo[i..end])
+                        show(&line[from..to]),
+                        show(&echo[from..to])
                     );
                 }
                 got += k;
