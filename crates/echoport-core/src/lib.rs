@@ -17,6 +17,7 @@ pub mod slab;
 pub mod stats;
 pub mod testing;
 pub mod token;
+pub mod wheel;
 pub mod worker;
 
 pub use backend::{Backend, Submit, Waker};

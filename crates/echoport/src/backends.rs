@@ -20,6 +20,10 @@ pub struct Options {
     pub buffers: u32,
     /// io_uring fast path (multishot, buffer ring, direct descriptors).
     pub fast_path: bool,
+    /// io_uring completion queue size.
+    pub cq_entries: u32,
+    /// io_uring batched wait, in microseconds (0: off).
+    pub batch_wait_us: u32,
 }
 
 impl Options {
@@ -29,6 +33,8 @@ impl Options {
             buf_size: a.buf_size,
             buffers: a.buffers,
             fast_path: !a.no_fast_path,
+            cq_entries: a.cq_entries,
+            batch_wait_us: a.batch_wait_us,
         }
     }
 
@@ -37,6 +43,9 @@ impl Options {
             buf_size: self.buf_size,
             buffers: self.buffers,
             fast_path: self.fast_path,
+            cq_entries: self.cq_entries.max(1),
+            sq_entries: 4096.min(self.cq_entries.max(1)),
+            batch_wait_us: self.batch_wait_us,
             ..Default::default()
         }
     }
