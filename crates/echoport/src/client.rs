@@ -86,10 +86,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut out = out.lock();
     let mut rtts = Vec::new();
     let mut echo = Vec::new();
-    let mut n = 0u64;
-    for line in lines {
+    for (i, line) in lines.enumerate() {
         let line = line.context("reading standard input")?;
-        n += 1;
+        let n = i + 1;
         let started = Instant::now();
         round_trip(&mut stream, &line, &mut echo).with_context(|| format!("line {n}"))?;
         let rtt = started.elapsed();

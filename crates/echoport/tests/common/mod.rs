@@ -42,7 +42,7 @@ impl Server {
     /// otherwise it listens on `127.0.0.1:0`, logs at `info` (`ECHOPORT_TEST_LOG` overrides)
     /// and has a 5 s shutdown deadline.
     pub fn start(args: &[&str]) -> Server {
-        let has = |flag: &str| args.iter().any(|a| *a == flag);
+        let has = |flag: &str| args.contains(&flag);
         let mut full: Vec<String> = vec!["serve".into()];
         full.extend(args.iter().map(|a| a.to_string()));
         if !has("--listen") && !has("-l") {
