@@ -292,6 +292,27 @@ fn half_close_echoes_everything_then_eof(cfg: Config) {
     let stopped = server.stop();
     stopped.assert_clean();
     assert_eq!(stopped.stat("errors"), 0);
+
+    // With a pending limit above the payload the server reads on, end-of-stream included,
+    // while its echo is stuck behind a client that is not reading yet: the end-of-stream
+    // reaches it with echo still queued (the payload is larger than what the kernel's socket
+    // buffers can hold, up to 4 MiB + 128 KiB here), and all of it must follow.
+    let server = cfg.start(&["--max-pending", "16777216"]);
+    let n = 8 << 20;
+    let pat = Pattern::new(200, seed);
+    let mut s = server.connect();
+    let data = pat.bytes(0, n);
+    let mut w = s.try_clone().unwrap();
+    let writer =
+        std::thread::spawn(move || w.write_all(&data).and_then(|_| w.shutdown(Shutdown::Write)));
+    writer.join().unwrap().expect("the server takes the whole payload unread");
+    std::thread::sleep(Duration::from_millis(200));
+    let got = read_n(&mut s, n);
+    pat.check(0, &got).unwrap_or_else(|e| panic!("{e}"));
+    expect_eof(&mut s);
+    let stopped = server.stop();
+    stopped.assert_clean();
+    assert_eq!(stopped.stat("bytes_echoed"), n as u64);
 }
 
 /// Writes `pat` without reading until the connection stops taking bytes (the server has
