@@ -63,12 +63,28 @@ pub struct Config {
     pub fast_path: bool,
     /// Size of the direct descriptor table (0: the process's descriptor limit).
     pub direct_files: u32,
+    /// Accept into direct descriptors on the fast path. Off when the caller needs to know
+    /// peers' addresses (a direct descriptor cannot be asked).
+    pub direct_accept: bool,
     /// When non-zero, a blocking wait asks the kernel (6.12+) to gather up to
     /// [`Config::batch`] completions for this many microseconds before waking the loop:
     /// fewer wake-ups under load, at most this much added latency.
     pub batch_wait_us: u32,
     /// Completions a batched wait aims for.
     pub batch: u32,
+    /// How the kernel runs completion work for this ring.
+    pub taskrun: TaskRun,
+}
+
+/// How the kernel runs the work that completes operations (`task_work`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum TaskRun {
+    /// `SINGLE_ISSUER | DEFER_TASKRUN`: only when the loop waits for completions (6.1+).
+    Defer,
+    /// `COOP_TASKRUN`: at the next system call, without an interrupt (5.19+).
+    Coop,
+    /// The default of old kernels: interrupt the loop for each batch (for comparison only).
+    Interrupt,
 }
 
 impl Default for Config {
@@ -81,8 +97,10 @@ impl Default for Config {
             send_buffers: 256,
             fast_path: true,
             direct_files: 0,
+            direct_accept: true,
             batch_wait_us: 0,
             batch: 32,
+            taskrun: TaskRun::Defer,
         }
     }
 }
@@ -256,6 +274,8 @@ pub struct Uring {
     batch: u32,
     /// Size of the direct descriptor table (fast path only).
     direct_files: Option<u32>,
+    /// Accepted connections get direct descriptors.
+    direct_accept: bool,
     /// Loop turns that found the kernel holding completions back (CQ overflow).
     overflows: u64,
     /// Completions the kernel dropped outright (only without `IORING_FEAT_NODROP`).
@@ -279,8 +299,8 @@ impl Uring {
     /// Sets up a ring with the fast path when asked for and available.
     pub fn new(cfg: &Config) -> io::Result<Uring> {
         let (ring, mut features) = build_ring(cfg)?;
-        let deferred = features.contains(&"defer-taskrun");
-        let fast = cfg.fast_path && deferred;
+        // Multishot receive with a buffer ring needs kernel 6.0; DEFER_TASKRUN (6.1) implies it.
+        let fast = cfg.fast_path && (features.contains(&"defer-taskrun") || kernel_at_least(6, 0));
         let buffers = cfg.buffers.clamp(1, 32768).next_power_of_two();
         let region = Region::new(cfg.buf_size.max(64), buffers + cfg.send_buffers)?;
         let mut uring = Uring {
@@ -302,6 +322,7 @@ impl Uring {
             batch_wait_us: cfg.batch_wait_us,
             batch: cfg.batch.max(1),
             direct_files: None,
+            direct_accept: fast && cfg.direct_accept,
             overflows: 0,
             dropped: 0,
             region: Some(region),
@@ -311,12 +332,12 @@ impl Uring {
         }
         if fast {
             uring.setup_fast_path(cfg, buffers)?;
-            features.extend([
-                "multishot-accept",
-                "multishot-recv",
-                "buf-ring",
-                "direct-fds",
-            ]);
+            features.extend(["multishot-accept", "multishot-recv", "buf-ring"]);
+            features.push(if uring.direct_accept {
+                "direct-fds"
+            } else {
+                "plain-fds (to see peer addresses)"
+            });
         } else {
             uring.recv_free = (0..buffers).rev().collect();
             features.push("one-shot-ops");
@@ -505,7 +526,7 @@ impl Uring {
                 }
                 let closing = l.closing;
                 let sock = result(res).map(|v| {
-                    Socket(if self.fast {
+                    Socket(if self.direct_accept {
                         FIXED | v as u64
                     } else {
                         v as u64
@@ -615,7 +636,7 @@ impl Submit for Uring {
                 self.listeners[i].armed = true;
                 let e = if self.fast {
                     opcode::AcceptMulti::new(types::Fd(fd))
-                        .allocate_file_index(true)
+                        .allocate_file_index(self.direct_accept)
                         .build()
                 } else {
                     opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())
@@ -783,7 +804,15 @@ impl Backend for Uring {
     }
 
     fn max_connections(&self) -> Option<usize> {
-        self.direct_files.map(|n| n as usize)
+        self.direct_files
+            .filter(|_| self.direct_accept)
+            .map(|n| n as usize)
+    }
+
+    fn peer_ip(&self, sock: Socket) -> Option<std::net::IpAddr> {
+        (sock.0 & FIXED == 0)
+            .then(|| crate::sys::peer_ip(sock.0 as RawFd))
+            .flatten()
     }
 
     fn overflows(&self) -> u64 {
@@ -831,20 +860,37 @@ impl Drop for Uring {
 }
 
 /// Builds a ring with the best task-running mode the kernel accepts.
+/// Builds a ring with the best task-running mode the kernel accepts, starting from the one
+/// asked for.
 fn build_ring(cfg: &Config) -> io::Result<(IoUring, Vec<&'static str>)> {
     let mut b = IoUring::builder();
     b.setup_cqsize(cfg.cq_entries)
         .setup_clamp()
         .setup_submit_all();
-    let mut deferred = b.clone();
-    deferred.setup_single_issuer().setup_defer_taskrun();
-    if let Ok(r) = deferred.build(cfg.sq_entries) {
-        return Ok((r, vec!["single-issuer", "defer-taskrun"]));
+    if cfg.taskrun == TaskRun::Defer {
+        let mut deferred = b.clone();
+        deferred.setup_single_issuer().setup_defer_taskrun();
+        if let Ok(r) = deferred.build(cfg.sq_entries) {
+            return Ok((r, vec!["single-issuer", "defer-taskrun"]));
+        }
     }
-    let mut coop = b.clone();
-    coop.setup_coop_taskrun().setup_taskrun_flag();
-    if let Ok(r) = coop.build(cfg.sq_entries) {
-        return Ok((r, vec!["coop-taskrun"]));
+    if cfg.taskrun != TaskRun::Interrupt {
+        let mut coop = b.clone();
+        coop.setup_coop_taskrun().setup_taskrun_flag();
+        if let Ok(r) = coop.build(cfg.sq_entries) {
+            return Ok((r, vec!["coop-taskrun"]));
+        }
     }
-    Ok((b.build(cfg.sq_entries)?, vec![]))
+    Ok((b.build(cfg.sq_entries)?, vec!["interrupt-taskrun"]))
+}
+
+/// Whether the running kernel is at least `major.minor` (multishot receive needs 6.0).
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
+        return false;
+    };
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let ma: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let mi: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (ma, mi) >= (major, minor)
 }

@@ -24,6 +24,10 @@ pub struct Options {
     pub cq_entries: u32,
     /// io_uring batched wait, in microseconds (0: off).
     pub batch_wait_us: u32,
+    /// io_uring: accept into direct descriptors (off when peers' addresses are needed).
+    pub direct_accept: bool,
+    /// io_uring task-running mode.
+    pub taskrun: echoport_io::uring::TaskRun,
 }
 
 impl Options {
@@ -35,6 +39,12 @@ impl Options {
             fast_path: !a.no_fast_path,
             cq_entries: a.cq_entries,
             batch_wait_us: a.batch_wait_us,
+            direct_accept: a.max_connections_per_ip.is_none(),
+            taskrun: match a.taskrun {
+                crate::serve::TaskRunChoice::Defer => echoport_io::uring::TaskRun::Defer,
+                crate::serve::TaskRunChoice::Coop => echoport_io::uring::TaskRun::Coop,
+                crate::serve::TaskRunChoice::Interrupt => echoport_io::uring::TaskRun::Interrupt,
+            },
         }
     }
 
@@ -46,6 +56,8 @@ impl Options {
             cq_entries: self.cq_entries.max(1),
             sq_entries: 4096.min(self.cq_entries.max(1)),
             batch_wait_us: self.batch_wait_us,
+            direct_accept: self.direct_accept,
+            taskrun: self.taskrun,
             ..Default::default()
         }
     }

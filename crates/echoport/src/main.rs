@@ -8,6 +8,7 @@ mod backends;
 mod bench;
 mod client;
 mod serve;
+mod udp;
 
 /// A completion-based TCP echo server (io_uring, epoll or IOCP), its test client, and a
 /// load generator that checks every byte and tells the truth about latency.

@@ -61,6 +61,25 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
 
+    /// Connections one source IP address may hold at once; more are closed at once.
+    /// (With io_uring this accepts into plain descriptors, to learn peers' addresses.)
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_ip: Option<u32>,
+
+    /// Also echo UDP datagrams (RFC 862) on the same addresses and ports. Off by default:
+    /// UDP echo can be abused for reflection, so replies are refused to service and
+    /// privileged ports, our own port, broadcast and multicast sources, and rate-limited.
+    #[arg(long)]
+    pub udp: bool,
+
+    /// UDP: replies per second to one source address (with a burst of twice that).
+    #[arg(long, value_name = "PPS", default_value_t = 100.0)]
+    pub udp_rate: f64,
+
+    /// UDP: replies per second in total.
+    #[arg(long, value_name = "PPS", default_value_t = 20_000.0)]
+    pub udp_global_rate: f64,
+
     /// Seconds a connection may stay silent (nothing received, no echo owed) before it is
     /// closed. 0 turns it off.
     #[arg(long, value_name = "SECS", default_value_t = 300.0)]
@@ -89,10 +108,27 @@ pub struct Args {
     #[arg(long, value_name = "USEC", default_value_t = 0)]
     pub batch_wait_us: u32,
 
+    /// io_uring: how the kernel runs completion work: `defer` (DEFER_TASKRUN, the default,
+    /// falling back to `coop` on kernels before 6.1), `coop` (COOP_TASKRUN), or `interrupt`
+    /// (neither; only for measuring what the flags buy).
+    #[arg(long, value_enum, default_value_t = TaskRunChoice::Defer)]
+    pub taskrun: TaskRunChoice,
+
     /// io_uring: use plain one-shot operations (no multishot, no buffer ring, no direct
     /// descriptors), as on older kernels.
     #[arg(long)]
     pub no_fast_path: bool,
+}
+
+/// io_uring task-running mode (see `--taskrun`).
+#[derive(clap::ValueEnum, Copy, Clone, Debug, PartialEq, Eq)]
+pub enum TaskRunChoice {
+    /// DEFER_TASKRUN.
+    Defer,
+    /// COOP_TASKRUN.
+    Coop,
+    /// Neither.
+    Interrupt,
 }
 
 /// Which I/O backend to run.
@@ -144,7 +180,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             max_pending: args.max_pending.max(1),
         },
         shutdown_timeout,
-        admission: Admission::new(args.max_connections.unwrap_or(usize::MAX)),
+        admission: Admission::with_per_ip(
+            args.max_connections.unwrap_or(usize::MAX),
+            args.max_connections_per_ip,
+        ),
         idle_timeout,
         write_timeout,
     };
@@ -211,6 +250,29 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         return Err(e);
     }
+    let udp = if args.udp {
+        if !(args.udp_rate > 0.0 && args.udp_global_rate > 0.0) {
+            bail!("--udp-rate and --udp-global-rate must be positive");
+        }
+        let limits = echoport_core::udp::UdpLimits {
+            per_source_rate: args.udp_rate,
+            per_source_burst: (args.udp_rate * 2.0).max(1.0),
+            global_rate: args.udp_global_rate,
+            ..Default::default()
+        };
+        match crate::udp::spawn(&addrs, limits, stop.clone()) {
+            Ok(h) => h,
+            Err(e) => {
+                stop.store(true, std::sync::atomic::Ordering::Release);
+                for w in &wakers {
+                    w.wake();
+                }
+                return Err(e);
+            }
+        }
+    } else {
+        Vec::new()
+    };
     echoport_io::sys::handle_stop_signals(stop.clone(), wakers)?;
     tracing::info!(
         backend = %describe,
@@ -232,7 +294,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             Err(_) => error = error.or(Some(anyhow::anyhow!("a worker thread panicked"))),
         }
     }
-    tracing::info!(%total, "stopped");
+    let mut udp_total = echoport_core::udp::UdpStats::default();
+    for h in udp {
+        if let Ok(s) = h.join() {
+            udp_total.merge(&s);
+        }
+    }
+    if args.udp {
+        tracing::info!(%total, udp = %udp_total, "stopped");
+    } else {
+        tracing::info!(%total, "stopped");
+    }
     match error {
         Some(e) => Err(e),
         None => Ok(ExitCode::SUCCESS),
@@ -342,11 +414,7 @@ fn bind_group(addr: SocketAddr, n: usize) -> std::io::Result<Vec<TcpListener>> {
 }
 
 fn listener(addr: SocketAddr, reuseport: bool) -> std::io::Result<TcpListener> {
-    let s = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.cloexec(),
-        Some(Protocol::TCP),
-    )?;
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
     if reuseport {
         s.set_reuse_port(true)?;

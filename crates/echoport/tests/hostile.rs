@@ -154,3 +154,31 @@ fn graceful_stop_with_a_thousand_connections_echoes_everything_owed() {
         "{stats}"
     );
 }
+
+#[test]
+fn the_per_address_cap_holds_for_one_address_and_spares_the_others() {
+    let server = Server::start(&["--threads", "2", "--max-connections-per-ip", "3"]);
+    let echo = |s: &mut TcpStream| -> bool {
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut b = [0u8; 2];
+        s.write_all(b"hi").is_ok() && s.read_exact(&mut b).is_ok() && &b == b"hi"
+    };
+    let mut first: Vec<TcpStream> = (0..3)
+        .map(|_| connect_from("127.0.0.2", server.addr).unwrap())
+        .collect();
+    assert!(
+        first.iter_mut().all(echo),
+        "the first three from 127.0.0.2 are served"
+    );
+    let mut fourth = connect_from("127.0.0.2", server.addr).unwrap();
+    assert!(!echo(&mut fourth), "a fourth from 127.0.0.2 is refused");
+    let mut other = connect_from("127.0.0.3", server.addr).unwrap();
+    assert!(echo(&mut other), "another address is unaffected");
+    drop(first.pop());
+    thread::sleep(Duration::from_millis(200));
+    let mut again = connect_from("127.0.0.2", server.addr).unwrap();
+    assert!(echo(&mut again), "a freed place is reusable");
+    drop((first, fourth, other, again));
+    let stats = server.stop();
+    assert_eq!(stat(&stats, "refused"), 1, "{stats}");
+}

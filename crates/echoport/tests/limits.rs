@@ -270,3 +270,25 @@ fn descriptor_exhaustion_backs_off_instead_of_spinning_plain_descriptors() {
         "100000",
     ]);
 }
+
+#[test]
+fn an_idle_server_sleeps() {
+    for args in [
+        &["--threads", "2"][..],
+        &["--threads", "2", "--no-fast-path"][..],
+    ] {
+        let server = Server::start(args);
+        // With a few idle connections, too: their timers must not spin either.
+        let _idle: Vec<TcpStream> = (0..10)
+            .map(|_| TcpStream::connect(server.addr).unwrap())
+            .collect();
+        thread::sleep(Duration::from_millis(300));
+        let before = server.cpu_ticks();
+        thread::sleep(Duration::from_secs(1));
+        let used = server.cpu_ticks() - before;
+        assert!(
+            used <= 2,
+            "{args:?}: an idle server used {used} ticks of CPU in 1 s"
+        );
+    }
+}
