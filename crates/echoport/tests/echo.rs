@@ -76,6 +76,8 @@ suite! {
         reset_mid_stream_leaves_others_working,
         no_cross_talk_when_connections_die_with_ops_pending,
         sigterm_with_100_streaming_connections,
+        shutdown_deadline_cuts_stuck_clients,
+        second_signal_exits_at_once,
         scarce_buffers_park_and_resume,
         nagle_trap_is_avoided,
         python_client_echoes,
@@ -305,7 +307,10 @@ fn half_close_echoes_everything_then_eof(cfg: Config) {
     let mut w = s.try_clone().unwrap();
     let writer =
         std::thread::spawn(move || w.write_all(&data).and_then(|_| w.shutdown(Shutdown::Write)));
-    writer.join().unwrap().expect("the server takes the whole payload unread");
+    writer
+        .join()
+        .unwrap()
+        .expect("the server takes the whole payload unread");
     std::thread::sleep(Duration::from_millis(200));
     let got = read_n(&mut s, n);
     pat.check(0, &got).unwrap_or_else(|e| panic!("{e}"));
@@ -580,6 +585,77 @@ fn sigterm_with_100_streaming_connections(cfg: Config) {
         "the server's count of bytes echoed and what the clients read differ"
     );
     assert_eq!(stopped.stat("accepted"), CLIENTS as u64);
+}
+
+/// A client that neither reads nor closes cannot hold a stopping server past its deadline:
+/// after `--shutdown-timeout` the server cuts it, says so, and still exits 0.
+fn shutdown_deadline_cuts_stuck_clients(cfg: Config) {
+    let seed = rng::seed("shutdown_deadline_cuts_stuck_clients");
+    let mut server = cfg.start(&["--shutdown-timeout", "1"]);
+    let stuck = server.connect();
+    write_until_stuck(&stuck, Pattern::new(1, seed), 64 << 20);
+    let mut fine = server.connect();
+    ping(&mut fine, b"still fine");
+    let t0 = Instant::now();
+    server.signal(Signal::TERM);
+    // The well-behaved client gets its end-of-stream at once, not at the deadline.
+    expect_eof(&mut fine);
+    assert!(
+        t0.elapsed() < Duration::from_millis(900),
+        "a client with nothing owed waited {:?} for its end-of-stream",
+        t0.elapsed()
+    );
+    drop(fine);
+    let stopped = server.finish(t0, Duration::from_secs(6));
+    assert!(
+        stopped.status.success(),
+        "exit status {}:\n{}",
+        stopped.status,
+        stopped.log
+    );
+    assert!(
+        stopped.took >= Duration::from_millis(900) && stopped.took < Duration::from_secs(4),
+        "exit {:?} after the signal; the deadline was 1 s",
+        stopped.took
+    );
+    assert!(
+        stopped.log.contains("deadline passed"),
+        "the cut should be logged:\n{}",
+        stopped.log
+    );
+    drop(stuck);
+}
+
+/// A second signal during a graceful stop exits at once, with status 128 + signal.
+fn second_signal_exits_at_once(cfg: Config) {
+    use std::os::unix::process::ExitStatusExt;
+    let seed = rng::seed("second_signal_exits_at_once");
+    let mut server = cfg.start(&["--shutdown-timeout", "30"]);
+    let stuck = server.connect();
+    write_until_stuck(&stuck, Pattern::new(1, seed), 64 << 20);
+    server.signal(Signal::TERM);
+    // Give the first signal time to be seen, so the second is a second one.
+    let log_deadline = Instant::now() + Duration::from_secs(10);
+    while !server.log().contains("stopping") {
+        assert!(
+            Instant::now() < log_deadline,
+            "no `stopping` line:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let t0 = Instant::now();
+    server.signal(Signal::INT);
+    let stopped = server.finish(t0, Duration::from_secs(3));
+    assert_eq!(
+        stopped.status.code(),
+        Some(128 + 2),
+        "exit status {} (signal {:?}):\n{}",
+        stopped.status,
+        stopped.status.signal(),
+        stopped.log
+    );
+    drop(stuck);
 }
 
 /// Far fewer receive buffers than connections: connections wait for buffers (parking)
