@@ -22,11 +22,76 @@ fn help(args: &[&str]) -> String {
     out
 }
 
+/// Whether a `--help` line introduces an option (`--flag ...` or `-f, --flag ...`), as
+/// opposed to a list of possible values (`- name: ...`).
+fn is_option_line(l: &str) -> bool {
+    let t = l.trim_start();
+    let b = t.as_bytes();
+    t.starts_with("--")
+        || (b.len() > 5
+            && b[0] == b'-'
+            && b[1].is_ascii_alphanumeric()
+            && t[2..].starts_with(", --"))
+}
+
+/// The long flags named in the option lines of a `--help` text.
+fn option_flags(help: &str) -> Vec<String> {
+    help.lines()
+        .filter(|l| is_option_line(l))
+        .flat_map(|l| long_flags(l.split("  ").find(|p| !p.trim().is_empty()).unwrap_or("")))
+        .collect()
+}
+
+/// Every `--word` in a text.
+fn long_flags(text: &str) -> Vec<String> {
+    let b = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("--").map(|k| k + i) {
+        let mut end = at + 2;
+        while end < b.len()
+            && (b[end].is_ascii_lowercase() || b[end].is_ascii_digit() || b[end] == b'-')
+        {
+            end += 1;
+        }
+        let word = &text[at..end];
+        let starts_word = at == 0 || !(b[at - 1].is_ascii_alphanumeric() || b[at - 1] == b'-');
+        if starts_word && end > at + 2 && b[at + 2].is_ascii_lowercase() {
+            out.push(word.trim_end_matches('-').to_string());
+        }
+        i = end.max(at + 2);
+    }
+    out
+}
+
 #[test]
-fn help_mentions_every_flag() {
+fn help_explains_every_flag() {
     let top = help(&["--help"]);
     for word in ["serve", "client", "bench", "--log"] {
         assert!(top.contains(word), "`echoport --help` lacks {word}:\n{top}");
+    }
+    for cmd in ["serve", "client"] {
+        let text = help(&[cmd, "--help"]);
+        let lines: Vec<&str> = text.lines().collect();
+        let mut n = 0;
+        for (i, l) in lines.iter().enumerate() {
+            if !is_option_line(l) {
+                continue;
+            }
+            n += 1;
+            // The explanation follows on the same line (short help) or on the next ones.
+            let inline = l
+                .trim()
+                .split_once("  ")
+                .map_or("", |(_, rest)| rest.trim());
+            let next = lines.get(i + 1).copied().unwrap_or("");
+            assert!(
+                inline.len() > 10 || next.trim().len() > 10,
+                "`echoport {cmd} --help`: {} has no explanation:\n{text}",
+                l.trim()
+            );
+        }
+        assert!(n >= 3, "`echoport {cmd} --help` lists no options:\n{text}");
     }
     let serve = help(&["serve", "--help"]);
     for flag in [
@@ -34,23 +99,26 @@ fn help_mentions_every_flag() {
         "--threads",
         "--cpus",
         "--backend",
-        "io-uring",
-        "epoll",
         "--shutdown-timeout",
         "--max-pending",
         "--max-connections",
         "--buf-size",
         "--buffers",
         "--no-fast-path",
-        "127.0.0.1:7007",
     ] {
         assert!(
-            serve.contains(flag),
+            option_flags(&serve).iter().any(|f| f == flag),
             "`echoport serve --help` lacks {flag}:\n{serve}"
         );
     }
+    for text in ["io-uring", "epoll", "127.0.0.1:7007"] {
+        assert!(
+            serve.contains(text),
+            "`echoport serve --help` lacks {text}:\n{serve}"
+        );
+    }
     let client = help(&["client", "--help"]);
-    for flag in [
+    for text in [
         "ADDR",
         "--message",
         "--count",
@@ -59,8 +127,49 @@ fn help_mentions_every_flag() {
         "Exit status",
     ] {
         assert!(
-            client.contains(flag),
-            "`echoport client --help` lacks {flag}:\n{client}"
+            client.contains(text),
+            "`echoport client --help` lacks {text}:\n{client}"
+        );
+    }
+}
+
+/// The README documents every flag of `serve` and `client`, and names no flag that does not
+/// exist (cargo's own excepted).
+#[test]
+fn readme_documents_the_flags_that_exist() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+        .expect("README.md at the workspace root");
+    let mut real: Vec<String> = vec![];
+    for cmd in [
+        &["--help"][..],
+        &["serve", "--help"],
+        &["client", "--help"],
+        &["bench", "--help"],
+    ] {
+        real.extend(option_flags(&help(cmd)));
+    }
+    for cmd in ["serve", "client"] {
+        for flag in option_flags(&help(&[cmd, "--help"])) {
+            if flag == "--help" || flag == "--version" {
+                continue;
+            }
+            assert!(
+                long_flags(&readme).contains(&flag),
+                "README.md does not document `echoport {cmd} {flag}`"
+            );
+        }
+    }
+    let cargo_flags = [
+        "--release",
+        "--workspace",
+        "--all",
+        "--check",
+        "--all-targets",
+    ];
+    for flag in long_flags(&readme) {
+        assert!(
+            real.contains(&flag) || cargo_flags.contains(&flag.as_str()),
+            "README.md names {flag}, which no `--help` lists"
         );
     }
 }
