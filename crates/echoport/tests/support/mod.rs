@@ -95,8 +95,7 @@ impl Server {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                let line = self.log.try_iter().filter(|l| l.contains("stopped")).last();
-                return (status, line.unwrap_or_default());
+                return (status, self.stopped_line());
             }
             assert!(
                 Instant::now() < deadline,
@@ -122,11 +121,24 @@ impl Server {
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         let status = self.child.wait().unwrap();
         assert!(status.success(), "server exit status {status}");
-        self.log
-            .try_iter()
-            .filter(|l| l.contains("stopped"))
-            .last()
-            .unwrap_or_default()
+        self.stopped_line()
+    }
+
+    /// The final counters line, once the server has exited. The stderr reader thread may
+    /// not have forwarded the last lines yet when the exit is seen, so read until it ends
+    /// (the pipe closes with the process), not just what has arrived so far.
+    fn stopped_line(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut last = None;
+        while let Ok(line) = self
+            .log
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if line.contains("stopped") {
+                last = Some(line);
+            }
+        }
+        last.unwrap_or_default()
     }
 }
 
