@@ -2,13 +2,13 @@
 //!
 //! Each case below is a function of the server configuration; [`suite!`] instantiates every
 //! case once per row of its configuration table, as `CONFIG::CASE` (e.g.
-//! `io_uring_one_shot::half_close`). Adding a backend or a mode is one row.
+//! `io_uring_one_shot::half_close_echoes_everything_then_eof`). Adding a backend or a mode
+//! is one row.
 
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use common::pattern::Pattern;
@@ -104,35 +104,33 @@ fn startup_line_names_the_backend(cfg: Config) {
 
 /// 1,000 clients connected at once, each sending 1-4 messages of random sizes (1 B - 64 KiB)
 /// in random chunks, every byte checked, each ending with a half-close and end-of-stream.
+/// All connect before any sends; two threads then drive 500 non-blocking sockets each.
 fn thousand_concurrent_clients(cfg: Config) {
     const CLIENTS: u32 = 1000;
     const THREADS: u32 = 2;
     let seed = rng::seed("thousand_concurrent_clients");
+    let mut rng = Rng::new(seed);
     let server = cfg.start(&[]);
-    let addr = server.addr();
-    let connected = Barrier::new(THREADS as usize);
+    let mut swarms: Vec<Swarm> = (0..THREADS).map(|_| Swarm::new()).collect();
+    for id in 0..CLIENTS {
+        let plan: Vec<u64> = (0..rng.range(1, 4))
+            .map(|_| rng.log_uniform(1, 64 * 1024))
+            .collect();
+        let flow = Flow::connect(
+            server.addr(),
+            id,
+            seed,
+            rng.next_u64(),
+            Plan::Messages(plan),
+        );
+        swarms[(id % THREADS) as usize].push(flow);
+    }
     let deadline = Instant::now() + Duration::from_secs(120);
     let planned: u64 = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..THREADS)
-            .map(|t| {
-                let connected = &connected;
+        let handles: Vec<_> = swarms
+            .into_iter()
+            .map(|mut swarm| {
                 s.spawn(move || {
-                    let mut rng = Rng::new(seed ^ t as u64);
-                    let mut swarm = Swarm::new();
-                    for id in (t..CLIENTS).step_by(THREADS as usize) {
-                        let plan: Vec<u64> = (0..rng.range(1, 4))
-                            .map(|_| rng.log_uniform(1, 64 * 1024))
-                            .collect();
-                        swarm.push(Flow::connect(
-                            addr,
-                            id,
-                            seed,
-                            rng.next_u64(),
-                            Plan::Messages(plan),
-                        ));
-                    }
-                    // Every client is connected before any sends: 1,000 at once.
-                    connected.wait();
                     swarm.run_to_end(deadline);
                     swarm.assert_no_failures();
                     assert!(swarm.flows.iter().all(|f| f.state == State::Done && f.eof));
