@@ -228,7 +228,9 @@ fn bad_addresses_are_one_line_errors() {
 #[test]
 fn serves_ipv4_and_ipv6_loopback_together() {
     let server = Server::start(&["--listen", "127.0.0.1:0", "--listen", "[::1]:0"]);
-    let log = server.log();
+    let log = server.wait_log("second `listening on` line", |l| {
+        l.matches("listening on").count() >= 2
+    });
     let addrs: Vec<std::net::SocketAddr> = log
         .lines()
         .filter_map(|l| l.split("listening on ").nth(1))

@@ -87,7 +87,7 @@ suite! {
 
 fn startup_line_names_the_backend(cfg: Config) {
     let server = cfg.start(&[]);
-    let log = server.log();
+    let log = server.wait_log("start-up line", |l| l.contains("echoport serving"));
     let line = log
         .lines()
         .find(|l| l.contains("echoport serving"))
@@ -632,16 +632,8 @@ fn second_signal_exits_at_once(cfg: Config) {
     let stuck = server.connect();
     write_until_stuck(&stuck, Pattern::new(1, seed), 64 << 20);
     server.signal(Signal::TERM);
-    // Give the first signal time to be seen, so the second is a second one.
-    let log_deadline = Instant::now() + Duration::from_secs(10);
-    while !server.log().contains("stopping") {
-        assert!(
-            Instant::now() < log_deadline,
-            "no `stopping` line:\n{}",
-            server.log()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // Wait until the first signal has been seen, so that the next one is a second one.
+    server.wait_log("`stopping` line", |l| l.contains("stopping"));
     let t0 = Instant::now();
     server.signal(Signal::INT);
     let stopped = server.finish(t0, Duration::from_secs(3));

@@ -70,12 +70,15 @@ impl Server {
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines() {
                     let Ok(line) = line else { break };
+                    {
+                        let mut l = log.lock().unwrap();
+                        l.push_str(&line);
+                        l.push('\n');
+                    }
+                    // After the line is in the log, so the log holds what `start` saw.
                     if let Some(addr) = listening_addr(&line) {
                         let _ = tx.send(addr);
                     }
-                    let mut l = log.lock().unwrap();
-                    l.push_str(&line);
-                    l.push('\n');
                 }
             })
         };
@@ -119,6 +122,22 @@ impl Server {
     /// Everything it printed on stderr so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+
+    /// Waits up to 10 s for the log to satisfy `pred` (lines arrive asynchronously).
+    pub fn wait_log(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if pred(&log) {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} in the server's log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Connects a client with `TCP_NODELAY` and a 20 s read timeout.
