@@ -9,6 +9,23 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// The Linux backends every behaviour is checked on.
+pub const BACKENDS: [&str; 2] = ["io-uring", "epoll"];
+
+/// `every_backend! { case, ... }`: each case is a `fn case(backend: &str)`; this makes one
+/// `#[test]` per backend, as `io_uring::case` and `epoll::case`.
+#[macro_export]
+macro_rules! every_backend {
+    ($($case:ident),* $(,)?) => {
+        mod io_uring {
+            $( #[test] fn $case() { super::$case("io-uring") } )*
+        }
+        mod epoll {
+            $( #[test] fn $case() { super::$case("epoll") } )*
+        }
+    };
+}
+
 /// A running `echoport serve`, killed on drop if not stopped.
 pub struct Server {
     child: Child,
@@ -18,6 +35,13 @@ pub struct Server {
 }
 
 impl Server {
+    /// Starts the server on one backend (`io-uring`, `epoll`) with more arguments.
+    pub fn on(backend: &str, args: &[&str]) -> Server {
+        let mut all = vec!["--backend", backend];
+        all.extend_from_slice(args);
+        Server::start(&all)
+    }
+
     pub fn start(args: &[&str]) -> Server {
         Server::start_with(Command::new(env!("CARGO_BIN_EXE_echoport")), args)
     }
