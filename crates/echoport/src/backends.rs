@@ -48,6 +48,23 @@ pub struct Options {
     pub direct_accept: bool,
     /// io_uring task-running mode.
     pub taskrun: echoport_io::uring::TaskRun,
+    /// Buffers per thread for bytes the caller sends itself (the load generator).
+    pub send_buffers: u32,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            buf_size: 8192,
+            buffers: 2048,
+            fast_path: true,
+            cq_entries: 65536,
+            batch_wait_us: 0,
+            direct_accept: true,
+            taskrun: echoport_io::uring::TaskRun::Defer,
+            send_buffers: 256,
+        }
+    }
 }
 
 impl Options {
@@ -65,6 +82,7 @@ impl Options {
                 crate::serve::TaskRunChoice::Coop => echoport_io::uring::TaskRun::Coop,
                 crate::serve::TaskRunChoice::Interrupt => echoport_io::uring::TaskRun::Interrupt,
             },
+            send_buffers: 256,
         }
     }
 
@@ -78,6 +96,7 @@ impl Options {
             batch_wait_us: self.batch_wait_us,
             direct_accept: self.direct_accept,
             taskrun: self.taskrun,
+            send_buffers: self.send_buffers,
             ..Default::default()
         }
     }
@@ -86,6 +105,7 @@ impl Options {
         echoport_io::epoll::Config {
             buf_size: self.buf_size,
             buffers: self.buffers,
+            send_buffers: self.send_buffers,
             ..Default::default()
         }
     }
@@ -184,6 +204,25 @@ pub fn open(chosen: &Chosen, opts: &Options) -> anyhow::Result<AnyBackend> {
     }
 }
 
+/// Code that runs over whichever backend was opened, monomorphised for each kind (the
+/// load generator's event loop). Adding a backend adds an arm to [`AnyBackend::run`] only.
+pub trait WithBackend {
+    /// What the code returns.
+    type Output;
+    /// Runs with the opened backend.
+    fn run<B: echoport_core::Backend>(self, backend: B) -> Self::Output;
+}
+
+impl AnyBackend {
+    /// Hands the backend, whatever its kind, to `f`.
+    pub fn run<F: WithBackend>(self, f: F) -> F::Output {
+        match self {
+            AnyBackend::Uring(b) => f.run(*b),
+            AnyBackend::Epoll(b) => f.run(*b),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,6 +268,7 @@ mod tests {
                 batch_wait_us: 0,
                 direct_accept: true,
                 taskrun: echoport_io::uring::TaskRun::Defer,
+                send_buffers: 16,
             };
             let c = choose(BackendChoice::Auto, &opts).unwrap();
             assert_eq!(c.kind, Kind::Epoll);
