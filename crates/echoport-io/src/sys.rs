@@ -7,6 +7,9 @@ use std::sync::Arc;
 
 use echoport_core::{OpError, Waker};
 
+#[cfg(target_os = "linux")]
+pub mod seccomp;
+
 /// Maps an OS error code (positive errno) to the kinds the echo logic tells apart.
 pub fn op_error(errno: i32) -> OpError {
     match errno {

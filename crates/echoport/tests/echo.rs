@@ -67,6 +67,7 @@ suite! {
     configs {
         io_uring => ["--backend", "io-uring"] describes "multishot-recv",
         io_uring_one_shot => ["--backend", "io-uring", "--no-fast-path"] describes "one-shot-ops",
+        epoll => ["--backend", "epoll"] describes "epoll",
     }
     cases [
         startup_line_names_the_backend,

@@ -34,6 +34,11 @@ impl Server {
     pub fn start_with(mut cmd: Command, args: &[&str]) -> Server {
         let mut child = cmd
             .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(
+                std::env::var("ECHOPORT_TEST_BACKEND")
+                    .map(|b| vec!["--backend".to_string(), b])
+                    .unwrap_or_default(),
+            )
             .args(args)
             .stderr(Stdio::piped())
             .spawn()
@@ -72,6 +77,18 @@ impl Server {
         f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
     }
 
+    /// The final counters line, reading the log to its end (the process has exited, so the
+    /// reader thread sees end of file and hangs up).
+    fn final_line(&self) -> Option<String> {
+        let mut last = None;
+        while let Ok(line) = self.log.recv_timeout(Duration::from_secs(5)) {
+            if line.contains("stopped") {
+                last = Some(line);
+            }
+        }
+        last
+    }
+
     /// Descriptors the server process has open.
     pub fn fd_count(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
@@ -95,7 +112,8 @@ impl Server {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                return (status, self.stopped_line());
+                let line = self.final_line();
+                return (status, line.unwrap_or_default());
             }
             assert!(
                 Instant::now() < deadline,
@@ -121,24 +139,7 @@ impl Server {
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         let status = self.child.wait().unwrap();
         assert!(status.success(), "server exit status {status}");
-        self.stopped_line()
-    }
-
-    /// The final counters line, once the server has exited. The stderr reader thread may
-    /// not have forwarded the last lines yet when the exit is seen, so read until it ends
-    /// (the pipe closes with the process), not just what has arrived so far.
-    fn stopped_line(&self) -> String {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut last = None;
-        while let Ok(line) = self
-            .log
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            if line.contains("stopped") {
-                last = Some(line);
-            }
-        }
-        last.unwrap_or_default()
+        self.final_line().unwrap_or_default()
     }
 }
 
