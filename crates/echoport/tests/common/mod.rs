@@ -100,9 +100,9 @@ impl Server {
                     }
                 }
                 panic!(
-                    "`echoport {}` did not start listening (exit status: {}); its stderr:\n{}",
+                    "`echoport {}` did not start listening ({}); its stderr:\n{}",
                     server.args.join(" "),
-                    status.map_or("still running".into(), |s| s.to_string()),
+                    status.map_or("still running".into(), |s| format!("it exited: {s}")),
                     server.log()
                 );
             }
