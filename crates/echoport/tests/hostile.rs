@@ -78,7 +78,7 @@ fn a_connect_and_close_storm_leaves_no_trace_and_never_stalls_accept(backend: &s
     }
     let total = cycles.load(Ordering::Relaxed);
     assert!(
-        total > 1000,
+        total > 200,
         "the storm was too weak to test anything ({total} connections)"
     );
     assert!(
