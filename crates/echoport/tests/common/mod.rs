@@ -42,6 +42,12 @@ impl Server {
     /// otherwise it listens on `127.0.0.1:0`, logs at `info` (`ECHOPORT_TEST_LOG` overrides)
     /// and has a 5 s shutdown deadline.
     pub fn start(args: &[&str]) -> Server {
+        Server::start_configured(args, |_| {})
+    }
+
+    /// [`Server::start`], letting `configure` change the command first (a seccomp filter
+    /// applied between fork and exec, a resource limit).
+    pub fn start_configured(args: &[&str], configure: impl FnOnce(&mut Command)) -> Server {
         let has = |flag: &str| args.contains(&flag);
         let mut full: Vec<String> = vec!["serve".into()];
         full.extend(args.iter().map(|a| a.to_string()));
@@ -55,11 +61,13 @@ impl Server {
             let level = std::env::var("ECHOPORT_TEST_LOG").unwrap_or_else(|_| "info".into());
             full.extend(["--log".into(), level]);
         }
-        let mut child = Command::new(BIN)
-            .args(&full)
+        let mut cmd = Command::new(BIN);
+        cmd.args(&full)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::piped());
+        configure(&mut cmd);
+        let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
         let stderr = child.stderr.take().expect("stderr is piped");
