@@ -16,6 +16,13 @@ use echoport_core::worker::{Config, Worker};
 use echoport_core::{Backend, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 
+/// Winsock's codes for the two errors `bind_all` forgives on default addresses.
+#[cfg(windows)]
+mod libc {
+    pub const EAFNOSUPPORT: i32 = 10047;
+    pub const EADDRNOTAVAIL: i32 = 10049;
+}
+
 /// The default listen addresses: loopback only, IPv4 and IPv6.
 pub const DEFAULT_LISTEN: [&str; 2] = ["127.0.0.1:7007", "[::1]:7007"];
 
@@ -45,7 +52,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
 
-    /// Seconds a graceful stop (SIGINT/SIGTERM) may take to echo what was received before
+    /// Seconds a graceful stop (SIGINT/SIGTERM; Ctrl-C on Windows) may take to echo what was received before
     /// connections are cut. A second signal exits at once.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub shutdown_timeout: f64,
@@ -82,6 +89,9 @@ pub enum BackendChoice {
     IoUring,
     /// Linux epoll only.
     Epoll,
+    /// Windows I/O completion ports (what `auto` means on Windows).
+    #[cfg(windows)]
+    Iocp,
 }
 
 /// Runs the server until stopped; exit code 0 after a graceful stop.
@@ -138,7 +148,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                         .with_context(|| format!("pinning to CPU {cpu}"))?;
                 }
                 match crate::backends::open(kind, &opts) {
+                    #[cfg(target_os = "linux")]
                     Ok(crate::backends::AnyBackend::Uring(b)) => {
+                        serve_on(b, socks, cfg, stop, &ready)
+                    }
+                    #[cfg(windows)]
+                    Ok(crate::backends::AnyBackend::Iocp(b)) => {
                         serve_on(b, socks, cfg, stop, &ready)
                     }
                     Err(e) => {
@@ -275,6 +290,7 @@ pub fn bind_all(
 /// Binds `n` listening sockets to one address. With more than one, they share the port with
 /// `SO_REUSEPORT`; a plain bind first makes sure nobody else holds the port (reuseport would
 /// otherwise let us silently share it with another process of the same user).
+#[cfg(unix)]
 fn bind_group(addr: SocketAddr, n: usize) -> std::io::Result<Vec<TcpListener>> {
     let first = listener(addr, false)?;
     if n == 1 {
@@ -287,15 +303,38 @@ fn bind_group(addr: SocketAddr, n: usize) -> std::io::Result<Vec<TcpListener>> {
     (0..n).map(|_| listener(addr, true)).collect()
 }
 
+/// Windows has no `SO_REUSEPORT`: one listening socket per address, and the other threads get
+/// clones of it, which tell their IOCP backend to join the group the first one deals accepted
+/// connections to (see `echoport_io::iocp`).
+#[cfg(windows)]
+fn bind_group(addr: SocketAddr, n: usize) -> std::io::Result<Vec<TcpListener>> {
+    let first = listener(addr, false)?;
+    let mut group = Vec::with_capacity(n);
+    for _ in 1..n {
+        group.push(first.try_clone()?);
+    }
+    group.insert(0, first);
+    Ok(group)
+}
+
 fn listener(addr: SocketAddr, reuseport: bool) -> std::io::Result<TcpListener> {
-    let s = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.cloexec(),
-        Some(Protocol::TCP),
-    )?;
-    s.set_reuse_address(true)?;
-    if reuseport {
-        s.set_reuse_port(true)?;
+    #[cfg(unix)]
+    let ty = Type::STREAM.cloexec();
+    #[cfg(windows)]
+    let ty = Type::STREAM.no_inherit();
+    let s = Socket::new(Domain::for_address(addr), ty, Some(Protocol::TCP))?;
+    #[cfg(windows)]
+    {
+        // SO_REUSEADDR means port stealing on Windows: ask for the opposite.
+        let _ = reuseport;
+        echoport_io::sys::exclusive_addr_use(&s)?;
+    }
+    #[cfg(unix)]
+    {
+        s.set_reuse_address(true)?;
+        if reuseport {
+            s.set_reuse_port(true)?;
+        }
     }
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
