@@ -20,6 +20,14 @@ pub struct Options {
     pub buffers: u32,
     /// io_uring fast path (multishot, buffer ring, direct descriptors).
     pub fast_path: bool,
+    /// io_uring completion queue size.
+    pub cq_entries: u32,
+    /// io_uring batched wait, in microseconds (0: off).
+    pub batch_wait_us: u32,
+    /// io_uring: accept into direct descriptors (off when peers' addresses are needed).
+    pub direct_accept: bool,
+    /// io_uring task-running mode.
+    pub taskrun: echoport_io::uring::TaskRun,
 }
 
 impl Options {
@@ -29,6 +37,14 @@ impl Options {
             buf_size: a.buf_size,
             buffers: a.buffers,
             fast_path: !a.no_fast_path,
+            cq_entries: a.cq_entries,
+            batch_wait_us: a.batch_wait_us,
+            direct_accept: a.max_connections_per_ip.is_none(),
+            taskrun: match a.taskrun {
+                crate::serve::TaskRunChoice::Defer => echoport_io::uring::TaskRun::Defer,
+                crate::serve::TaskRunChoice::Coop => echoport_io::uring::TaskRun::Coop,
+                crate::serve::TaskRunChoice::Interrupt => echoport_io::uring::TaskRun::Interrupt,
+            },
         }
     }
 
@@ -37,6 +53,11 @@ impl Options {
             buf_size: self.buf_size,
             buffers: self.buffers,
             fast_path: self.fast_path,
+            cq_entries: self.cq_entries.max(1),
+            sq_entries: 4096.min(self.cq_entries.max(1)),
+            batch_wait_us: self.batch_wait_us,
+            direct_accept: self.direct_accept,
+            taskrun: self.taskrun,
             ..Default::default()
         }
     }

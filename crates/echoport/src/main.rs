@@ -17,6 +17,7 @@ mod bench;
 mod bench;
 mod client;
 mod serve;
+mod udp;
 
 /// A completion-based TCP echo server (io_uring, epoll or IOCP), its test client, and a
 /// load generator that checks every byte and tells the truth about latency.
