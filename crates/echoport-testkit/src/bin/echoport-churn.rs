@@ -75,7 +75,7 @@ fn main() {
                     if got != msg.as_bytes() {
                         return Err(std::io::Error::other("churn echo differs"));
                     }
-                    if n % 4 == 0 {
+                    if n.is_multiple_of(4) {
                         socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
                     }
                     Ok(())
