@@ -27,7 +27,7 @@ export WINEPREFIX=${WINEPREFIX:-$HOME/.cache/echoport/wine}
 export WINEDEBUG=${WINEDEBUG:--all}
 # No Mono, no Gecko: nothing here needs them, and wineboot would otherwise try to fetch them.
 export WINEDLLOVERRIDES=${WINEDLLOVERRIDES:-mscoree,mshtml=}
-packages=(rustc-web cargo-web rust-web-src gcc-mingw-w64-x86-64 wine64)
+packages=(rustc-web cargo-web rust-web-src rust-web-clippy gcc-mingw-w64-x86-64 wine64)
 
 log() { printf '[windows.sh %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
@@ -133,8 +133,25 @@ setup() {
     make_prefix "$WINE64"
 }
 
+# Debian's cargo with the standard library built from source for the Windows target. Debian's
+# /usr/bin first on PATH, so that `cargo clippy` finds Debian's cargo-clippy and clippy-driver
+# (rustup's would not read a standard library built by a different rustc).
 wcargo() {
-    (cd "$root" && "$CARGO" "$@" -Zbuild-std --target "$target")
+    # -Zbuild-std as configuration (CARGO_UNSTABLE_BUILD_STD), which also reaches the
+    # `cargo check` that cargo-clippy runs.
+    (cd "$root" && PATH=/usr/bin:$PATH CARGO_UNSTABLE_BUILD_STD=std "$CARGO" "$1" --target "$target" "${@:2}")
+}
+
+# The crates' own tests under wine (cargo's runner): the echo state machine, and the IOCP
+# backend driven in-process (accepts, cancels, zero-byte receives, accept dealing, drop).
+unit_tests() {
+    wcargo test -p echoport-core -p echoport-io -p echoport --bins
+}
+
+# `echoport serve` under wine, with Linux clients over 127.0.0.1.
+e2e_tests() {
+    wcargo build -p echoport --bin echoport
+    python3 "$here/windows/e2e.py" "$WINE64" "$ECHOPORT_WIN_TARGET_DIR/$target/debug/echoport.exe"
 }
 
 cmd=${1:-all}
@@ -143,6 +160,24 @@ setup
 log "set up in $((SECONDS - start)) s ($("$RUSTC" --version), $("$WINE64" --version))"
 case $cmd in
 setup) ;;
+build)
+    wcargo build --workspace --all-targets
+    ;;
+clippy)
+    wcargo clippy -p echoport-core -p echoport-io -p echoport --all-targets -- -D warnings
+    ;;
+unit)
+    unit_tests
+    ;;
+e2e)
+    e2e_tests
+    ;;
+test | all)
+    [[ $cmd == all ]] && { wcargo clippy -p echoport-core -p echoport-io -p echoport --all-targets -- -D warnings; log "clippy clean at $((SECONDS - start)) s"; }
+    unit_tests
+    log "unit tests passed at $((SECONDS - start)) s"
+    e2e_tests
+    ;;
 cargo)
     shift
     wcargo "$@"

@@ -45,7 +45,7 @@ use std::alloc::Layout;
 use std::io;
 use std::mem::{size_of, MaybeUninit};
 use std::net::SocketAddr;
-use std::os::windows::io::IntoRawSocket;
+use std::os::windows::io::{BorrowedSocket, IntoRawSocket, RawSocket};
 use std::ptr::{self, addr_of, addr_of_mut, NonNull};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -1184,6 +1184,14 @@ impl Backend for Iocp {
         // SAFETY: allocated buffers are never posted to a receive; the caller owns it until
         // it releases it, and `&mut self` keeps this the only live reference.
         unsafe { std::slice::from_raw_parts_mut(r.addr(buf.0, 0), r.size as usize) }
+    }
+
+    fn peer_ip(&self, sock: Socket) -> Option<std::net::IpAddr> {
+        // SAFETY: the socket is open for the duration of the borrow: the worker asks about a
+        // socket it has just been handed and has not closed.
+        let b = unsafe { BorrowedSocket::borrow_raw(sock.0 as RawSocket) };
+        let addr = socket2::SockRef::from(&b).peer_addr().ok()?;
+        addr.as_socket().map(|a| a.ip())
     }
 
     fn describe(&self) -> String {
