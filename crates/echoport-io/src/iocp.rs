@@ -358,6 +358,9 @@ struct OpSlot {
     flags: u32,
     index: u32,
     busy: bool,
+    /// Cancellation was requested: a zero-byte receive that completes anyway must not post
+    /// the real receive (which nobody would cancel).
+    cancel: bool,
 }
 
 /// An `AcceptEx` in flight. `ov` must stay first.
@@ -498,6 +501,7 @@ impl Iocp {
                     flags: 0,
                     index: i,
                     busy: false,
+                    cancel: false,
                 });
                 self.ops
                     .push(NonNull::new(Box::into_raw(slot)).expect("Box is non-null"));
@@ -511,6 +515,7 @@ impl Iocp {
             (*p).user = user;
             (*p).sock = s;
             (*p).buf = NONE;
+            (*p).cancel = false;
         }
         i
     }
@@ -640,12 +645,13 @@ impl Iocp {
             return;
         };
         let p = self.ops[i as usize].as_ptr();
-        // SAFETY: reads fields the kernel never writes; when the slot is pending its socket is
-        // open (the state machine closes only after every completion), and CancelIoEx only
+        // SAFETY: touches fields the kernel never writes; when the slot is pending its socket
+        // is open (the state machine closes only after every completion), and CancelIoEx only
         // looks the OVERLAPPED up by address. If it completed meanwhile, CancelIoEx fails with
         // ERROR_NOT_FOUND and the completion is already queued.
         unsafe {
             if (*p).busy && (*p).user == token.pack(kind) {
+                (*p).cancel = true;
                 CancelIoEx((*p).sock as HANDLE, addr_of!((*p).ov));
             }
         }
@@ -895,7 +901,8 @@ impl Iocp {
         // (connection sockets are tied to the port with that key only by this module), which
         // stay allocated until drained; the operation has completed, so the kernel no longer
         // writes the slot.
-        let (user, s, buf, i) = unsafe { ((*p).user, (*p).sock, (*p).buf, (*p).index) };
+        let (user, s, buf, i, cancel) =
+            unsafe { ((*p).user, (*p).sock, (*p).buf, (*p).index, (*p).cancel) };
         let status = if e.Internal == 0 {
             Ok(e.dwNumberOfBytesTransferred)
         } else {
@@ -909,6 +916,7 @@ impl Iocp {
             OpKind::Recv if buf == NONE => {
                 // A zero-byte receive: data (or the end of the stream) is waiting.
                 let result = match status {
+                    Ok(_) if cancel => Err(OpError::Canceled),
                     Ok(_) => match self.recv_free.pop() {
                         Some(b) => match self.start_recv(i, Some(b)) {
                             Ok(()) => return, // the real receive is now pending

@@ -295,6 +295,54 @@ fn a_cancelled_receive_completes_once_as_cancelled_and_the_next_one_works() {
 }
 
 #[test]
+fn a_cancel_that_races_a_zero_byte_receive_still_ends_it_as_cancelled() {
+    let cfg = Config {
+        zero_byte_below: Some(u32::MAX),
+        ..Config::default()
+    };
+    let mut b = Iocp::new(&cfg).unwrap();
+    let (mut client, sock) = adopted_pair(&mut b);
+    let token = Token::new(5, 2);
+    b.push(echoport_core::Op::Recv { token, sock });
+    client.write_all(b"abc").unwrap();
+    // Let the zero-byte receive complete (data is waiting) before the cancel is requested.
+    std::thread::sleep(Duration::from_millis(200));
+    b.push(echoport_core::Op::CancelRecv { token, sock });
+    let got = wait_for(&mut b, 2000);
+    assert_eq!(
+        got,
+        vec![Completion::Recv {
+            token,
+            result: Err(OpError::Canceled),
+            more: false
+        }],
+        "no real receive may be left pending behind a cancel"
+    );
+    assert_eq!(b.inflight(), 0);
+    // The bytes stayed in the socket for the next receive.
+    b.push(echoport_core::Op::Recv { token, sock });
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        match wait_for(&mut b, 2000)[..] {
+            [Completion::Recv {
+                result: Ok(Received::Data { buf, len }),
+                ..
+            }] => {
+                seen.extend_from_slice(&b.buf(buf)[..len as usize]);
+                b.release(buf);
+                if seen.len() < 3 {
+                    b.push(echoport_core::Op::Recv { token, sock });
+                }
+            }
+            ref other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seen, b"abc");
+    assert!(b.iocp_stats().zero_byte_recvs >= 2);
+    b.push(echoport_core::Op::Close { token, sock });
+}
+
+#[test]
 fn a_send_from_an_allocated_buffer_arrives_and_completes_with_its_length() {
     let mut b = Iocp::new(&Config::default()).unwrap();
     let (mut client, sock) = adopted_pair(&mut b);
