@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Builds echoport for Windows (x86_64-pc-windows-gnu) and runs its checks under wine.
 #
-#   ci/windows.sh            set up (once), build, run every Windows check
+#   ci/windows.sh [all]      set up (once), clippy for Windows, unit tests under wine,
+#                            end-to-end checks (what CI runs)
 #   ci/windows.sh setup      only install the toolchain and create the wine prefix
-#   ci/windows.sh build      set up, then build the Windows binaries
-#   ci/windows.sh clippy     set up, then clippy for the Windows target (-D warnings)
-#   ci/windows.sh test       set up, build, run the unit tests under wine and the
-#                            end-to-end checks (Linux clients against the server in wine)
+#   ci/windows.sh build      build the Windows binaries (target/windows/x86_64-pc-windows-gnu)
+#   ci/windows.sh clippy     clippy for the Windows target (-D warnings)
+#   ci/windows.sh unit       the crates' tests under wine (wine is cargo's runner)
+#   ci/windows.sh e2e        echoport.exe serve under wine, Linux clients over 127.0.0.1
+#   ci/windows.sh test       unit + e2e
+#   ci/windows.sh cargo ARGS...  any cargo command for the Windows target
+#
+# Every command sets up first (a no-op when everything is in place). docs/WINDOWS.md says
+# more.
 #
 # Everything it needs comes from Debian's packages: rustc-web/cargo-web/rust-web-src (a
 # current Rust whose standard library we build from source for the Windows target, since
@@ -142,6 +148,13 @@ wcargo() {
     (cd "$root" && PATH=/usr/bin:$PATH CARGO_UNSTABLE_BUILD_STD=std "$CARGO" "$1" --target "$target" "${@:2}")
 }
 
+# What must build for Windows (echoport-testkit holds Linux test tools).
+crates=(-p echoport-core -p echoport-io -p echoport)
+
+clippy() {
+    wcargo clippy "${crates[@]}" --all-targets -- -D warnings
+}
+
 # The crates' own tests under wine (cargo's runner): the echo state machine, and the IOCP
 # backend driven in-process (accepts, cancels, zero-byte receives, accept dealing, drop).
 unit_tests() {
@@ -164,10 +177,10 @@ log "set up in $((SECONDS - start)) s ($("$RUSTC" --version), $("$WINE64" --vers
 case $cmd in
 setup) ;;
 build)
-    wcargo build --workspace --all-targets
+    wcargo build "${crates[@]}" --all-targets
     ;;
 clippy)
-    wcargo clippy -p echoport-core -p echoport-io -p echoport --all-targets -- -D warnings
+    clippy
     ;;
 unit)
     unit_tests
@@ -176,7 +189,10 @@ e2e)
     e2e_tests
     ;;
 test | all)
-    [[ $cmd == all ]] && { wcargo clippy -p echoport-core -p echoport-io -p echoport --all-targets -- -D warnings; log "clippy clean at $((SECONDS - start)) s"; }
+    if [[ $cmd == all ]]; then
+        clippy
+        log "clippy clean at $((SECONDS - start)) s"
+    fi
     unit_tests
     log "unit tests passed at $((SECONDS - start)) s"
     e2e_tests
