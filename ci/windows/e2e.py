@@ -179,6 +179,31 @@ def reset_then_working(srv):
     return sum(parallel(fns))
 
 
+def many_connections(srv):
+    """500 connections open at once, each echoing its own line (far more connections than
+    receive buffers in the scarce-buffer configuration)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    socks = [connect(srv.addr) for _ in range(500)]
+    try:
+        for i, s in enumerate(socks):
+            s.sendall(b"line %d\n" % i)
+        for i, s in enumerate(socks):
+            want, got = b"line %d\n" % i, b""
+            while len(got) < len(want):
+                b = s.recv(len(want) - len(got))
+                assert b, f"connection {i} closed early"
+                got += b
+            assert got == want, f"connection {i} got {got!r}"
+    finally:
+        for s in socks:
+            s.close()
+    return sum(len(b"line %d\n" % i) for i in range(500))
+
+
 def connect_close_storm(srv):
     """Connections that come and go without a byte, then one that works."""
     for _ in range(200):
@@ -217,7 +242,14 @@ CONFIGS = [
     # Scarce buffers: zero-byte receives, and receives parked until buffers come back.
     ("--threads 1 --buffers 8", ["--threads", "1", "--buffers", "8", "--shutdown-timeout", "10"]),
 ]
-CHECKS = [concurrent_clients, one_mebibyte, half_close, reset_then_working, connect_close_storm]
+CHECKS = [
+    concurrent_clients,
+    one_mebibyte,
+    half_close,
+    reset_then_working,
+    many_connections,
+    connect_close_storm,
+]
 
 
 def main():
