@@ -40,6 +40,8 @@ class Server:
             cmd, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT
         )
         self.addr = self._wait_addr()
+        m = re.search(r"listening on \[([0-9a-fA-F:]+)\]:(\d+)", self.text())
+        self.addr6 = (m.group(1), int(m.group(2))) if m else None
 
     def text(self):
         with open(self.log_path, "rb") as f:
@@ -73,7 +75,7 @@ class Server:
 
 
 def connect(addr):
-    s = socket.create_connection(addr, timeout=TIMEOUT)
+    s = socket.create_connection(addr[:2], timeout=TIMEOUT)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return s
 
@@ -147,6 +149,13 @@ def concurrent_clients(srv):
         (lambda i=i: check_echo(srv.addr, 1000 + i, 32 * 1024 + 977 * i, 1 + (i * 389) % 9000))
         for i in range(32)
     ]
+    return sum(parallel(fns))
+
+
+def ipv6_clients(srv):
+    """Clients over [::1] (a second listener, so a second accept group)."""
+    assert srv.addr6 is not None, "the server did not say it listens on [::1]"
+    fns = [(lambda i=i: check_echo(srv.addr6, 500 + i, 20_000)) for i in range(4)]
     return sum(parallel(fns))
 
 
@@ -237,11 +246,6 @@ def graceful_shutdown(srv):
     return len(owed)
 
 
-CONFIGS = [
-    ("--threads 2", ["--threads", "2", "--shutdown-timeout", "10"]),
-    # Scarce buffers: zero-byte receives, and receives parked until buffers come back.
-    ("--threads 1 --buffers 8", ["--threads", "1", "--buffers", "8", "--shutdown-timeout", "10"]),
-]
 CHECKS = [
     concurrent_clients,
     one_mebibyte,
@@ -250,24 +254,38 @@ CHECKS = [
     many_connections,
     connect_close_storm,
 ]
+# (name, server arguments, checks); graceful_shutdown always comes last.
+CONFIGS = [
+    (
+        "--threads 2, IPv4 and IPv6",
+        ["--listen", "[::1]:0", "--threads", "2", "--shutdown-timeout", "10"],
+        CHECKS + [ipv6_clients],
+    ),
+    # Scarce buffers: zero-byte receives, and receives parked until buffers come back.
+    (
+        "--threads 1 --buffers 8",
+        ["--threads", "1", "--buffers", "8", "--shutdown-timeout", "10"],
+        CHECKS,
+    ),
+]
 
 
 def main():
     wine, exe = sys.argv[1], sys.argv[2]
     logdir = os.environ.get("ECHOPORT_E2E_LOGS", "/tmp")
     passed = failed = 0
-    for name, args in CONFIGS:
+    for name, args, checks in CONFIGS:
         log_path = os.path.join(logdir, "echoport-e2e-" + re.sub(r"\W+", "_", name) + ".log")
         start = time.monotonic()
         try:
             srv = Server(wine, exe, args, log_path)
         except Exception as e:  # noqa: BLE001
             print(f"[{name}] server start ... FAILED: {e}")
-            failed += 1 + len(CHECKS)
+            failed += 1 + len(checks)
             continue
         print(f"[{name}] server up on {srv.addr[0]}:{srv.addr[1]} in {time.monotonic() - start:.1f} s")
         try:
-            for check in CHECKS + [graceful_shutdown]:
+            for check in checks + [graceful_shutdown]:
                 t = time.monotonic()
                 try:
                     n = check(srv)

@@ -38,7 +38,8 @@ pub struct Args {
     #[arg(short, long = "listen", value_name = "ADDR")]
     pub listen: Vec<String>,
 
-    /// Event-loop threads, each with its own ring (or epoll set) and listener.
+    /// Event-loop threads, each with its own ring (or epoll set) and listener; on Windows
+    /// each with its own completion port, one of them accepting for all.
     /// Default: the number of CPUs.
     #[arg(short, long, value_name = "N")]
     pub threads: Option<usize>,
@@ -48,7 +49,7 @@ pub struct Args {
     pub cpus: Option<String>,
 
     /// I/O backend. `auto` uses io_uring when the kernel allows it and epoll otherwise,
-    /// saying why; naming one is strict and fails if it cannot start.
+    /// saying why (on Windows: IOCP); naming one is strict and fails if it cannot start.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
 
