@@ -825,6 +825,8 @@ impl Drop for Uring {
         // Cancel whatever is still posted and wait (bounded) for the kernel to let go of it
         // before the buffer memory may be freed.
         let deadline = Instant::now() + Duration::from_secs(1);
+        // Entries still in the backlog never reached the kernel.
+        self.inflight = self.inflight.saturating_sub(self.backlog.len() as u64);
         self.backlog.clear();
         let any = types::CancelBuilder::any();
         // SAFETY: a cancel entry references no memory.

@@ -1,9 +1,9 @@
 //! Choosing and opening the I/O backend on Windows: I/O completion ports.
 //!
-//! The Windows counterpart of `backends.rs` (same names, so `echoport serve` reads the same on
-//! every platform); Linux's io_uring and epoll are not available here.
+//! The Windows counterpart of `backends.rs`, with the same names so that `echoport serve`
+//! reads the same on every platform; Linux's io_uring and epoll do not exist here.
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 
 use crate::serve::BackendChoice;
 
@@ -12,6 +12,15 @@ use crate::serve::BackendChoice;
 pub enum Kind {
     /// Windows I/O completion ports.
     Iocp,
+}
+
+/// The decision taken at start-up, shared by every thread.
+#[derive(Clone, Debug)]
+pub struct Chosen {
+    /// The backend to open.
+    pub kind: Kind,
+    /// Why `auto` did not choose io_uring (always: there is none on Windows; not logged).
+    pub fallback: Option<String>,
 }
 
 /// Backend settings from the command line.
@@ -24,7 +33,7 @@ pub struct Options {
 }
 
 impl Options {
-    /// From `echoport serve`'s flags.
+    /// From `echoport serve`'s flags (the io_uring-only ones mean nothing here).
     pub fn from_serve(a: &crate::serve::Args) -> Options {
         Options {
             buf_size: a.buf_size,
@@ -41,30 +50,50 @@ impl Options {
     }
 }
 
-/// An opened backend of any kind.
+/// An opened backend of any kind (boxed: moved once, into its worker).
 pub enum AnyBackend {
     /// I/O completion port.
-    Iocp(echoport_io::iocp::Iocp),
+    Iocp(Box<echoport_io::iocp::Iocp>),
 }
 
-/// Decides the backend once, before the threads start.
-pub fn choose(args: &crate::serve::Args) -> anyhow::Result<Kind> {
-    match args.backend {
-        BackendChoice::Auto | BackendChoice::Iocp => Ok(Kind::Iocp),
+/// Decides the backend once, before the threads start: `auto` is IOCP on Windows.
+pub fn choose(choice: BackendChoice, _opts: &Options) -> anyhow::Result<Chosen> {
+    match choice {
+        BackendChoice::Auto | BackendChoice::Iocp => Ok(Chosen {
+            kind: Kind::Iocp,
+            fallback: None,
+        }),
         BackendChoice::IoUring | BackendChoice::Epoll => {
-            bail!(
-                "the {:?} backend is Linux-only; on Windows use --backend iocp (or auto)",
-                args.backend
-            )
+            bail!("--backend {choice:?} is Linux-only; on Windows use --backend iocp (or auto)")
         }
     }
 }
 
 /// Opens a backend of the chosen kind on the calling thread.
-pub fn open(kind: Kind, opts: &Options) -> anyhow::Result<AnyBackend> {
-    match kind {
-        Kind::Iocp => Ok(AnyBackend::Iocp(echoport_io::iocp::Iocp::new(
-            &opts.iocp(),
-        )?)),
+pub fn open(chosen: &Chosen, opts: &Options) -> anyhow::Result<AnyBackend> {
+    match chosen.kind {
+        Kind::Iocp => Ok(AnyBackend::Iocp(Box::new(
+            echoport_io::iocp::Iocp::new(&opts.iocp()).context("setting up a completion port")?,
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_means_iocp_and_linux_backends_are_refused() {
+        let opts = Options {
+            buf_size: 4096,
+            buffers: 16,
+        };
+        assert_eq!(choose(BackendChoice::Auto, &opts).unwrap().kind, Kind::Iocp);
+        assert_eq!(choose(BackendChoice::Iocp, &opts).unwrap().kind, Kind::Iocp);
+        let err = choose(BackendChoice::Epoll, &opts).unwrap_err().to_string();
+        assert!(err.contains("Linux-only"), "{err}");
+        assert!(choose(BackendChoice::IoUring, &opts).is_err());
+        let c = choose(BackendChoice::Auto, &opts).unwrap();
+        assert!(matches!(open(&c, &opts).unwrap(), AnyBackend::Iocp(_)));
     }
 }

@@ -53,8 +53,8 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
 
-    /// Seconds a graceful stop (SIGINT/SIGTERM; Ctrl-C on Windows) may take to echo what was received before
-    /// connections are cut. A second signal exits at once.
+    /// Seconds a graceful stop (SIGINT/SIGTERM; Ctrl-C on Windows) may take to echo what was
+    /// received before connections are cut. A second signal exits at once.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub shutdown_timeout: f64,
 
@@ -199,7 +199,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         write_timeout,
     };
     let admission = cfg.admission.clone();
-    let kind = crate::backends::choose(&args)?;
+    let opts = crate::backends::Options::from_serve(&args);
+    let chosen = crate::backends::choose(args.backend, &opts)?;
     let stop = Arc::new(AtomicBool::new(false));
     echoport_io::sys::block_stop_signals()?;
 
@@ -210,7 +211,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let cfg = cfg.clone();
         let stop = stop.clone();
         let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
-        let opts = crate::backends::Options::from_serve(&args);
+        let opts = opts.clone();
+        let chosen = chosen.clone();
         let h = std::thread::Builder::new()
             .name(format!("echoport-w{i}"))
             .spawn(move || -> anyhow::Result<Stats> {
@@ -218,14 +220,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     echoport_io::sys::pin_to_cpu(cpu)
                         .with_context(|| format!("pinning to CPU {cpu}"))?;
                 }
-                match crate::backends::open(kind, &opts) {
+                match crate::backends::open(&chosen, &opts) {
                     #[cfg(target_os = "linux")]
                     Ok(crate::backends::AnyBackend::Uring(b)) => {
-                        serve_on(b, socks, cfg, stop, &ready)
+                        serve_on(*b, socks, cfg, stop, &ready)
+                    }
+                    #[cfg(target_os = "linux")]
+                    Ok(crate::backends::AnyBackend::Epoll(b)) => {
+                        serve_on(*b, socks, cfg, stop, &ready)
                     }
                     #[cfg(windows)]
                     Ok(crate::backends::AnyBackend::Iocp(b)) => {
-                        serve_on(b, socks, cfg, stop, &ready)
+                        serve_on(*b, socks, cfg, stop, &ready)
                     }
                     Err(e) => {
                         let msg = format!("{e:#}");
@@ -240,14 +246,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     drop(ready_tx);
 
     let mut wakers = Vec::new();
-    let mut describe = String::new();
+    let mut describes: Vec<String> = Vec::new();
     let mut failure = None;
     let mut tables = Some(0usize);
     for r in ready_rx.iter().take(threads) {
         match r {
             Ok(ready) => {
                 wakers.push(ready.waker);
-                describe = ready.describe;
+                if !describes.contains(&ready.describe) {
+                    describes.push(ready.describe);
+                }
                 tables = tables.zip(ready.max_connections).map(|(a, b)| a + b);
             }
             Err(e) => failure = failure.or(Some(e)),
@@ -290,13 +298,30 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Vec::new()
     };
     echoport_io::sys::handle_stop_signals(stop.clone(), wakers)?;
-    tracing::info!(
-        backend = %describe,
-        threads,
-        max_connections = admission.max(),
-        addrs = %addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(","),
-        "echoport serving"
-    );
+    // One line that says which backend serves, and why not io_uring when it is not.
+    let describe = describes.join(" + ");
+    let addrs_list = addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    match &chosen.fallback {
+        Some(why) => tracing::info!(
+            backend = %describe,
+            why_not_io_uring = %why,
+            threads,
+            max_connections = admission.max(),
+            addrs = %addrs_list,
+            "echoport serving"
+        ),
+        None => tracing::info!(
+            backend = %describe,
+            threads,
+            max_connections = admission.max(),
+            addrs = %addrs_list,
+            "echoport serving"
+        ),
+    }
     for a in &addrs {
         tracing::info!("listening on {a}");
     }

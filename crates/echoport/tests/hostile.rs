@@ -1,6 +1,7 @@
 //! Storms and stops: a connect-and-close storm from several source addresses, and a graceful
 //! stop with 1,000 connections that all have echo owed.
 
+#[macro_use]
 mod support;
 
 use std::io::{ErrorKind, Read, Write};
@@ -19,9 +20,8 @@ fn connect_from(src: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
     Ok(s.into())
 }
 
-#[test]
-fn a_connect_and_close_storm_leaves_no_trace_and_never_stalls_accept() {
-    let server = Server::start(&["--threads", "2"]);
+fn a_connect_and_close_storm_leaves_no_trace_and_never_stalls_accept(backend: &str) {
+    let server = Server::on(backend, &["--threads", "2"]);
     let addr = server.addr;
     thread::sleep(Duration::from_millis(200));
     let (fds_before, rss_before) = (server.fd_count(), server.rss_kib());
@@ -99,9 +99,8 @@ fn a_connect_and_close_storm_leaves_no_trace_and_never_stalls_accept() {
     assert_eq!(stat(&stats, "accepted"), stat(&stats, "closed"), "{stats}");
 }
 
-#[test]
-fn graceful_stop_with_a_thousand_connections_echoes_everything_owed() {
-    let server = Server::start(&["--threads", "2", "--shutdown-timeout", "10"]);
+fn graceful_stop_with_a_thousand_connections_echoes_everything_owed(backend: &str) {
+    let server = Server::on(backend, &["--threads", "2", "--shutdown-timeout", "10"]);
     let addr = server.addr;
     const CONNS: usize = 1000;
     const LEN: usize = 4000;
@@ -155,9 +154,11 @@ fn graceful_stop_with_a_thousand_connections_echoes_everything_owed() {
     );
 }
 
-#[test]
-fn the_per_address_cap_holds_for_one_address_and_spares_the_others() {
-    let server = Server::start(&["--threads", "2", "--max-connections-per-ip", "3"]);
+fn the_per_address_cap_holds_for_one_address_and_spares_the_others(backend: &str) {
+    let server = Server::on(
+        backend,
+        &["--threads", "2", "--max-connections-per-ip", "3"],
+    );
     let echo = |s: &mut TcpStream| -> bool {
         s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         let mut b = [0u8; 2];
@@ -181,4 +182,10 @@ fn the_per_address_cap_holds_for_one_address_and_spares_the_others() {
     drop((first, fourth, other, again));
     let stats = server.stop();
     assert_eq!(stat(&stats, "refused"), 1, "{stats}");
+}
+
+every_backend! {
+    a_connect_and_close_storm_leaves_no_trace_and_never_stalls_accept,
+    graceful_stop_with_a_thousand_connections_echoes_everything_owed,
+    the_per_address_cap_holds_for_one_address_and_spares_the_others,
 }

@@ -1,6 +1,7 @@
 //! Limits under stress: a starved buffer ring, a tiny completion queue, a client that never
 //! reads, silent clients, and the connection cap. Each case checks every echoed byte.
 
+#[macro_use]
 mod support;
 
 use std::io::{Read, Write};
@@ -32,9 +33,11 @@ fn ping_pong(addr: SocketAddr, conns: usize, rounds: usize, size: usize) {
     }
 }
 
-#[test]
-fn two_buffers_serve_a_hundred_busy_connections() {
-    let server = Server::start(&["--threads", "1", "--buffers", "2", "--buf-size", "1024"]);
+fn two_buffers_serve_a_hundred_busy_connections(backend: &str) {
+    let server = Server::on(
+        backend,
+        &["--threads", "1", "--buffers", "2", "--buf-size", "1024"],
+    );
     ping_pong(server.addr, 100, 20, 3000);
     let stats = server.stop();
     assert_eq!(stat(&stats, "bytes_echoed"), 100 * 20 * 3000);
@@ -46,7 +49,7 @@ fn two_buffers_serve_a_hundred_busy_connections() {
 
 #[test]
 fn a_tiny_completion_queue_loses_no_completion() {
-    let server = Server::start(&["--threads", "1", "--cq-entries", "4"]);
+    let server = Server::on("io-uring", &["--threads", "1", "--cq-entries", "4"]);
     ping_pong(server.addr, 100, 20, 700);
     let stats = server.stop();
     assert_eq!(stat(&stats, "bytes_echoed"), 100 * 20 * 700);
@@ -58,15 +61,17 @@ fn a_tiny_completion_queue_loses_no_completion() {
 
 #[test]
 fn one_shot_operations_with_two_buffers_still_progress() {
-    let server = Server::start(&["--threads", "1", "--no-fast-path", "--buffers", "2"]);
+    let server = Server::on(
+        "io-uring",
+        &["--threads", "1", "--no-fast-path", "--buffers", "2"],
+    );
     ping_pong(server.addr, 50, 10, 5000);
     let stats = server.stop();
     assert_eq!(stat(&stats, "bytes_echoed"), 50 * 10 * 5000);
 }
 
-#[test]
-fn a_client_that_never_reads_is_throttled_and_does_not_stall_others() {
-    let server = Server::start(&["--threads", "1", "--max-pending", "65536"]);
+fn a_client_that_never_reads_is_throttled_and_does_not_stall_others(backend: &str) {
+    let server = Server::on(backend, &["--threads", "1", "--max-pending", "65536"]);
     let before = server.rss_kib();
     // The hog: a tiny receive buffer, writes as fast as it can, never reads.
     let hog = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
@@ -117,9 +122,8 @@ fn closed_by_server(s: &mut TcpStream, within: Duration) -> bool {
     }
 }
 
-#[test]
-fn idle_timeout_closes_silent_clients_but_not_chatty_ones() {
-    let server = Server::start(&["--threads", "1", "--idle-timeout", "0.5"]);
+fn idle_timeout_closes_silent_clients_but_not_chatty_ones(backend: &str) {
+    let server = Server::on(backend, &["--threads", "1", "--idle-timeout", "0.5"]);
     let mut silent = TcpStream::connect(server.addr).unwrap();
     let mut chatty = TcpStream::connect(server.addr).unwrap();
     chatty
@@ -142,16 +146,18 @@ fn idle_timeout_closes_silent_clients_but_not_chatty_ones() {
     assert_eq!(stat(&stats, "timeouts"), 1, "{stats}");
 }
 
-#[test]
-fn write_timeout_closes_a_client_that_stops_reading() {
-    let server = Server::start(&[
-        "--threads",
-        "1",
-        "--write-timeout",
-        "0.5",
-        "--max-pending",
-        "16384",
-    ]);
+fn write_timeout_closes_a_client_that_stops_reading(backend: &str) {
+    let server = Server::on(
+        backend,
+        &[
+            "--threads",
+            "1",
+            "--write-timeout",
+            "0.5",
+            "--max-pending",
+            "16384",
+        ],
+    );
     let hog = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     hog.set_recv_buffer_size(4096).unwrap();
     hog.connect(&server.addr.into()).unwrap();
@@ -178,9 +184,8 @@ fn write_timeout_closes_a_client_that_stops_reading() {
     assert!(stat(&stats, "timeouts") >= 1, "{stats}");
 }
 
-#[test]
-fn connections_past_the_cap_are_closed_at_once_and_others_unaffected() {
-    let server = Server::start(&["--threads", "2", "--max-connections", "4"]);
+fn connections_past_the_cap_are_closed_at_once_and_others_unaffected(backend: &str) {
+    let server = Server::on(backend, &["--threads", "2", "--max-connections", "4"]);
     let mut held: Vec<TcpStream> = (0..4)
         .map(|_| TcpStream::connect(server.addr).unwrap())
         .collect();
@@ -255,14 +260,22 @@ fn descriptor_exhaustion(args: &[&str]) {
     assert!(stat(&stats, "accept_backoffs") > 0, "{stats}");
 }
 
-#[test]
-fn descriptor_exhaustion_backs_off_instead_of_spinning_direct_descriptors() {
-    descriptor_exhaustion(&["--threads", "1", "--max-connections", "100000"]);
+fn descriptor_exhaustion_backs_off_instead_of_spinning(backend: &str) {
+    descriptor_exhaustion(&[
+        "--backend",
+        backend,
+        "--threads",
+        "1",
+        "--max-connections",
+        "100000",
+    ]);
 }
 
 #[test]
-fn descriptor_exhaustion_backs_off_instead_of_spinning_plain_descriptors() {
+fn descriptor_exhaustion_backs_off_instead_of_spinning_io_uring_one_shot() {
     descriptor_exhaustion(&[
+        "--backend",
+        "io-uring",
         "--threads",
         "1",
         "--no-fast-path",
@@ -271,13 +284,10 @@ fn descriptor_exhaustion_backs_off_instead_of_spinning_plain_descriptors() {
     ]);
 }
 
-#[test]
-fn an_idle_server_sleeps() {
-    for args in [
-        &["--threads", "2"][..],
-        &["--threads", "2", "--no-fast-path"][..],
-    ] {
-        let server = Server::start(args);
+fn an_idle_server_sleeps(backend: &str) {
+    {
+        let args = ["--threads", "2"];
+        let server = Server::on(backend, &args);
         // With a few idle connections, too: their timers must not spin either.
         let _idle: Vec<TcpStream> = (0..10)
             .map(|_| TcpStream::connect(server.addr).unwrap())
@@ -291,4 +301,14 @@ fn an_idle_server_sleeps() {
             "{args:?}: an idle server used {used} ticks of CPU in 1 s"
         );
     }
+}
+
+every_backend! {
+    two_buffers_serve_a_hundred_busy_connections,
+    a_client_that_never_reads_is_throttled_and_does_not_stall_others,
+    idle_timeout_closes_silent_clients_but_not_chatty_ones,
+    write_timeout_closes_a_client_that_stops_reading,
+    connections_past_the_cap_are_closed_at_once_and_others_unaffected,
+    descriptor_exhaustion_backs_off_instead_of_spinning,
+    an_idle_server_sleeps,
 }

@@ -1,5 +1,6 @@
 //! UDP echo (RFC 862) and its guards against reflection and loops.
 
+#[macro_use]
 mod support;
 
 use std::net::{SocketAddr, UdpSocket};
@@ -28,9 +29,8 @@ fn echoed(s: &UdpSocket, to: SocketAddr, data: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-#[test]
-fn udp_is_off_by_default() {
-    let server = Server::start(&["--threads", "1"]);
+fn udp_is_off_by_default(backend: &str) {
+    let server = Server::on(backend, &["--threads", "1"]);
     let c = client("127.0.0.1:0");
     assert_eq!(
         echoed(&c, server.addr, b"anyone?"),
@@ -39,9 +39,8 @@ fn udp_is_off_by_default() {
     );
 }
 
-#[test]
-fn datagrams_come_back_whole_up_to_the_largest() {
-    let server = Server::start(&["--threads", "1", "--udp"]);
+fn datagrams_come_back_whole_up_to_the_largest(backend: &str) {
+    let server = Server::on(backend, &["--threads", "1", "--udp"]);
     let c = client("127.0.0.1:0");
     for len in [1usize, 100, 1472, 9000, 65_507] {
         let data: Vec<u8> = (0..len).map(|i| (i * 13 + len) as u8).collect();
@@ -55,9 +54,8 @@ fn datagrams_come_back_whole_up_to_the_largest() {
     assert_eq!(stat(&stats, "udp_echoed"), 5, "{stats}");
 }
 
-#[test]
-fn dangerous_sources_get_no_reply() {
-    let server = Server::start(&["--threads", "1", "--udp"]);
+fn dangerous_sources_get_no_reply(backend: &str) {
+    let server = Server::on(backend, &["--threads", "1", "--udp"]);
     let port = server.addr.port();
     let own = format!("127.0.0.2:{port}");
     let sources = [
@@ -81,9 +79,8 @@ fn dangerous_sources_get_no_reply() {
     assert_eq!(stat(&stats, "udp_refused"), sources.len() as u64, "{stats}");
 }
 
-#[test]
-fn a_blast_from_one_source_is_held_to_its_rate() {
-    let server = Server::start(&["--threads", "1", "--udp", "--udp-rate", "1000"]);
+fn a_blast_from_one_source_is_held_to_its_rate(backend: &str) {
+    let server = Server::on(backend, &["--threads", "1", "--udp", "--udp-rate", "1000"]);
     let c = client("127.0.0.1:0");
     c.set_nonblocking(true).unwrap();
     let started = Instant::now();
@@ -116,4 +113,11 @@ fn a_blast_from_one_source_is_held_to_its_rate() {
     let stats = server.stop();
     assert!(stat(&stats, "udp_rate_limited") > 0, "{stats}");
     assert!(stat(&stats, "udp_echoed") <= allowed, "{stats}");
+}
+
+every_backend! {
+    udp_is_off_by_default,
+    datagrams_come_back_whole_up_to_the_largest,
+    dangerous_sources_get_no_reply,
+    a_blast_from_one_source_is_held_to_its_rate,
 }

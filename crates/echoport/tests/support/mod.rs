@@ -9,6 +9,23 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// The Linux backends every behaviour is checked on.
+pub const BACKENDS: [&str; 2] = ["io-uring", "epoll"];
+
+/// `every_backend! { case, ... }`: each case is a `fn case(backend: &str)`; this makes one
+/// `#[test]` per backend, as `io_uring::case` and `epoll::case`.
+#[macro_export]
+macro_rules! every_backend {
+    ($($case:ident),* $(,)?) => {
+        mod io_uring {
+            $( #[test] fn $case() { super::$case("io-uring") } )*
+        }
+        mod epoll {
+            $( #[test] fn $case() { super::$case("epoll") } )*
+        }
+    };
+}
+
 /// A running `echoport serve`, killed on drop if not stopped.
 pub struct Server {
     child: Child,
@@ -18,6 +35,13 @@ pub struct Server {
 }
 
 impl Server {
+    /// Starts the server on one backend (`io-uring`, `epoll`) with more arguments.
+    pub fn on(backend: &str, args: &[&str]) -> Server {
+        let mut all = vec!["--backend", backend];
+        all.extend_from_slice(args);
+        Server::start(&all)
+    }
+
     pub fn start(args: &[&str]) -> Server {
         Server::start_with(Command::new(env!("CARGO_BIN_EXE_echoport")), args)
     }
@@ -34,6 +58,11 @@ impl Server {
     pub fn start_with(mut cmd: Command, args: &[&str]) -> Server {
         let mut child = cmd
             .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(
+                std::env::var("ECHOPORT_TEST_BACKEND")
+                    .map(|b| vec!["--backend".to_string(), b])
+                    .unwrap_or_default(),
+            )
             .args(args)
             .stderr(Stdio::piped())
             .spawn()
@@ -72,6 +101,18 @@ impl Server {
         f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
     }
 
+    /// The final counters line, reading the log to its end (the process has exited, so the
+    /// reader thread sees end of file and hangs up).
+    fn final_line(&self) -> Option<String> {
+        let mut last = None;
+        while let Ok(line) = self.log.recv_timeout(Duration::from_secs(5)) {
+            if line.contains("stopped") {
+                last = Some(line);
+            }
+        }
+        last
+    }
+
     /// Descriptors the server process has open.
     pub fn fd_count(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
@@ -95,7 +136,7 @@ impl Server {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                let line = self.log.try_iter().filter(|l| l.contains("stopped")).last();
+                let line = self.final_line();
                 return (status, line.unwrap_or_default());
             }
             assert!(
@@ -122,11 +163,7 @@ impl Server {
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         let status = self.child.wait().unwrap();
         assert!(status.success(), "server exit status {status}");
-        self.log
-            .try_iter()
-            .filter(|l| l.contains("stopped"))
-            .last()
-            .unwrap_or_default()
+        self.final_line().unwrap_or_default()
     }
 }
 
