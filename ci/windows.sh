@@ -148,11 +148,12 @@ wcargo() {
     (cd "$root" && PATH=/usr/bin:$PATH CARGO_UNSTABLE_BUILD_STD=std "$CARGO" "$1" --target "$target" "${@:2}")
 }
 
-# What must build for Windows (echoport-testkit holds Linux test tools).
-crates=(-p echoport-core -p echoport-io -p echoport)
-
+# What must build for Windows: the libraries with all their tests, and the binary with its
+# unit tests (its integration tests, and echoport-testkit, drive Linux tools).
 clippy() {
-    wcargo clippy "${crates[@]}" --all-targets -- -D warnings
+    wcargo clippy -p echoport-core -p echoport-io --all-targets -- -D warnings
+    wcargo clippy -p echoport --bins -- -D warnings
+    wcargo clippy -p echoport --bins --profile test -- -D warnings
 }
 
 # The crates' own tests under wine (cargo's runner): the echo state machine, and the IOCP
@@ -177,7 +178,8 @@ log "set up in $((SECONDS - start)) s ($("$RUSTC" --version), $("$WINE64" --vers
 case $cmd in
 setup) ;;
 build)
-    wcargo build "${crates[@]}" --all-targets
+    wcargo build -p echoport-core -p echoport-io --all-targets
+    wcargo build -p echoport --bins
     ;;
 clippy)
     clippy
