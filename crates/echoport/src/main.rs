@@ -4,7 +4,16 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+#[cfg(not(windows))]
 mod backends;
+#[cfg(windows)]
+#[path = "backends_windows.rs"]
+mod backends;
+#[cfg(unix)]
+mod bench;
+// The load generator is Linux-only for now; on Windows `bench` only says so.
+#[cfg(not(unix))]
+#[path = "bench_unsupported.rs"]
 mod bench;
 mod client;
 mod serve;
@@ -30,7 +39,8 @@ enum Cmd {
     Serve(serve::Args),
     /// Send lines to an echo server and print what comes back, with round-trip times.
     Client(client::Args),
-    /// Load-test an echo server: throughput, latency percentiles, byte-exact verification.
+    /// Load-test an echo server: throughput, latency percentiles, byte-exact verification
+    /// (Linux only for now).
     Bench(bench::Args),
 }
 

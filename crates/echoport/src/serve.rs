@@ -16,6 +16,13 @@ use echoport_core::worker::{Admission, Config, Worker};
 use echoport_core::{Backend, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 
+/// Winsock's codes for the two errors `bind_all` forgives on default addresses.
+#[cfg(windows)]
+mod libc {
+    pub const EAFNOSUPPORT: i32 = 10047;
+    pub const EADDRNOTAVAIL: i32 = 10049;
+}
+
 /// The default listen addresses: loopback only, IPv4 and IPv6.
 pub const DEFAULT_LISTEN: [&str; 2] = ["127.0.0.1:7007", "[::1]:7007"];
 
@@ -31,7 +38,8 @@ pub struct Args {
     #[arg(short, long = "listen", value_name = "ADDR")]
     pub listen: Vec<String>,
 
-    /// Event-loop threads, each with its own ring (or epoll set) and listener.
+    /// Event-loop threads, each with its own ring (or epoll set) and listener; on Windows
+    /// each with its own completion port, one of them accepting for all.
     /// Default: the number of CPUs.
     #[arg(short, long, value_name = "N")]
     pub threads: Option<usize>,
@@ -41,12 +49,12 @@ pub struct Args {
     pub cpus: Option<String>,
 
     /// I/O backend. `auto` uses io_uring when the kernel allows it and epoll otherwise,
-    /// saying why; naming one is strict and fails if it cannot start.
+    /// saying why (on Windows: IOCP); naming one is strict and fails if it cannot start.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
 
-    /// Seconds a graceful stop (SIGINT/SIGTERM) may take to echo what was received before
-    /// connections are cut. A second signal exits at once.
+    /// Seconds a graceful stop (SIGINT/SIGTERM; Ctrl-C on Windows) may take to echo what was
+    /// received before connections are cut. A second signal exits at once.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub shutdown_timeout: f64,
 
@@ -140,6 +148,9 @@ pub enum BackendChoice {
     IoUring,
     /// Linux epoll only.
     Epoll,
+    /// Windows I/O completion ports (what `auto` means on Windows).
+    #[cfg(windows)]
+    Iocp,
 }
 
 /// Runs the server until stopped; exit code 0 after a graceful stop.
@@ -210,10 +221,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                         .with_context(|| format!("pinning to CPU {cpu}"))?;
                 }
                 match crate::backends::open(&chosen, &opts) {
+                    #[cfg(target_os = "linux")]
                     Ok(crate::backends::AnyBackend::Uring(b)) => {
                         serve_on(*b, socks, cfg, stop, &ready)
                     }
+                    #[cfg(target_os = "linux")]
                     Ok(crate::backends::AnyBackend::Epoll(b)) => {
+                        serve_on(*b, socks, cfg, stop, &ready)
+                    }
+                    #[cfg(windows)]
+                    Ok(crate::backends::AnyBackend::Iocp(b)) => {
                         serve_on(*b, socks, cfg, stop, &ready)
                     }
                     Err(e) => {
@@ -425,6 +442,7 @@ pub fn bind_all(
 /// Binds `n` listening sockets to one address. With more than one, they share the port with
 /// `SO_REUSEPORT`; a plain bind first makes sure nobody else holds the port (reuseport would
 /// otherwise let us silently share it with another process of the same user).
+#[cfg(unix)]
 fn bind_group(addr: SocketAddr, n: usize) -> std::io::Result<Vec<TcpListener>> {
     let first = listener(addr, false)?;
     if n == 1 {
@@ -437,11 +455,34 @@ fn bind_group(addr: SocketAddr, n: usize) -> std::io::Result<Vec<TcpListener>> {
     (0..n).map(|_| listener(addr, true)).collect()
 }
 
+/// Windows has no `SO_REUSEPORT`: one listening socket per address, and the other threads get
+/// clones of it, which tell their IOCP backend to join the group the first one deals accepted
+/// connections to (see `echoport_io::iocp`).
+#[cfg(windows)]
+fn bind_group(addr: SocketAddr, n: usize) -> std::io::Result<Vec<TcpListener>> {
+    let first = listener(addr, false)?;
+    let mut group = Vec::with_capacity(n);
+    for _ in 1..n {
+        group.push(first.try_clone()?);
+    }
+    group.insert(0, first);
+    Ok(group)
+}
+
 fn listener(addr: SocketAddr, reuseport: bool) -> std::io::Result<TcpListener> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    s.set_reuse_address(true)?;
-    if reuseport {
-        s.set_reuse_port(true)?;
+    #[cfg(windows)]
+    {
+        // SO_REUSEADDR means port stealing on Windows: ask for the opposite.
+        let _ = reuseport;
+        echoport_io::sys::exclusive_addr_use(&s)?;
+    }
+    #[cfg(unix)]
+    {
+        s.set_reuse_address(true)?;
+        if reuseport {
+            s.set_reuse_port(true)?;
+        }
     }
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
