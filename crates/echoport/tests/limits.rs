@@ -149,6 +149,37 @@ fn idle_timeout_closes_silent_clients_but_not_chatty_ones(backend: &str) {
     assert_eq!(stats.stat("timeouts"), 1, "{}", stats.log);
 }
 
+fn a_trickling_client_is_closed_when_it_pauses_past_the_idle_timeout(backend: &str) {
+    // Slowloris: a byte now and then, each pause longer than the idle timeout.
+    let server = Server::on(backend, &["--threads", "1", "--idle-timeout", "0.4"]);
+    let mut s = TcpStream::connect(server.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let started = Instant::now();
+    let mut closed = false;
+    for _ in 0..5 {
+        if s.write_all(b".").is_err() {
+            closed = true;
+            break;
+        }
+        let mut b = [0u8; 1];
+        match s.read(&mut b) {
+            Ok(1) => {}
+            _ => {
+                closed = true;
+                break;
+            }
+        }
+        thread::sleep(Duration::from_millis(700));
+    }
+    assert!(
+        closed,
+        "a client pausing 0.7 s between bytes survived a 0.4 s idle timeout"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let stats = server.stop();
+    assert_eq!(stats.stat("timeouts"), 1, "{}", stats.log);
+}
+
 fn write_timeout_closes_a_client_that_stops_reading(backend: &str) {
     let server = Server::on(
         backend,
@@ -307,6 +338,7 @@ fn an_idle_server_sleeps(backend: &str) {
 }
 
 every_backend! {
+    a_trickling_client_is_closed_when_it_pauses_past_the_idle_timeout,
     two_buffers_serve_a_hundred_busy_connections,
     a_client_that_never_reads_is_throttled_and_does_not_stall_others,
     idle_timeout_closes_silent_clients_but_not_chatty_ones,
