@@ -42,6 +42,24 @@ fn doc(out: &Output) -> Value {
     })
 }
 
+/// Runs a timing-sensitive bench up to three times, until one run reports that its own loop
+/// was never more than 50 ms late: this machine is shared, and a client that was not running
+/// measures the machine, not the server. Fails (never skips) if no attempt was undisturbed.
+fn undisturbed(run: impl Fn() -> Output) -> (Output, Value) {
+    let mut worst = Vec::new();
+    for _ in 0..3 {
+        let out = run();
+        let d = doc(&out);
+        let late = num(&d, "runs.0.client_max_late_us");
+        if late <= 50_000.0 {
+            return (out, d);
+        }
+        eprintln!("the client ran {late} us late: machine busy, running again");
+        worst.push(late);
+    }
+    panic!("the client's own loop was late by {worst:?} us in every attempt: machine too busy");
+}
+
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -193,6 +211,8 @@ fn closed_loop_against_the_server_reports_everything_in_json() {
             "1500ms",
             "--warmup",
             "300ms",
+            "--timeout",
+            "30s",
             "--hgrm",
             hgrm.to_str().unwrap(),
             "--plot",
@@ -268,11 +288,13 @@ fn open_loop_achieves_a_feasible_rate() {
     let r = &d["runs"][0];
     assert_eq!(r["mode"], "open");
     assert_eq!(num(r, "target_rate"), 2000.0);
+    // The generator kept its schedule: what it sent in the 2 s window, and what came back.
     let ratio = num(r, "rate_ratio");
     assert!(
         (0.97..=1.03).contains(&ratio),
-        "achieved {ratio} of 2000/s: {r:#}"
+        "offered {ratio} of 2000/s: {r:#}"
     );
+    assert!((1940.0..=2060.0).contains(&num(r, "sent_per_sec")), "{r:#}");
     let msgs = num(r, "messages");
     assert!(
         (3880.0..=4120.0).contains(&msgs),
@@ -284,17 +306,55 @@ fn open_loop_achieves_a_feasible_rate() {
 }
 
 #[test]
+fn an_infeasible_rate_is_reported_as_not_offered() {
+    // Ten million messages a second is more than this client and server can move here
+    // (even batched): the report must say the schedule was not kept, and still count every
+    // late message from its intended time.
+    let ts = test_server(echo);
+    let out = bench(
+        ts.addr,
+        &[
+            "-c",
+            "2",
+            "-r",
+            "10M",
+            "-d",
+            "200ms",
+            "--warmup",
+            "0",
+            "--timeout",
+            "30s",
+        ],
+    );
+    let d = doc(&out);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let r = &d["runs"][0];
+    assert!(num(r, "rate_ratio") < 0.9, "{r:#}");
+    assert!(num(r, "max_send_lag_us") > 10_000.0, "{r:#}");
+    let msgs = num(r, "messages");
+    assert!(
+        (1_999_000.0..=2_001_000.0).contains(&msgs),
+        "every message intended in the 200 ms was sent and echoed, however late: {msgs}"
+    );
+    assert!(
+        num(r, "latency_us.max") > num(r, "max_send_lag_us"),
+        "latency counts from the intended time: {r:#}"
+    );
+}
+
+#[test]
 fn a_stalled_server_shows_in_the_tail_of_the_open_loop() {
     // 1,000 msgs/s on one connection; after 1,000 messages (in the measured window) the
     // server stops for 200 ms. ~200 messages fall due during the stall: measured from their
     // intended send times, the slowest waited about 200 ms, which a closed loop (and any
     // client timing from the actual send) would report as one slow message out of 2,000.
     let ts = test_server(stalls_200ms);
-    let out = bench(
-        ts.addr,
-        &["-c", "1", "-r", "1000", "-d", "2s", "--warmup", "500ms"],
-    );
-    let d = doc(&out);
+    let (out, d) = undisturbed(|| {
+        bench(
+            ts.addr,
+            &["-c", "1", "-r", "1000", "-d", "2s", "--warmup", "500ms"],
+        )
+    });
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let lat = &d["runs"][0]["latency_us"];
     assert!(
@@ -314,7 +374,9 @@ fn a_stalled_server_shows_in_the_tail_of_the_open_loop() {
 
 fn assert_fault(handle: fn(TcpStream), kind: &str, extra: &[&str]) -> Value {
     let ts = test_server(handle);
-    let mut args = vec!["-c", "2", "-d", "1s", "--warmup", "0", "--timeout", "300ms"];
+    // The default 5 s timeout: a busy machine can freeze a process for seconds, which a
+    // short timeout would report as an extra fault.
+    let mut args = vec!["-c", "2", "-d", "1s", "--warmup", "0"];
     args.extend_from_slice(extra);
     let out = bench(ts.addr, &args);
     let d = doc(&out);
@@ -351,7 +413,7 @@ fn a_flipped_byte_is_a_mismatch() {
 
 #[test]
 fn a_dropped_tail_is_a_short_echo() {
-    let d = assert_fault(drops_the_tail, "short_echo", &[]);
+    let d = assert_fault(drops_the_tail, "short_echo", &["--timeout", "300ms"]);
     let r = &d["runs"][0];
     assert!(num(r, "errors.timeout") >= 1.0, "{r:#}");
     assert!(num(r, "errors.missing_bytes") >= 1.0, "{r:#}");
@@ -572,4 +634,24 @@ fn connect_rate_spreads_the_connections_out() {
         spread >= Duration::from_millis(450),
         "6 connections at 10/s took only {spread:?}"
     );
+}
+
+#[test]
+fn a_coarse_tick_batches_sends_and_the_wait_shows_in_the_latency() {
+    let ts = test_server(echo);
+    let out = bench(
+        ts.addr,
+        &[
+            "-c", "2", "-r", "2000", "-d", "1s", "--warmup", "0", "--tick", "20ms",
+        ],
+    );
+    let d = doc(&out);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(num(&d, "params.tick_s"), 0.02);
+    let r = &d["runs"][0];
+    let ratio = num(r, "rate_ratio");
+    assert!((0.95..=1.05).contains(&ratio), "{r:#}");
+    // Messages wait up to a tick to be sent, and that wait is part of their latency.
+    assert!(num(r, "max_send_lag_us") >= 10_000.0, "{r:#}");
+    assert!(num(r, "latency_us.p50") >= 3_000.0, "{r:#}");
 }

@@ -94,6 +94,14 @@ pub struct Args {
     #[arg(long, value_name = "RATES", value_delimiter = ',', value_parser = parse_rate, conflicts_with_all = ["rate", "pipeline"])]
     pub sweep: Option<Vec<f64>>,
 
+    /// Open loop: sleep at least this long on the timer (e.g. 50us). Messages falling due
+    /// meanwhile go out with the next echo or tick, so the client wakes up less often (less
+    /// CPU per echo at high rates); their latency still counts from the intended time, so
+    /// the wait shows in the results (pessimistic, never flattering). Default: wake for
+    /// each message on time.
+    #[arg(long, value_name = "TIME", default_value = "0", value_parser = parse_duration)]
+    pub tick: Duration,
+
     /// A connection with echoes owed and no byte back for this long counts as timed out;
     /// also how long the end of a run waits for the last echoes.
     #[arg(long, value_name = "TIME", default_value = "5s", value_parser = parse_duration)]
@@ -200,6 +208,8 @@ pub struct Params {
     pub sweep: Vec<f64>,
     /// No-progress timeout and end-of-run grace.
     pub timeout: Duration,
+    /// Open loop: shortest sleep on the timer alone.
+    pub tick: Duration,
 }
 
 impl Params {
@@ -275,6 +285,7 @@ impl Params {
             load,
             sweep,
             timeout: a.timeout,
+            tick: a.tick,
         })
     }
 

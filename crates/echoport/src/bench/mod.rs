@@ -196,6 +196,7 @@ fn run_once(
             end_ns,
             count,
             timeout_ns: p.timeout.as_nanos() as u64,
+            tick_ns: p.tick.as_nanos() as u64,
         };
         let opts = crate::backends::Options {
             buf_size: if conns > 2048 { 2048 } else { 8192 },
@@ -294,11 +295,10 @@ fn run_once(
         .spawn(move || connector.run())
         .context("spawning the connector thread")?;
 
-    // Watch: the live line once a second, CPU samples at the edges of the window.
+    // Watch: the live line once a second; CPU samples when the warm-up ends and when the
+    // threads are done (the last measured echo is back: everything it cost is counted).
     let warm_at = epoch + p.warmup;
-    let end_at = end_ns.map(|e| epoch + Duration::from_nanos(e));
     let mut cpu0: Option<Sample> = None;
-    let mut cpu1: Option<Sample> = None;
     let mut next_tick = epoch + Duration::from_secs(1);
     let mut last_done = 0u64;
     let mut last_bytes = 0u64;
@@ -310,9 +310,6 @@ fn run_once(
         let now = Instant::now();
         if cpu0.is_none() && now >= warm_at {
             cpu0 = Sample::take(a.server_pid);
-        }
-        if cpu1.is_none() && end_at.is_some_and(|e| now >= e) {
-            cpu1 = Sample::take(a.server_pid);
         }
         if now >= next_tick {
             secs += 1;
@@ -339,14 +336,9 @@ fn run_once(
         if cpu0.is_none() {
             until = until.min(warm_at);
         }
-        if let (None, Some(e)) = (&cpu1, end_at) {
-            until = until.min(e);
-        }
         std::thread::sleep(until.saturating_duration_since(Instant::now()));
     }
-    if cpu1.is_none() {
-        cpu1 = Sample::take(a.server_pid);
-    }
+    let cpu1 = Sample::take(a.server_pid);
     if live_line {
         eprint!("\r\x1b[K");
     }
@@ -375,6 +367,10 @@ fn run_once(
         _ => tally.last_done_ns,
     };
     let window = Duration::from_nanos(window_end.saturating_sub(warmup_ns));
+    let sent_window = match end_ns {
+        Some(_) if !interrupted => p.duration,
+        _ => window,
+    };
     let (client_cpu, server_cpu) = match (cpu0, cpu1) {
         (Some(a0), Some(a1)) => (
             Some(Cpu {
@@ -398,6 +394,7 @@ fn run_once(
         load,
         tally,
         window,
+        sent_window,
         connect,
         client_cpu,
         server_cpu,

@@ -35,8 +35,11 @@ pub struct RunResult {
     pub load: Load,
     /// Measurements, merged over threads.
     pub tally: Tally,
-    /// The measured window: from the end of the warm-up to the end of the run.
+    /// The measured window: from the end of the warm-up to the last measured echo (or the
+    /// end of the duration, if later).
     pub window: Duration,
+    /// The window sends are counted in: the duration (or `window` in count mode).
+    pub sent_window: Duration,
     /// Connections opened and failed.
     pub connect: ConnectReport,
     /// The client's own CPU over the window (None when the run ended before it began).
@@ -60,10 +63,15 @@ impl RunResult {
         per_sec(self.tally.bytes as f64, self.window) / (1024.0 * 1024.0)
     }
 
-    /// Achieved over intended rate (open loop).
+    /// Measured messages sent per second of the window: the load actually offered.
+    pub fn sent_per_sec(&self) -> f64 {
+        per_sec(self.tally.sent as f64, self.sent_window)
+    }
+
+    /// Offered over intended rate (open loop): did the generator keep its schedule?
     pub fn rate_ratio(&self) -> Option<f64> {
         match self.load {
-            Load::Open { rate } => Some(self.msgs_per_sec() / rate),
+            Load::Open { rate } => Some(self.sent_per_sec() / rate),
             Load::Closed { .. } => None,
         }
     }
@@ -158,16 +166,21 @@ pub fn text(p: &Params, r: &RunResult) -> String {
     );
     let _ = writeln!(
         s,
-        "  throughput   {} msgs/s   {:.2} MiB/s   ({} messages in {:.3} s){}",
+        "  throughput   {} msgs/s   {:.2} MiB/s   ({} messages in {:.3} s)",
         group(r.msgs_per_sec()),
         r.mib_per_sec(),
         group(t.msgs as f64),
         r.window.as_secs_f64(),
-        match r.rate_ratio() {
-            Some(q) => format!(", {:.2} % of the intended rate", q * 100.0),
-            None => String::new(),
-        }
     );
+    if let Some(q) = r.rate_ratio() {
+        let _ = writeln!(
+            s,
+            "  offered      {} msgs/s sent = {:.2} % of the intended rate; sends at most {} us behind schedule",
+            group(r.sent_per_sec()),
+            q * 100.0,
+            us(t.max_send_lag_ns as f64 / 1000.0)
+        );
+    }
     if t.msgs > 0 {
         let _ = writeln!(
             s,
@@ -348,7 +361,9 @@ fn run_json(r: &RunResult) -> Value {
         "bytes": t.bytes,
         "msgs_per_sec": round(r.msgs_per_sec(), 2),
         "mib_per_sec": round(r.mib_per_sec(), 4),
+        "sent_per_sec": round(r.sent_per_sec(), 2),
         "rate_ratio": r.rate_ratio().map(|v| round(v, 5)),
+        "max_send_lag_us": round(t.max_send_lag_ns as f64 / 1000.0, 1),
         "latency_us": latency,
         "connections": {
             "established": r.connect.established,
@@ -407,6 +422,7 @@ pub fn json_doc(
             "rate": match p.load { Load::Open { rate } if p.sweep.is_empty() => Some(rate), _ => None },
             "sweep": p.sweep,
             "timeout_s": p.timeout.as_secs_f64(),
+            "tick_s": p.tick.as_secs_f64(),
         },
         "runs": runs.iter().map(run_json).collect::<Vec<_>>(),
         "interrupted": interrupted,

@@ -81,6 +81,12 @@ pub struct Tally {
     pub msgs: u64,
     /// Their bytes (one direction).
     pub bytes: u64,
+    /// Measured messages whose first byte was handed to the kernel before the end of the
+    /// window: the load actually offered.
+    pub sent: u64,
+    /// The longest a message's first byte waited past its intended time before it was
+    /// handed to the kernel (open loop: how far the generator fell behind its schedule).
+    pub max_send_lag_ns: u64,
     /// When the last measured message came back, in ns since the run's start.
     pub last_done_ns: u64,
     /// Errors.
@@ -98,6 +104,8 @@ impl Default for Tally {
             hist: Histogram::new_with_bounds(1, MAX_NS, 3).expect("valid histogram bounds"),
             msgs: 0,
             bytes: 0,
+            sent: 0,
+            max_send_lag_ns: 0,
             last_done_ns: 0,
             errors: Errors::default(),
             overflows: 0,
@@ -114,6 +122,8 @@ impl Tally {
             .expect("histograms of equal bounds add");
         self.msgs += o.msgs;
         self.bytes += o.bytes;
+        self.sent += o.sent;
+        self.max_send_lag_ns = self.max_send_lag_ns.max(o.max_send_lag_ns);
         self.last_done_ns = self.last_done_ns.max(o.last_done_ns);
         self.errors.merge(&o.errors);
         self.overflows += o.overflows;

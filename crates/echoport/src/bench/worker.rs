@@ -86,6 +86,9 @@ pub struct Plan {
     pub count: Option<u64>,
     /// No-progress timeout, and the grace at the end for the last echoes.
     pub timeout_ns: u64,
+    /// Open loop: the shortest sleep on the timer alone (messages falling due sooner wait
+    /// for it or for the next completion, and their latency includes that wait).
+    pub tick_ns: u64,
 }
 
 /// How a worker reports that its backend is open: its waker and description, or why not.
@@ -343,7 +346,8 @@ impl<B: Backend> Worker<B> {
             } = self.plan.load
             {
                 if !self.active.is_empty() {
-                    at = at.min((offset_ns + self.k as f64 * interval_ns) as u64);
+                    let due = (offset_ns + self.k as f64 * interval_ns) as u64;
+                    at = at.min(due.max(now + self.plan.tick_ns));
                 }
             }
         } else if !self.deadline_passed {
@@ -604,13 +608,25 @@ impl<B: Backend> Worker<B> {
             }
             return;
         };
-        let Worker { io, conns, .. } = self;
+        let Worker {
+            io,
+            conns,
+            tally,
+            plan,
+            ..
+        } = self;
         let c = conns.get_mut(token).expect("caller checked");
         let dst = io.buf_mut(buf);
         let cap = dst.len();
         let mut filled = 0;
         while filled < cap && c.send_idx < c.queue.len() {
             let m = c.queue[c.send_idx];
+            if c.send_off == 0 && m.measured {
+                if plan.end_ns.is_none_or(|e| now < e) {
+                    tally.sent += 1;
+                }
+                tally.max_send_lag_ns = tally.max_send_lag_ns.max(now.saturating_sub(m.t));
+            }
             let n = ((m.len - c.send_off) as usize).min(cap - filled);
             pattern::fill(m.key, c.send_off, &mut dst[filled..filled + n]);
             filled += n;
