@@ -66,9 +66,10 @@ pub struct Config {
     /// Accept into direct descriptors on the fast path. Off when the caller needs to know
     /// peers' addresses (a direct descriptor cannot be asked).
     pub direct_accept: bool,
-    /// When non-zero, a blocking wait asks the kernel (6.12+) to gather up to
-    /// [`Config::batch`] completions for this many microseconds before waking the loop:
-    /// fewer wake-ups under load, at most this much added latency.
+    /// When non-zero and the loop is busy (its last wait brought several completions), a
+    /// wait asks the kernel for as many again (at most [`Config::batch`]) and lets them
+    /// gather for up to this many microseconds: fewer wake-ups under load, at most this
+    /// much added latency. At light load waits are for one completion, as without it.
     pub batch_wait_us: u32,
     /// Completions a batched wait aims for.
     pub batch: u32,
@@ -272,6 +273,8 @@ pub struct Uring {
     inflight: u64,
     batch_wait_us: u32,
     batch: u32,
+    /// Completions the last wait brought: how many the next batched wait asks for.
+    last_reaped: usize,
     /// Size of the direct descriptor table (fast path only).
     direct_files: Option<u32>,
     /// Accepted connections get direct descriptors.
@@ -321,6 +324,7 @@ impl Uring {
             inflight: 0,
             batch_wait_us: cfg.batch_wait_us,
             batch: cfg.batch.max(1),
+            last_reaped: 0,
             direct_files: None,
             direct_accept: fast && cfg.direct_accept,
             overflows: 0,
@@ -736,21 +740,27 @@ impl Backend for Uring {
         } else {
             timeout
         };
-        let res = match timeout {
-            None if self.batch_wait_us == 0 => self.ring.submit_and_wait(1),
-            None => {
-                // Wait for a batch, but no longer than batch_wait_us for it; then for one.
-                let args = types::SubmitArgs::new().min_wait_usec(self.batch_wait_us);
-                self.ring
-                    .submitter()
-                    .submit_with_args(self.batch as usize, &args)
+        // Under load, ask for as many completions as the last turn brought (up to `batch`),
+        // for at most `batch_wait_us`: with DEFER_TASKRUN the kernel then does not wake the
+        // loop until that many are ready, so one wake-up serves many echoes. At light load
+        // (the last turn brought one or none) this is a plain wait for one.
+        let batch = self.last_reaped.min(self.batch as usize);
+        let (want, timeout) = match timeout {
+            Some(t) if t.is_zero() => (1, Some(t)),
+            t if self.batch_wait_us > 0 && batch > 1 => {
+                let b = Duration::from_micros(self.batch_wait_us as u64);
+                (batch, Some(t.map_or(b, |t| t.min(b))))
             }
+            t => (1, t),
+        };
+        let res = match timeout {
+            None => self.ring.submit_and_wait(1),
             Some(t) => {
                 let ts = types::Timespec::new()
                     .sec(t.as_secs())
                     .nsec(t.subsec_nanos());
                 let args = types::SubmitArgs::new().timespec(&ts);
-                self.ring.submitter().submit_with_args(1, &args)
+                self.ring.submitter().submit_with_args(want, &args)
             }
         };
         match res {
@@ -769,6 +779,7 @@ impl Backend for Uring {
         let cq = self.ring.completion();
         self.dropped = cq.overflow() as u64;
         cqes.extend(cq.map(|c| (c.user_data(), c.result(), c.flags())));
+        self.last_reaped = cqes.len();
         for &(ud, res, flags) in &cqes {
             self.complete(ud, res, flags, out);
         }

@@ -122,7 +122,10 @@ pub enum AnyBackend {
 /// Checks that io_uring works here with everything a worker will use: the probe (set-up,
 /// opcodes, a no-op round trip), then one ring built with the real settings and dropped.
 pub fn probe_uring(opts: &Options) -> Result<(), String> {
-    echoport_io::uring::probe()?;
+    echoport_io::uring::probe().map_err(|why| match io_uring_disabled() {
+        Some(v) => format!("{why}; the kernel.io_uring_disabled sysctl is {v}"),
+        None => why,
+    })?;
     let trial = echoport_io::uring::Config {
         // The buffer count does not change what the kernel is asked; keep the trial small.
         buffers: 8,
@@ -132,6 +135,14 @@ pub fn probe_uring(opts: &Options) -> Result<(), String> {
     echoport_io::uring::Uring::new(&trial)
         .map(drop)
         .map_err(|e| format!("setting up a ring failed: {e}"))
+}
+
+/// The `kernel.io_uring_disabled` sysctl when it is set (1: only a privileged group may use
+/// io_uring, 2: nobody may), the first thing to look at when set-up is refused.
+fn io_uring_disabled() -> Option<String> {
+    let v = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").ok()?;
+    let v = v.trim();
+    (v != "0").then(|| v.to_string())
 }
 
 /// Decides the backend once, before the threads start, logging why when `auto` falls back.

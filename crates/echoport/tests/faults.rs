@@ -3,15 +3,15 @@
 //! clean, and the server leaks no connection.
 
 #[macro_use]
-mod support;
+mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::thread;
 use std::time::Duration;
 
+use common::Server;
 use echoport_testkit::proxy::{Faults, Proxy};
-use support::{stat, Server};
 
 fn pattern(len: usize, salt: u8) -> Vec<u8> {
     (0..len)
@@ -54,16 +54,17 @@ fn through(
     half_close: bool,
 ) -> (Vec<u8>, Vec<u8>, bool) {
     let server = Server::on(backend, &["--threads", "1"]);
-    let proxy = Proxy::start(server.addr, faults).unwrap();
+    let proxy = Proxy::start(server.addr(), faults).unwrap();
     let data = pattern(len, len as u8);
     let (got, clean) = round_trip(proxy.addr(), data.clone(), half_close);
     drop(proxy);
     thread::sleep(Duration::from_millis(200));
     let stats = server.stop();
     assert_eq!(
-        stat(&stats, "accepted"),
-        stat(&stats, "closed"),
-        "a connection leaked: {stats}"
+        stats.stat("accepted"),
+        stats.stat("closed"),
+        "a connection leaked: {}",
+        stats.log
     );
     (data, got, clean)
 }

@@ -1,12 +1,12 @@
 //! UDP echo (RFC 862) and its guards against reflection and loops.
 
 #[macro_use]
-mod support;
+mod common;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use support::{stat, Server};
+use common::Server;
 
 fn client(bind: &str) -> UdpSocket {
     let s = UdpSocket::bind(bind).unwrap_or_else(|e| {
@@ -33,7 +33,7 @@ fn udp_is_off_by_default(backend: &str) {
     let server = Server::on(backend, &["--threads", "1"]);
     let c = client("127.0.0.1:0");
     assert_eq!(
-        echoed(&c, server.addr, b"anyone?"),
+        echoed(&c, server.addr(), b"anyone?"),
         None,
         "UDP answered without --udp"
     );
@@ -45,18 +45,18 @@ fn datagrams_come_back_whole_up_to_the_largest(backend: &str) {
     for len in [1usize, 100, 1472, 9000, 65_507] {
         let data: Vec<u8> = (0..len).map(|i| (i * 13 + len) as u8).collect();
         assert_eq!(
-            echoed(&c, server.addr, &data).as_deref(),
+            echoed(&c, server.addr(), &data).as_deref(),
             Some(&data[..]),
             "{len}-byte datagram"
         );
     }
     let stats = server.stop();
-    assert_eq!(stat(&stats, "udp_echoed"), 5, "{stats}");
+    assert_eq!(stats.stat("udp_echoed"), 5, "{}", stats.log);
 }
 
 fn dangerous_sources_get_no_reply(backend: &str) {
     let server = Server::on(backend, &["--threads", "1", "--udp"]);
-    let port = server.addr.port();
+    let port = server.addr().port();
     let own = format!("127.0.0.2:{port}");
     let sources = [
         "127.0.0.1:7",
@@ -68,15 +68,24 @@ fn dangerous_sources_get_no_reply(backend: &str) {
     ];
     for src in sources {
         let c = client(src);
-        assert_eq!(echoed(&c, server.addr, b"loop?"), None, "replied to {src}");
+        assert_eq!(
+            echoed(&c, server.addr(), b"loop?"),
+            None,
+            "replied to {src}"
+        );
     }
     let ok = client("127.0.0.1:0");
     assert!(
-        echoed(&ok, server.addr, b"fine").is_some(),
+        echoed(&ok, server.addr(), b"fine").is_some(),
         "an ordinary source is answered"
     );
     let stats = server.stop();
-    assert_eq!(stat(&stats, "udp_refused"), sources.len() as u64, "{stats}");
+    assert_eq!(
+        stats.stat("udp_refused"),
+        sources.len() as u64,
+        "{}",
+        stats.log
+    );
 }
 
 fn a_blast_from_one_source_is_held_to_its_rate(backend: &str) {
@@ -88,7 +97,7 @@ fn a_blast_from_one_source_is_held_to_its_rate(backend: &str) {
     let mut replies = 0u64;
     let mut buf = [0u8; 64];
     while sent < 100_000 && started.elapsed() < Duration::from_secs(5) {
-        if c.send_to(&sent.to_le_bytes(), server.addr).is_ok() {
+        if c.send_to(&sent.to_le_bytes(), server.addr()).is_ok() {
             sent += 1;
         }
         while c.recv_from(&mut buf).is_ok() {
@@ -111,8 +120,8 @@ fn a_blast_from_one_source_is_held_to_its_rate(backend: &str) {
         "too few replies ({replies}): the test did not exercise the limit"
     );
     let stats = server.stop();
-    assert!(stat(&stats, "udp_rate_limited") > 0, "{stats}");
-    assert!(stat(&stats, "udp_echoed") <= allowed, "{stats}");
+    assert!(stats.stat("udp_rate_limited") > 0, "{}", stats.log);
+    assert!(stats.stat("udp_echoed") <= allowed, "{}", stats.log);
 }
 
 every_backend! {

@@ -20,6 +20,24 @@ use std::time::{Duration, Instant};
 
 use rustix::process::{kill_process, Pid, Signal};
 
+/// The Linux backends every behaviour is checked on.
+#[allow(dead_code)]
+pub const BACKENDS: [&str; 2] = ["io-uring", "epoll"];
+
+/// `every_backend! { case, ... }`: each case is a `fn case(backend: &str)`; this makes one
+/// `#[test]` per backend, as `io_uring::case` and `epoll::case`.
+#[allow(unused_macros)]
+macro_rules! every_backend {
+    ($($case:ident),* $(,)?) => {
+        mod io_uring {
+            $( #[test] fn $case() { super::$case("io-uring") } )*
+        }
+        mod epoll {
+            $( #[test] fn $case() { super::$case("epoll") } )*
+        }
+    };
+}
+
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_echoport");
 
@@ -42,6 +60,32 @@ impl Server {
     /// otherwise it listens on `127.0.0.1:0`, logs at `info` (`ECHOPORT_TEST_LOG` overrides)
     /// and has a 5 s shutdown deadline.
     pub fn start(args: &[&str]) -> Server {
+        Server::start_configured(args, |_| {})
+    }
+
+    /// [`Server::start`], letting `configure` change the command first (a seccomp filter
+    /// applied between fork and exec, a resource limit).
+    pub fn start_configured(args: &[&str], configure: impl FnOnce(&mut Command)) -> Server {
+        Server::start_inner(&[], args, configure)
+    }
+
+    /// [`Server::start`] on one backend (`io-uring`, `epoll`).
+    pub fn on(backend: &str, args: &[&str]) -> Server {
+        let mut all = vec!["--backend", backend];
+        all.extend_from_slice(args);
+        Server::start(&all)
+    }
+
+    /// [`Server::start`] under a wrapper command, e.g. `["prlimit", "--nofile=256", "--"]`.
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Server {
+        Server::start_inner(wrapper, args, |_| {})
+    }
+
+    fn start_inner(
+        wrapper: &[&str],
+        args: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Server {
         let has = |flag: &str| args.contains(&flag);
         let mut full: Vec<String> = vec!["serve".into()];
         full.extend(args.iter().map(|a| a.to_string()));
@@ -55,11 +99,20 @@ impl Server {
             let level = std::env::var("ECHOPORT_TEST_LOG").unwrap_or_else(|_| "info".into());
             full.extend(["--log".into(), level]);
         }
-        let mut child = Command::new(BIN)
-            .args(&full)
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, rest)) => {
+                let mut c = Command::new(prog);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        cmd.args(&full)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::piped());
+        configure(&mut cmd);
+        let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
         let stderr = child.stderr.take().expect("stderr is piped");
@@ -100,9 +153,9 @@ impl Server {
                     }
                 }
                 panic!(
-                    "`echoport {}` did not start listening (exit status: {}); its stderr:\n{}",
+                    "`echoport {}` did not start listening ({}); its stderr:\n{}",
                     server.args.join(" "),
-                    status.map_or("still running".into(), |s| s.to_string()),
+                    status.map_or("still running".into(), |s| format!("it exited: {s}")),
                     server.log()
                 );
             }
@@ -138,6 +191,33 @@ impl Server {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// CPU time (user + system) the server has used, in clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+            .split_whitespace()
+            .collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    }
+
+    /// Resident memory of the server, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+
+    /// Descriptors the server process has open.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
     }
 
     /// Connects a client with `TCP_NODELAY` and a 20 s read timeout.
@@ -280,8 +360,9 @@ impl Stopped {
             .unwrap_or_else(|| panic!("no final `stopped` line in:\n{}", self.log));
         line.split_whitespace()
             .filter_map(|w| {
-                let w = w.strip_prefix("total=").unwrap_or(w);
-                let (k, v) = w.split_once('=')?;
+                // `total=accepted=3`, `udp=udp_echoed=5`: the name is the last before `=N`.
+                let (k, v) = w.rsplit_once('=')?;
+                let k = k.rsplit('=').next()?;
                 Some((k.to_string(), v.parse().ok()?))
             })
             .collect()
