@@ -16,6 +16,8 @@ pub struct Wheel {
     /// The next tick not yet processed.
     cursor: u64,
     len: usize,
+    /// The earliest tick at which a filed token comes up (a lower bound).
+    next_due: Option<u64>,
 }
 
 impl Default for Wheel {
@@ -31,6 +33,7 @@ impl Wheel {
             slots: (0..SLOTS).map(|_| Vec::new()).collect(),
             cursor: now,
             len: 0,
+            next_due: None,
         }
     }
 
@@ -50,6 +53,9 @@ impl Wheel {
         let at = at.max(self.cursor);
         self.slots[(at % SLOTS as u64) as usize].push(token);
         self.len += 1;
+        // A deadline beyond one turn comes up when its slot does, within the turn.
+        let up = at.min(self.cursor + SLOTS as u64 - 1);
+        self.next_due = Some(self.next_due.map_or(up, |d| d.min(up)));
     }
 
     /// Takes every token filed in the slots of ticks up to and including `now`, appending them
@@ -64,6 +70,17 @@ impl Wheel {
             self.cursor += 1;
         }
         self.cursor = self.cursor.max(now + 1);
+        if self.next_due.is_some_and(|d| d < self.cursor) {
+            self.next_due = (0..SLOTS as u64)
+                .map(|k| self.cursor + k)
+                .find(|t| !self.slots[(t % SLOTS as u64) as usize].is_empty());
+        }
+    }
+
+    /// The first tick at which something filed comes up, so a waiting loop need not wake
+    /// every tick; `None` when nothing is filed.
+    pub fn next_due(&self) -> Option<u64> {
+        self.next_due.filter(|_| self.len > 0)
     }
 }
 
@@ -80,14 +97,17 @@ mod tests {
         let mut w = Wheel::new(0);
         w.insert(t(1), 3);
         w.insert(t(2), 5);
+        assert_eq!(w.next_due(), Some(3));
         let mut out = Vec::new();
         w.expire(2, &mut out);
         assert!(out.is_empty());
         w.expire(4, &mut out);
         assert_eq!(out, vec![t(1)]);
+        assert_eq!(w.next_due(), Some(5));
         w.expire(10, &mut out);
         assert_eq!(out, vec![t(1), t(2)]);
         assert!(w.is_empty());
+        assert_eq!(w.next_due(), None);
     }
 
     #[test]

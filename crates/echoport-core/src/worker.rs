@@ -4,10 +4,12 @@
 //! The worker owns the connection slab, the listeners' accept state (including the back-off
 //! when descriptors run out), parked connections waiting for buffers, and graceful shutdown.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
@@ -34,15 +36,54 @@ pub const TICK: Duration = Duration::from_millis(100);
 pub struct Admission {
     max: AtomicUsize,
     live: AtomicUsize,
+    per_ip: Option<(u32, Mutex<HashMap<IpAddr, u32>>)>,
 }
 
 impl Admission {
     /// A budget of `max` connections.
     pub fn new(max: usize) -> Arc<Admission> {
+        Admission::with_per_ip(max, None)
+    }
+
+    /// A budget of `max` connections, and of `per_ip` from any one address.
+    pub fn with_per_ip(max: usize, per_ip: Option<u32>) -> Arc<Admission> {
         Arc::new(Admission {
             max: AtomicUsize::new(max),
             live: AtomicUsize::new(0),
+            per_ip: per_ip.map(|n| (n, Mutex::new(HashMap::new()))),
         })
+    }
+
+    /// True when connections are also limited per source address.
+    pub fn limits_per_ip(&self) -> bool {
+        self.per_ip.is_some()
+    }
+
+    /// Takes one place for `ip` if its budget allows.
+    pub fn try_acquire_ip(&self, ip: IpAddr) -> bool {
+        let Some((max, map)) = &self.per_ip else {
+            return true;
+        };
+        let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= *max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// Gives `ip`'s place back.
+    pub fn release_ip(&self, ip: IpAddr) {
+        if let Some((_, map)) = &self.per_ip {
+            let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = map.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&ip);
+                }
+            }
+        }
     }
 
     /// Changes the budget (connections already admitted stay).
@@ -132,6 +173,8 @@ pub struct Worker<B: Backend> {
     idle_ticks: Option<u32>,
     write_ticks: Option<u32>,
     expired: Vec<Token>,
+    /// Source address of each connection, kept only when limiting per address.
+    peers: HashMap<Token, IpAddr>,
 }
 
 fn ticks(d: Option<Duration>) -> Option<u32> {
@@ -150,6 +193,7 @@ impl<B: Backend> Worker<B> {
             idle_ticks,
             write_ticks,
             expired: Vec::new(),
+            peers: HashMap::new(),
             backend,
             cfg,
             conns: Slab::with_capacity(1024),
@@ -366,6 +410,9 @@ impl<B: Backend> Worker<B> {
         if f(conn, &mut cx) == Status::Closed {
             self.conns.remove(token);
             self.cfg.admission.release();
+            if let Some(ip) = self.peers.remove(&token) {
+                self.cfg.admission.release_ip(ip);
+            }
         }
     }
 
@@ -380,15 +427,7 @@ impl<B: Backend> Worker<B> {
             Ok(sock) => {
                 l.backoff = BACKOFF_MIN;
                 l.errors_in_row = 0;
-                if self.stopping.is_some() || !self.cfg.admission.try_acquire() {
-                    self.stats.refused += 1;
-                    self.backend.push(Op::Close {
-                        token: Token::NONE,
-                        sock,
-                    });
-                } else {
-                    self.insert_conn(sock);
-                }
+                self.admit(sock);
             }
             Err(OpError::Canceled) => {}
             Err(e) => {
@@ -405,6 +444,38 @@ impl<B: Backend> Worker<B> {
                 } else {
                     tracing::debug!(error = %e, "accept failed; retrying");
                 }
+            }
+        }
+    }
+
+    /// Admits an accepted socket within the budgets, or closes it at once.
+    fn admit(&mut self, sock: Socket) {
+        let adm = self.cfg.admission.clone();
+        let ip = if adm.limits_per_ip() {
+            self.backend.peer_ip(sock)
+        } else {
+            None
+        };
+        let admitted = self.stopping.is_none()
+            && adm.try_acquire()
+            && (ip.is_none_or(|ip| adm.try_acquire_ip(ip)) || {
+                adm.release();
+                false
+            });
+        if !admitted {
+            self.stats.refused += 1;
+            self.backend.push(Op::Close {
+                token: Token::NONE,
+                sock,
+            });
+            return;
+        }
+        let token = self.insert_conn(sock);
+        if let Some(ip) = ip {
+            if self.conns.get_mut(token).is_some() {
+                self.peers.insert(token, ip);
+            } else {
+                adm.release_ip(ip);
             }
         }
     }
@@ -469,8 +540,8 @@ impl<B: Backend> Worker<B> {
         if !self.parked.is_empty() {
             consider(now + PARK_RETRY);
         }
-        if !self.wheel.is_empty() {
-            consider(self.epoch + TICK * (self.now + 1));
+        if let Some(due) = self.wheel.next_due() {
+            consider(self.epoch + TICK * (due.max(self.now as u64 + 1) as u32));
         }
         next.map(|t| t.saturating_duration_since(now))
     }

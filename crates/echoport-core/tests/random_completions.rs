@@ -70,7 +70,7 @@ impl Run {
             match op {
                 Op::Recv { .. } => {
                     assert!(self.k.recv.is_none(), "second receive posted");
-                    self.k.recv = Some(self.next_byte % 2 == 0);
+                    self.k.recv = Some(self.next_byte.is_multiple_of(2));
                     self.k.recv_cancel = false;
                 }
                 Op::Send { buf, off, len, .. } => {

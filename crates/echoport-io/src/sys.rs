@@ -7,6 +7,9 @@ use std::sync::Arc;
 
 use echoport_core::{OpError, Waker};
 
+#[cfg(target_os = "linux")]
+pub mod seccomp;
+
 /// Maps an OS error code (positive errno) to the kinds the echo logic tells apart.
 pub fn op_error(errno: i32) -> OpError {
     match errno {
@@ -164,6 +167,33 @@ pub fn nofile_limit() -> u64 {
         return 1024;
     }
     lim.rlim_cur
+}
+
+/// The peer's IP address of a connected socket descriptor.
+pub fn peer_ip(fd: RawFd) -> Option<std::net::IpAddr> {
+    // SAFETY: the caller passes a descriptor it owns and keeps open for this call; the
+    // borrow does not outlive it.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let addr = socket2::SockRef::from(&fd).peer_addr().ok()?;
+    addr.as_socket().map(|a| a.ip())
+}
+
+/// Receives one datagram into `buf` and returns its *full* length (which exceeds
+/// `buf.len()` when the datagram was truncated) and its source.
+#[cfg(target_os = "linux")]
+pub fn recv_from_full(
+    sock: &std::net::UdpSocket,
+    buf: &mut [u8],
+) -> io::Result<(usize, std::net::SocketAddr)> {
+    let s = socket2::SockRef::from(sock);
+    // SAFETY: `[u8]` and `[MaybeUninit<u8>]` have the same layout, and the receive only
+    // writes initialised bytes into the (already initialised) buffer, so it stays valid u8.
+    let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) };
+    let (n, from) = s.recv_from_with_flags(uninit, libc::MSG_TRUNC)?;
+    let from = from.as_socket().ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidData, "datagram from a non-IP address")
+    })?;
+    Ok((n, from))
 }
 
 /// Sets `IP_BIND_ADDRESS_NO_PORT` on an IPv4 socket that is about to be bound to a source

@@ -63,12 +63,29 @@ pub struct Config {
     pub fast_path: bool,
     /// Size of the direct descriptor table (0: the process's descriptor limit).
     pub direct_files: u32,
-    /// When non-zero, a blocking wait asks the kernel (6.12+) to gather up to
-    /// [`Config::batch`] completions for this many microseconds before waking the loop:
-    /// fewer wake-ups under load, at most this much added latency.
+    /// Accept into direct descriptors on the fast path. Off when the caller needs to know
+    /// peers' addresses (a direct descriptor cannot be asked).
+    pub direct_accept: bool,
+    /// When non-zero and the loop is busy (its last wait brought several completions), a
+    /// wait asks the kernel for as many again (at most [`Config::batch`]) and lets them
+    /// gather for up to this many microseconds: fewer wake-ups under load, at most this
+    /// much added latency. At light load waits are for one completion, as without it.
     pub batch_wait_us: u32,
     /// Completions a batched wait aims for.
     pub batch: u32,
+    /// How the kernel runs completion work for this ring.
+    pub taskrun: TaskRun,
+}
+
+/// How the kernel runs the work that completes operations (`task_work`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum TaskRun {
+    /// `SINGLE_ISSUER | DEFER_TASKRUN`: only when the loop waits for completions (6.1+).
+    Defer,
+    /// `COOP_TASKRUN`: at the next system call, without an interrupt (5.19+).
+    Coop,
+    /// The default of old kernels: interrupt the loop for each batch (for comparison only).
+    Interrupt,
 }
 
 impl Default for Config {
@@ -81,8 +98,10 @@ impl Default for Config {
             send_buffers: 256,
             fast_path: true,
             direct_files: 0,
+            direct_accept: true,
             batch_wait_us: 0,
             batch: 32,
+            taskrun: TaskRun::Defer,
         }
     }
 }
@@ -254,8 +273,12 @@ pub struct Uring {
     inflight: u64,
     batch_wait_us: u32,
     batch: u32,
+    /// Completions the last wait brought: how many the next batched wait asks for.
+    last_reaped: usize,
     /// Size of the direct descriptor table (fast path only).
     direct_files: Option<u32>,
+    /// Accepted connections get direct descriptors.
+    direct_accept: bool,
     /// Loop turns that found the kernel holding completions back (CQ overflow).
     overflows: u64,
     /// Completions the kernel dropped outright (only without `IORING_FEAT_NODROP`).
@@ -279,8 +302,8 @@ impl Uring {
     /// Sets up a ring with the fast path when asked for and available.
     pub fn new(cfg: &Config) -> io::Result<Uring> {
         let (ring, mut features) = build_ring(cfg)?;
-        let deferred = features.contains(&"defer-taskrun");
-        let fast = cfg.fast_path && deferred;
+        // Multishot receive with a buffer ring needs kernel 6.0; DEFER_TASKRUN (6.1) implies it.
+        let fast = cfg.fast_path && (features.contains(&"defer-taskrun") || kernel_at_least(6, 0));
         let buffers = cfg.buffers.clamp(1, 32768).next_power_of_two();
         let region = Region::new(cfg.buf_size.max(64), buffers + cfg.send_buffers)?;
         let mut uring = Uring {
@@ -301,7 +324,9 @@ impl Uring {
             inflight: 0,
             batch_wait_us: cfg.batch_wait_us,
             batch: cfg.batch.max(1),
+            last_reaped: 0,
             direct_files: None,
+            direct_accept: fast && cfg.direct_accept,
             overflows: 0,
             dropped: 0,
             region: Some(region),
@@ -311,12 +336,12 @@ impl Uring {
         }
         if fast {
             uring.setup_fast_path(cfg, buffers)?;
-            features.extend([
-                "multishot-accept",
-                "multishot-recv",
-                "buf-ring",
-                "direct-fds",
-            ]);
+            features.extend(["multishot-accept", "multishot-recv", "buf-ring"]);
+            features.push(if uring.direct_accept {
+                "direct-fds"
+            } else {
+                "plain-fds (to see peer addresses)"
+            });
         } else {
             uring.recv_free = (0..buffers).rev().collect();
             features.push("one-shot-ops");
@@ -505,7 +530,7 @@ impl Uring {
                 }
                 let closing = l.closing;
                 let sock = result(res).map(|v| {
-                    Socket(if self.fast {
+                    Socket(if self.direct_accept {
                         FIXED | v as u64
                     } else {
                         v as u64
@@ -615,7 +640,7 @@ impl Submit for Uring {
                 self.listeners[i].armed = true;
                 let e = if self.fast {
                     opcode::AcceptMulti::new(types::Fd(fd))
-                        .allocate_file_index(true)
+                        .allocate_file_index(self.direct_accept)
                         .build()
                 } else {
                     opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())
@@ -715,21 +740,27 @@ impl Backend for Uring {
         } else {
             timeout
         };
-        let res = match timeout {
-            None if self.batch_wait_us == 0 => self.ring.submit_and_wait(1),
-            None => {
-                // Wait for a batch, but no longer than batch_wait_us for it; then for one.
-                let args = types::SubmitArgs::new().min_wait_usec(self.batch_wait_us);
-                self.ring
-                    .submitter()
-                    .submit_with_args(self.batch as usize, &args)
+        // Under load, ask for as many completions as the last turn brought (up to `batch`),
+        // for at most `batch_wait_us`: with DEFER_TASKRUN the kernel then does not wake the
+        // loop until that many are ready, so one wake-up serves many echoes. At light load
+        // (the last turn brought one or none) this is a plain wait for one.
+        let batch = self.last_reaped.min(self.batch as usize);
+        let (want, timeout) = match timeout {
+            Some(t) if t.is_zero() => (1, Some(t)),
+            t if self.batch_wait_us > 0 && batch > 1 => {
+                let b = Duration::from_micros(self.batch_wait_us as u64);
+                (batch, Some(t.map_or(b, |t| t.min(b))))
             }
+            t => (1, t),
+        };
+        let res = match timeout {
+            None => self.ring.submit_and_wait(1),
             Some(t) => {
                 let ts = types::Timespec::new()
                     .sec(t.as_secs())
                     .nsec(t.subsec_nanos());
                 let args = types::SubmitArgs::new().timespec(&ts);
-                self.ring.submitter().submit_with_args(1, &args)
+                self.ring.submitter().submit_with_args(want, &args)
             }
         };
         match res {
@@ -748,6 +779,7 @@ impl Backend for Uring {
         let cq = self.ring.completion();
         self.dropped = cq.overflow() as u64;
         cqes.extend(cq.map(|c| (c.user_data(), c.result(), c.flags())));
+        self.last_reaped = cqes.len();
         for &(ud, res, flags) in &cqes {
             self.complete(ud, res, flags, out);
         }
@@ -783,7 +815,15 @@ impl Backend for Uring {
     }
 
     fn max_connections(&self) -> Option<usize> {
-        self.direct_files.map(|n| n as usize)
+        self.direct_files
+            .filter(|_| self.direct_accept)
+            .map(|n| n as usize)
+    }
+
+    fn peer_ip(&self, sock: Socket) -> Option<std::net::IpAddr> {
+        (sock.0 & FIXED == 0)
+            .then(|| crate::sys::peer_ip(sock.0 as RawFd))
+            .flatten()
     }
 
     fn overflows(&self) -> u64 {
@@ -796,6 +836,8 @@ impl Drop for Uring {
         // Cancel whatever is still posted and wait (bounded) for the kernel to let go of it
         // before the buffer memory may be freed.
         let deadline = Instant::now() + Duration::from_secs(1);
+        // Entries still in the backlog never reached the kernel.
+        self.inflight = self.inflight.saturating_sub(self.backlog.len() as u64);
         self.backlog.clear();
         let any = types::CancelBuilder::any();
         // SAFETY: a cancel entry references no memory.
@@ -831,20 +873,37 @@ impl Drop for Uring {
 }
 
 /// Builds a ring with the best task-running mode the kernel accepts.
+/// Builds a ring with the best task-running mode the kernel accepts, starting from the one
+/// asked for.
 fn build_ring(cfg: &Config) -> io::Result<(IoUring, Vec<&'static str>)> {
     let mut b = IoUring::builder();
     b.setup_cqsize(cfg.cq_entries)
         .setup_clamp()
         .setup_submit_all();
-    let mut deferred = b.clone();
-    deferred.setup_single_issuer().setup_defer_taskrun();
-    if let Ok(r) = deferred.build(cfg.sq_entries) {
-        return Ok((r, vec!["single-issuer", "defer-taskrun"]));
+    if cfg.taskrun == TaskRun::Defer {
+        let mut deferred = b.clone();
+        deferred.setup_single_issuer().setup_defer_taskrun();
+        if let Ok(r) = deferred.build(cfg.sq_entries) {
+            return Ok((r, vec!["single-issuer", "defer-taskrun"]));
+        }
     }
-    let mut coop = b.clone();
-    coop.setup_coop_taskrun().setup_taskrun_flag();
-    if let Ok(r) = coop.build(cfg.sq_entries) {
-        return Ok((r, vec!["coop-taskrun"]));
+    if cfg.taskrun != TaskRun::Interrupt {
+        let mut coop = b.clone();
+        coop.setup_coop_taskrun().setup_taskrun_flag();
+        if let Ok(r) = coop.build(cfg.sq_entries) {
+            return Ok((r, vec!["coop-taskrun"]));
+        }
     }
-    Ok((b.build(cfg.sq_entries)?, vec![]))
+    Ok((b.build(cfg.sq_entries)?, vec!["interrupt-taskrun"]))
+}
+
+/// Whether the running kernel is at least `major.minor` (multishot receive needs 6.0).
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
+        return false;
+    };
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let ma: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let mi: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (ma, mi) >= (major, minor)
 }

@@ -5,7 +5,7 @@
 //!
 //! Runs are short (1-3 s each); the whole file takes about 20 s.
 
-mod support;
+mod common;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::Server;
 use serde_json::Value;
-use support::Server;
 
 fn bench(addr: SocketAddr, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_echoport"))
@@ -200,7 +200,7 @@ fn closed_loop_against_the_server_reports_everything_in_json() {
     let svg = dir.join("closed.svg");
     let pid = server.pid().to_string();
     let out = bench(
-        server.addr,
+        server.addr(),
         &[
             "-c",
             "8",
@@ -225,7 +225,7 @@ fn closed_loop_against_the_server_reports_everything_in_json() {
     let d = doc(&out);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(d["schema"], "echoport-bench/1");
-    assert_eq!(d["server"], server.addr.to_string());
+    assert_eq!(d["server"], server.addr().to_string());
     assert_eq!(d["ok"], true);
     assert_eq!(d["params"]["mode"], "closed");
     assert_eq!(num(&d, "params.connections"), 8.0);
@@ -284,7 +284,7 @@ fn closed_loop_against_the_server_reports_everything_in_json() {
 fn open_loop_achieves_a_feasible_rate() {
     let server = Server::start(&["--threads", "1"]);
     let out = bench(
-        server.addr,
+        server.addr(),
         &[
             "-c", "4", "-r", "2000", "-d", "2s", "--warmup", "300ms", "-s", "128",
         ],
@@ -459,7 +459,7 @@ fn sigint_gives_partial_results_and_exit_130() {
     let server = Server::start(&["--threads", "1"]);
     let mut child = Command::new(env!("CARGO_BIN_EXE_echoport"))
         .arg("bench")
-        .arg(server.addr.to_string())
+        .arg(server.addr().to_string())
         .args([
             "--threads",
             "1",

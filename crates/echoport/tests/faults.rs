@@ -2,15 +2,16 @@
 //! limit, a reset mid-stream, a slow close, truncation. Bytes come back exact or the error is
 //! clean, and the server leaks no connection.
 
-mod support;
+#[macro_use]
+mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::thread;
 use std::time::Duration;
 
+use common::Server;
 use echoport_testkit::proxy::{Faults, Proxy};
-use support::{stat, Server};
 
 fn pattern(len: usize, salt: u8) -> Vec<u8> {
     (0..len)
@@ -46,54 +47,57 @@ fn round_trip(addr: SocketAddr, data: Vec<u8>, half_close: bool) -> (Vec<u8>, bo
     (got, clean)
 }
 
-fn through(faults: Faults, len: usize, half_close: bool) -> (Vec<u8>, Vec<u8>, bool) {
-    let server = Server::start(&["--threads", "1"]);
-    let proxy = Proxy::start(server.addr, faults).unwrap();
+fn through(
+    backend: &str,
+    faults: Faults,
+    len: usize,
+    half_close: bool,
+) -> (Vec<u8>, Vec<u8>, bool) {
+    let server = Server::on(backend, &["--threads", "1"]);
+    let proxy = Proxy::start(server.addr(), faults).unwrap();
     let data = pattern(len, len as u8);
     let (got, clean) = round_trip(proxy.addr(), data.clone(), half_close);
     drop(proxy);
     thread::sleep(Duration::from_millis(200));
     let stats = server.stop();
     assert_eq!(
-        stat(&stats, "accepted"),
-        stat(&stats, "closed"),
-        "a connection leaked: {stats}"
+        stats.stat("accepted"),
+        stats.stat("closed"),
+        "a connection leaked: {}",
+        stats.log
     );
     (data, got, clean)
 }
 
-#[test]
-fn latency_jitter_and_one_byte_slices_keep_every_byte() {
+fn latency_jitter_and_one_byte_slices_keep_every_byte(backend: &str) {
     let faults = Faults {
         latency: Duration::from_micros(200),
         jitter: Duration::from_micros(300),
         slice: Some(1),
         ..Faults::default()
     };
-    let (sent, got, clean) = through(faults, 3000, true);
+    let (sent, got, clean) = through(backend, faults, 3000, true);
     assert!(clean, "stream did not end cleanly");
     assert_eq!(got, sent);
 }
 
-#[test]
-fn a_bandwidth_limit_slows_but_does_not_corrupt() {
+fn a_bandwidth_limit_slows_but_does_not_corrupt(backend: &str) {
     let faults = Faults {
         bandwidth: Some(400_000),
         ..Faults::default()
     };
-    let (sent, got, clean) = through(faults, 200_000, true);
+    let (sent, got, clean) = through(backend, faults, 200_000, true);
     assert!(clean);
     assert_eq!(got, sent);
 }
 
-#[test]
-fn a_reset_mid_stream_ends_cleanly_with_an_exact_prefix() {
+fn a_reset_mid_stream_ends_cleanly_with_an_exact_prefix(backend: &str) {
     let faults = Faults {
         reset_after: Some(100_000),
         slice: Some(4096),
         ..Faults::default()
     };
-    let (sent, got, clean) = through(faults, 1 << 20, false);
+    let (sent, got, clean) = through(backend, faults, 1 << 20, false);
     assert!(!clean || got.len() < sent.len(), "the reset was not seen");
     assert!(
         sent.starts_with(&got),
@@ -102,24 +106,30 @@ fn a_reset_mid_stream_ends_cleanly_with_an_exact_prefix() {
     assert!(got.len() <= 100_000, "more came back than passed the proxy");
 }
 
-#[test]
-fn a_slow_close_still_gets_the_whole_echo_then_end_of_stream() {
+fn a_slow_close_still_gets_the_whole_echo_then_end_of_stream(backend: &str) {
     let faults = Faults {
         slow_close: Some(Duration::from_millis(300)),
         ..Faults::default()
     };
-    let (sent, got, clean) = through(faults, 50_000, true);
+    let (sent, got, clean) = through(backend, faults, 50_000, true);
     assert!(clean);
     assert_eq!(got, sent);
 }
 
-#[test]
-fn truncation_by_the_network_leaves_an_exact_prefix() {
+fn truncation_by_the_network_leaves_an_exact_prefix(backend: &str) {
     let faults = Faults {
         truncate_after: Some(12_345),
         ..Faults::default()
     };
-    let (sent, got, clean) = through(faults, 100_000, true);
+    let (sent, got, clean) = through(backend, faults, 100_000, true);
     assert!(clean, "the proxy ends the stream cleanly");
     assert_eq!(got, sent[..12_345]);
+}
+
+every_backend! {
+    latency_jitter_and_one_byte_slices_keep_every_byte,
+    a_bandwidth_limit_slows_but_does_not_corrupt,
+    a_reset_mid_stream_ends_cleanly_with_an_exact_prefix,
+    a_slow_close_still_gets_the_whole_echo_then_end_of_stream,
+    truncation_by_the_network_leaves_an_exact_prefix,
 }

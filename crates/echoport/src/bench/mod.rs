@@ -52,7 +52,7 @@ impl Waker for WakerSet {
 /// Runs the load generator.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let p = Params::from_args(&a)?;
-    let kind = crate::backends::choose_kind(p.backend)?;
+    let kind = crate::backends::choose(p.backend, &crate::backends::Options::default())?;
     if let Some(&cpu) = p.cpus.first() {
         // The connector, signal and main threads stay off the server's CPUs too.
         echoport_io::sys::pin_to_cpu(cpu).with_context(|| format!("pinning to CPU {cpu}"))?;
@@ -67,7 +67,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
 
     let mut runs = Vec::new();
     for load in p.loads() {
-        let r = run_once(&p, load, kind, &a, &stop, &wakers, live_line)?;
+        let r = run_once(&p, load, kind.clone(), &a, &stop, &wakers, live_line)?;
         let interrupted = r.interrupted;
         if !p.sweep.is_empty() {
             eprint!("{}", report::text(&p, &r));
@@ -156,7 +156,7 @@ fn share(c: usize, n: usize, t: usize) -> usize {
 fn run_once(
     p: &Params,
     load: Load,
-    kind: crate::backends::Kind,
+    kind: crate::backends::Chosen,
     a: &Args,
     stop: &Arc<AtomicBool>,
     wakers: &Arc<WakerSet>,
@@ -205,6 +205,7 @@ fn run_once(
             cq_entries: 65536,
             batch_wait_us: 0,
             send_buffers: conns as u32 + 16,
+            ..Default::default()
         };
         let (in_tx, in_rx) = mpsc::channel();
         let (start_tx, start_rx) = mpsc::channel();
@@ -219,6 +220,7 @@ fn run_once(
         };
         let cpu = (!p.cpus.is_empty()).then(|| p.cpus[t % p.cpus.len()]);
         let ready = ready_tx.clone();
+        let kind = kind.clone();
         let h = std::thread::Builder::new()
             .name(format!("bench-w{t}"))
             .spawn(move || -> anyhow::Result<worker::Outcome> {
@@ -228,7 +230,7 @@ fn run_once(
                         bail!("pinning to CPU {cpu}: {e}");
                     }
                 }
-                match crate::backends::open(kind, &opts) {
+                match crate::backends::open(&kind, &opts) {
                     Ok(b) => b.run(task),
                     Err(e) => {
                         let _ = ready.send(Err(format!("{e:#}")));

@@ -1,0 +1,388 @@
+//! The [`Backend`] contract, checked on every backend with the same code (io_uring and epoll on
+//! Linux, IOCP on Windows, where CI runs it under wine): what the echo state machine relies
+//! on, seen from the operations and completions alone.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use echoport_core::{Backend, BufId, Completion, Op, OpError, Received, Socket, Token};
+#[cfg(target_os = "linux")]
+use echoport_io::epoll::{Config as EpollConfig, Epoll};
+#[cfg(windows)]
+use echoport_io::iocp::{Config as IocpConfig, Iocp};
+#[cfg(target_os = "linux")]
+use echoport_io::uring::{Config as UringConfig, Uring};
+
+/// Small pools, so running dry is easy to arrange.
+#[cfg(target_os = "linux")]
+fn new_uring(buffers: u32) -> Uring {
+    Uring::new(&UringConfig {
+        buffers,
+        buf_size: 4096,
+        send_buffers: 4,
+        cq_entries: 1024,
+        sq_entries: 256,
+        ..Default::default()
+    })
+    .expect("io_uring ring")
+}
+
+#[cfg(target_os = "linux")]
+fn new_epoll(buffers: u32) -> Epoll {
+    Epoll::new(&EpollConfig {
+        buffers,
+        buf_size: 4096,
+        send_buffers: 4,
+        ..Default::default()
+    })
+    .expect("epoll set")
+}
+
+#[cfg(windows)]
+fn new_iocp(buffers: u32) -> Iocp {
+    Iocp::new(&IocpConfig {
+        buffers,
+        buf_size: 4096,
+        send_buffers: 4,
+        ..Default::default()
+    })
+    .expect("completion port")
+}
+
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        #[cfg(target_os = "linux")]
+        mod io_uring {
+            $( #[test] fn $name() { super::$name(super::new_uring) } )*
+        }
+        #[cfg(target_os = "linux")]
+        mod epoll {
+            $( #[test] fn $name() { super::$name(super::new_epoll) } )*
+        }
+        #[cfg(windows)]
+        mod iocp {
+            $( #[test] fn $name() { super::$name(super::new_iocp) } )*
+        }
+    };
+}
+
+on_every_backend!(
+    accepted_connections_arrive_and_accepting_stays_possible,
+    a_cancelled_receive_ends_exactly_once,
+    data_then_end_of_stream_end_the_receive,
+    an_empty_pool_reports_no_buffers_and_recovers_on_release,
+    a_send_to_a_full_socket_completes_short_or_is_cancelled_once,
+    a_wake_from_another_thread_ends_the_wait,
+);
+
+/// Reaps completions until `done` says so or `limit` passes; returns them all.
+fn reap<B: Backend>(
+    b: &mut B,
+    limit: Duration,
+    mut done: impl FnMut(&[Completion]) -> bool,
+) -> Vec<Completion> {
+    let deadline = Instant::now() + limit;
+    let mut all = Vec::new();
+    let mut out = Vec::new();
+    while !done(&all) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        out.clear();
+        b.wait(&mut out, Some(left.min(Duration::from_millis(50))))
+            .expect("wait");
+        all.extend_from_slice(&out);
+    }
+    all
+}
+
+/// A listener registered with the backend, an accept posted, one client connected and its
+/// server side accepted: (client, server socket).
+fn connected_pair<B: Backend>(b: &mut B) -> (TcpStream, Socket) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let id = b.add_listener(l).unwrap();
+    b.push(Op::Accept { listener: id });
+    let client = TcpStream::connect(addr).unwrap();
+    let got = reap(b, Duration::from_secs(5), |c| {
+        c.iter()
+            .any(|c| matches!(c, Completion::Accept { result: Ok(_), .. }))
+    });
+    let sock = got
+        .iter()
+        .find_map(|c| match c {
+            Completion::Accept { result: Ok(s), .. } => Some(*s),
+            _ => None,
+        })
+        .expect("the connection was accepted");
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    (client, sock)
+}
+
+fn recvs(all: &[Completion], token: Token) -> Vec<(Result<Received, OpError>, bool)> {
+    all.iter()
+        .filter_map(|c| match *c {
+            Completion::Recv {
+                token: t,
+                result,
+                more,
+            } if t == token => Some((result, more)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn accepted_connections_arrive_and_accepting_stays_possible<B: Backend>(new: fn(u32) -> B) {
+    let mut b = new(16);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let id = b.add_listener(l).unwrap();
+    b.push(Op::Accept { listener: id });
+    let clients: Vec<TcpStream> = (0..5).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let mut socks = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while socks.len() < clients.len() && Instant::now() < deadline {
+        let mut out = Vec::new();
+        b.wait(&mut out, Some(Duration::from_millis(50))).unwrap();
+        for c in out {
+            if let Completion::Accept {
+                listener,
+                result,
+                more,
+            } = c
+            {
+                assert_eq!(listener, id);
+                socks.push(result.expect("accept succeeds"));
+                if !more {
+                    // One-shot accept: post the next one, as the worker does.
+                    b.push(Op::Accept { listener: id });
+                }
+            }
+        }
+    }
+    assert_eq!(socks.len(), 5, "accepted {socks:?}");
+    let mut unique = socks.clone();
+    unique.sort_by_key(|s| s.0);
+    unique.dedup();
+    assert_eq!(unique.len(), 5, "a socket was reported twice: {socks:?}");
+    for s in socks {
+        b.push(Op::Close {
+            token: Token::NONE,
+            sock: s,
+        });
+    }
+    reap(&mut b, Duration::from_millis(50), |_| false);
+}
+
+fn a_cancelled_receive_ends_exactly_once<B: Backend>(new: fn(u32) -> B) {
+    let mut b = new(16);
+    let (_client, sock) = connected_pair(&mut b);
+    let token = Token::new(7, 3);
+    b.push(Op::Recv { token, sock });
+    reap(&mut b, Duration::from_millis(100), |_| false);
+    b.push(Op::CancelRecv { token, sock });
+    let all = reap(&mut b, Duration::from_millis(500), |_| false);
+    let r = recvs(&all, token);
+    assert_eq!(
+        r,
+        vec![(Err(OpError::Canceled), false)],
+        "a cancelled idle receive ends once, as cancelled"
+    );
+    // Cancelling what already ended reports nothing.
+    b.push(Op::CancelRecv { token, sock });
+    let all = reap(&mut b, Duration::from_millis(200), |_| false);
+    assert!(recvs(&all, token).is_empty(), "{all:?}");
+    b.push(Op::Close { token, sock });
+    reap(&mut b, Duration::from_millis(50), |_| false);
+}
+
+fn data_then_end_of_stream_end_the_receive<B: Backend>(new: fn(u32) -> B) {
+    let mut b = new(16);
+    let (mut client, sock) = connected_pair(&mut b);
+    let token = Token::new(1, 1);
+    b.push(Op::Recv { token, sock });
+    let payload: Vec<u8> = (0..10_000u32).map(|i| (i * 7 + i / 300) as u8).collect();
+    client.write_all(&payload).unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    let mut ended = false;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ended && Instant::now() < deadline {
+        let mut out = Vec::new();
+        b.wait(&mut out, Some(Duration::from_millis(50))).unwrap();
+        for c in out {
+            let Completion::Recv {
+                token: t,
+                result,
+                more,
+            } = c
+            else {
+                continue;
+            };
+            assert_eq!(t, token);
+            assert!(!ended, "a completion after the receive ended");
+            match result {
+                Ok(Received::Data { buf, len }) => {
+                    got.extend_from_slice(&b.buf(buf)[..len as usize]);
+                    b.release(buf);
+                    if !more {
+                        b.push(Op::Recv { token, sock }); // one-shot: post the next
+                    }
+                }
+                Ok(Received::Eof) => {
+                    assert!(!more, "end of stream must end the receive");
+                    ended = true;
+                }
+                Err(e) => panic!("receive failed: {e}"),
+            }
+        }
+    }
+    assert!(ended, "end of stream never came");
+    assert!(
+        got == payload,
+        "received {} bytes, not the payload",
+        got.len()
+    );
+    b.push(Op::Close { token, sock });
+    reap(&mut b, Duration::from_millis(50), |_| false);
+}
+
+fn an_empty_pool_reports_no_buffers_and_recovers_on_release<B: Backend>(new: fn(u32) -> B) {
+    let mut b = new(1);
+    let (mut c1, s1) = connected_pair(&mut b);
+    let (mut c2, s2) = connected_pair(&mut b);
+    let (t1, t2) = (Token::new(1, 1), Token::new(2, 1));
+    b.push(Op::Recv {
+        token: t1,
+        sock: s1,
+    });
+    c1.write_all(b"first").unwrap();
+    let all = reap(&mut b, Duration::from_secs(5), |c| !recvs(c, t1).is_empty());
+    let Some((Ok(Received::Data { buf, len: 5 }), _)) = recvs(&all, t1).first().copied() else {
+        panic!("no data on the first connection: {all:?}");
+    };
+    // The only buffer is lent out: the second connection's data finds none.
+    b.push(Op::Recv {
+        token: t2,
+        sock: s2,
+    });
+    c2.write_all(b"second").unwrap();
+    let all = reap(&mut b, Duration::from_secs(5), |c| !recvs(c, t2).is_empty());
+    assert_eq!(
+        recvs(&all, t2),
+        vec![(Err(OpError::NoBuffers), false)],
+        "{all:?}"
+    );
+    // Its bytes were not lost: after the release, a new receive gets them.
+    b.release(buf);
+    b.push(Op::Recv {
+        token: t2,
+        sock: s2,
+    });
+    let all = reap(&mut b, Duration::from_secs(5), |c| !recvs(c, t2).is_empty());
+    match recvs(&all, t2).first() {
+        Some((Ok(Received::Data { buf, len }), _)) => {
+            assert_eq!(&b.buf(*buf)[..*len as usize], b"second");
+            b.release(*buf);
+        }
+        other => panic!("expected the parked bytes, got {other:?}"),
+    }
+    for (token, sock) in [(t1, s1), (t2, s2)] {
+        b.push(Op::CancelRecv { token, sock });
+    }
+    reap(&mut b, Duration::from_millis(200), |_| false);
+    for (token, sock) in [(t1, s1), (t2, s2)] {
+        b.push(Op::Close { token, sock });
+    }
+    reap(&mut b, Duration::from_millis(50), |_| false);
+}
+
+fn a_send_to_a_full_socket_completes_short_or_is_cancelled_once<B: Backend>(new: fn(u32) -> B) {
+    let mut b = new(4);
+    let (mut client, sock) = connected_pair(&mut b);
+    let token = Token::new(3, 9);
+    let buf: BufId = b.alloc_buf().expect("a send buffer");
+    b.buf_mut(buf).fill(0xAB);
+    let len = b.buf(buf).len() as u32;
+    // Fill the path to the client, which does not read, until a send stalls.
+    let mut sent = 0u64;
+    let stalled = loop {
+        b.push(Op::Send {
+            token,
+            sock,
+            buf,
+            off: 0,
+            len,
+        });
+        let all = reap(&mut b, Duration::from_millis(300), |c| {
+            c.iter().any(|c| matches!(c, Completion::Send { .. }))
+        });
+        match all.iter().find_map(|c| match c {
+            Completion::Send { token: t, result } if *t == token => Some(*result),
+            _ => None,
+        }) {
+            Some(Ok(n)) => {
+                assert!(n > 0 && n <= len, "sent {n} of {len}");
+                sent += n as u64;
+                assert!(sent < 256 << 20, "never stalled");
+            }
+            Some(Err(e)) => panic!("send failed: {e}"),
+            None => break true,
+        }
+    };
+    assert!(stalled);
+    b.push(Op::CancelSend { token, sock });
+    let all = reap(&mut b, Duration::from_secs(2), |_| false);
+    let ends: Vec<_> = all
+        .iter()
+        .filter(|c| matches!(c, Completion::Send { token: t, .. } if *t == token))
+        .collect();
+    assert_eq!(
+        ends.len(),
+        1,
+        "the stalled send must end exactly once: {all:?}"
+    );
+    if let Completion::Send { result: Ok(n), .. } = ends[0] {
+        sent += *n as u64;
+    }
+    // Everything reported sent really arrives, byte for byte.
+    client
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut read = 0u64;
+    let mut chunk = vec![0u8; 1 << 16];
+    while read < sent {
+        let n = client.read(&mut chunk).expect("read what was sent");
+        assert!(chunk[..n].iter().all(|&x| x == 0xAB));
+        read += n as u64;
+    }
+    assert_eq!(read, sent);
+    b.release(buf);
+    b.push(Op::Close { token, sock });
+    reap(&mut b, Duration::from_millis(50), |_| false);
+}
+
+fn a_wake_from_another_thread_ends_the_wait<B: Backend>(new: fn(u32) -> B) {
+    let mut b = new(4);
+    let w = b.waker();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        w.wake();
+    });
+    let start = Instant::now();
+    let mut out = Vec::new();
+    while !out.contains(&Completion::Wake) && start.elapsed() < Duration::from_secs(5) {
+        b.wait(&mut out, None).unwrap();
+    }
+    t.join().unwrap();
+    assert!(out.contains(&Completion::Wake), "{out:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+}
