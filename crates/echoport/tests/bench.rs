@@ -663,3 +663,38 @@ fn a_coarse_tick_batches_sends_and_the_wait_shows_in_the_latency() {
     assert!(num(r, "max_send_lag_us") >= 10_000.0, "{r:#}");
     assert!(num(r, "latency_us.p50") >= 3_000.0, "{r:#}");
 }
+
+#[test]
+fn the_epoll_backend_drives_the_same_load_and_catches_the_same_faults() {
+    let server = Server::start(&["--threads", "1"]);
+    let out = bench(
+        server.addr(),
+        &[
+            "--backend",
+            "epoll",
+            "-c",
+            "6",
+            "--pipeline",
+            "3",
+            "-s",
+            "1-20000",
+            "-d",
+            "800ms",
+            "--warmup",
+            "0",
+            "--timeout",
+            "30s",
+        ],
+    );
+    let d = doc(&out);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(d["backend"].as_str().unwrap().starts_with("epoll"), "{d:#}");
+    assert_eq!(d["params"]["backend"], "epoll");
+    assert!(num(&d, "runs.0.messages") > 10.0);
+    assert_eq!(num(&d, "runs.0.errors.total"), 0.0);
+    server.stop();
+
+    let d = assert_fault(flips_a_byte, "mismatch", &["--backend", "epoll"]);
+    assert_eq!(num(&d["runs"][0], "errors.mismatch"), 2.0);
+    assert_fault(closes_early, "connection_lost", &["--backend", "epoll"]);
+}
