@@ -60,6 +60,18 @@ pub trait Backend: Submit {
     /// A one-line description for the start-up log: backend name and features in use.
     fn describe(&self) -> String;
 
+    /// The peer's IP address of an accepted socket, when the backend can tell (it cannot for
+    /// io_uring direct descriptors).
+    fn peer_ip(&self, _sock: Socket) -> Option<std::net::IpAddr> {
+        None
+    }
+
+    /// How many connections this backend can hold in a table of its own (io_uring's direct
+    /// descriptors), or `None` when each connection takes a descriptor of the process.
+    fn max_connections(&self) -> Option<usize> {
+        None
+    }
+
     /// Completions the kernel could not queue and had to hold back (io_uring CQ overflow).
     fn overflows(&self) -> u64 {
         0

@@ -136,6 +136,8 @@ pub struct Cx<'a, S: Submit> {
     pub limits: &'a Limits,
     /// Counters.
     pub stats: &'a mut Stats,
+    /// The worker's clock, in ticks, for the timeouts.
+    pub now: u32,
 }
 
 /// Where a connection is in its life.
@@ -192,6 +194,10 @@ pub struct Conn {
     send_cancel_posted: bool,
     queue: Queue,
     pending: u32,
+    /// Tick of the last byte received (idle timeout).
+    last_rx: u32,
+    /// Tick of the last send progress, or of when echo started waiting (write timeout).
+    last_tx: u32,
 }
 
 impl Conn {
@@ -207,6 +213,8 @@ impl Conn {
             send_cancel_posted: false,
             queue: Queue::EMPTY,
             pending: 0,
+            last_rx: 0,
+            last_tx: 0,
         }
     }
 
@@ -237,7 +245,20 @@ impl Conn {
 
     /// Accepted: post the first receive.
     pub fn on_accepted<S: Submit>(&mut self, cx: &mut Cx<'_, S>) -> Status {
+        self.last_rx = cx.now;
+        self.last_tx = cx.now;
         self.advance(cx)
+    }
+
+    /// The tick at which this connection has waited too long: `write` ticks without send
+    /// progress while echo is pending, or `idle` ticks without receiving anything otherwise.
+    /// `None` when the timeout that applies now is off.
+    pub fn expires_at(&self, idle: Option<u32>, write: Option<u32>) -> Option<u32> {
+        if self.pending > 0 {
+            write.map(|w| self.last_tx.saturating_add(w))
+        } else {
+            idle.map(|i| self.last_rx.saturating_add(i))
+        }
     }
 
     /// A receive completed: queue the bytes for echo, or note end of stream or the error.
@@ -303,8 +324,12 @@ impl Conn {
     }
 
     fn received<S: Submit>(&mut self, cx: &mut Cx<'_, S>, buf: BufId, len: u32) {
+        self.last_rx = cx.now;
         match self.phase {
             Phase::Open | Phase::Flushing { .. } => {
+                if self.pending == 0 {
+                    self.last_tx = cx.now;
+                }
                 self.queue.push(cx.segs, buf, len);
                 self.pending += len;
             }
@@ -319,6 +344,7 @@ impl Conn {
         }
         cx.stats.bytes_echoed += n as u64;
         self.pending -= n;
+        self.last_tx = cx.now;
         let seg = self
             .queue
             .front(cx.segs)

@@ -17,6 +17,8 @@ pub mod slab;
 pub mod stats;
 pub mod testing;
 pub mod token;
+pub mod udp;
+pub mod wheel;
 pub mod worker;
 
 pub use backend::{Backend, Submit, Waker};

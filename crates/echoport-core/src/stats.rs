@@ -25,6 +25,8 @@ pub struct Stats {
     pub accept_backoffs: u64,
     /// Completions the kernel held back because the completion queue was full.
     pub cq_overflows: u64,
+    /// Connections closed by the idle or the write timeout.
+    pub timeouts: u64,
 }
 
 impl Stats {
@@ -40,6 +42,7 @@ impl Stats {
         self.paused += o.paused;
         self.accept_backoffs += o.accept_backoffs;
         self.cq_overflows += o.cq_overflows;
+        self.timeouts += o.timeouts;
     }
 }
 
@@ -48,7 +51,7 @@ impl fmt::Display for Stats {
         write!(
             f,
             "accepted={} closed={} errors={} refused={} bytes_echoed={} short_sends={} \
-             parked={} paused={} accept_backoffs={} cq_overflows={}",
+             parked={} paused={} accept_backoffs={} cq_overflows={} timeouts={}",
             self.accepted,
             self.closed,
             self.errors,
@@ -58,7 +61,8 @@ impl fmt::Display for Stats {
             self.parked,
             self.paused,
             self.accept_backoffs,
-            self.cq_overflows
+            self.cq_overflows,
+            self.timeouts
         )
     }
 }

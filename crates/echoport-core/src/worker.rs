@@ -4,10 +4,12 @@
 //! The worker owns the connection slab, the listeners' accept state (including the back-off
 //! when descriptors run out), parked connections waiting for buffers, and graceful shutdown.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
@@ -16,6 +18,7 @@ use crate::op::{Completion, ListenerId, Op, OpError, Received, Socket};
 use crate::slab::Slab;
 use crate::stats::Stats;
 use crate::token::Token;
+use crate::wheel::Wheel;
 
 /// First pause after an accept fails for lack of descriptors; doubles up to [`BACKOFF_MAX`].
 pub const BACKOFF_MIN: Duration = Duration::from_millis(5);
@@ -25,6 +28,94 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(1);
 const PARK_RETRY: Duration = Duration::from_millis(10);
 /// Consecutive unexplained accept errors tolerated before backing off anyway.
 const ACCEPT_ERRORS_BEFORE_BACKOFF: u32 = 16;
+/// Resolution of the idle and write timeouts.
+pub const TICK: Duration = Duration::from_millis(100);
+
+/// The connection budget shared by every worker of a server: admission at accept.
+#[derive(Debug)]
+pub struct Admission {
+    max: AtomicUsize,
+    live: AtomicUsize,
+    per_ip: Option<(u32, Mutex<HashMap<IpAddr, u32>>)>,
+}
+
+impl Admission {
+    /// A budget of `max` connections.
+    pub fn new(max: usize) -> Arc<Admission> {
+        Admission::with_per_ip(max, None)
+    }
+
+    /// A budget of `max` connections, and of `per_ip` from any one address.
+    pub fn with_per_ip(max: usize, per_ip: Option<u32>) -> Arc<Admission> {
+        Arc::new(Admission {
+            max: AtomicUsize::new(max),
+            live: AtomicUsize::new(0),
+            per_ip: per_ip.map(|n| (n, Mutex::new(HashMap::new()))),
+        })
+    }
+
+    /// True when connections are also limited per source address.
+    pub fn limits_per_ip(&self) -> bool {
+        self.per_ip.is_some()
+    }
+
+    /// Takes one place for `ip` if its budget allows.
+    pub fn try_acquire_ip(&self, ip: IpAddr) -> bool {
+        let Some((max, map)) = &self.per_ip else {
+            return true;
+        };
+        let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= *max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// Gives `ip`'s place back.
+    pub fn release_ip(&self, ip: IpAddr) {
+        if let Some((_, map)) = &self.per_ip {
+            let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = map.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&ip);
+                }
+            }
+        }
+    }
+
+    /// Changes the budget (connections already admitted stay).
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+
+    /// The budget.
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
+    }
+
+    /// Connections admitted and not yet released.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Takes one place if one is free.
+    pub fn try_acquire(&self) -> bool {
+        let max = self.max.load(Ordering::Relaxed);
+        self.live
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives a place back.
+    pub fn release(&self) {
+        self.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// How a worker behaves.
 #[derive(Clone, Debug)]
@@ -33,8 +124,13 @@ pub struct Config {
     pub limits: Limits,
     /// How long a graceful shutdown may take before connections are cut.
     pub shutdown_timeout: Duration,
-    /// Most connections this worker holds at once; more are refused at accept.
-    pub max_connections: usize,
+    /// The server-wide connection budget; connections past it are closed at accept.
+    pub admission: Arc<Admission>,
+    /// Close a connection that has received nothing for this long (and owes no echo).
+    pub idle_timeout: Option<Duration>,
+    /// Close a connection whose pending echo has made no send progress for this long
+    /// (its peer stopped reading).
+    pub write_timeout: Option<Duration>,
 }
 
 impl Default for Config {
@@ -42,7 +138,9 @@ impl Default for Config {
         Config {
             limits: Limits::default(),
             shutdown_timeout: Duration::from_secs(10),
-            max_connections: usize::MAX,
+            admission: Admission::new(usize::MAX),
+            idle_timeout: None,
+            write_timeout: None,
         }
     }
 }
@@ -69,13 +167,33 @@ pub struct Worker<B: Backend> {
     stopping: Option<Instant>,
     aborted: bool,
     events: Vec<Completion>,
+    epoch: Instant,
+    now: u32,
+    wheel: Wheel,
+    idle_ticks: Option<u32>,
+    write_ticks: Option<u32>,
+    expired: Vec<Token>,
+    /// Source address of each connection, kept only when limiting per address.
+    peers: HashMap<Token, IpAddr>,
+}
+
+fn ticks(d: Option<Duration>) -> Option<u32> {
+    d.map(|d| (d.as_nanos().div_ceil(TICK.as_nanos())).clamp(1, u32::MAX as u128 / 2) as u32)
 }
 
 impl<B: Backend> Worker<B> {
     /// A worker serving `listeners` (already registered with `backend`) until `stop` is set
     /// and its waker called.
     pub fn new(backend: B, listeners: &[ListenerId], cfg: Config, stop: Arc<AtomicBool>) -> Self {
+        let (idle_ticks, write_ticks) = (ticks(cfg.idle_timeout), ticks(cfg.write_timeout));
         Worker {
+            epoch: Instant::now(),
+            now: 0,
+            wheel: Wheel::new(0),
+            idle_ticks,
+            write_ticks,
+            expired: Vec::new(),
+            peers: HashMap::new(),
             backend,
             cfg,
             conns: Slab::with_capacity(1024),
@@ -154,7 +272,10 @@ impl<B: Backend> Worker<B> {
 
     /// One pass: submit, wait up to `timeout`, dispatch every completion reaped.
     pub fn turn(&mut self, timeout: Option<Duration>) -> io::Result<()> {
-        self.on_timers(Instant::now());
+        let now = Instant::now();
+        self.now = (now.saturating_duration_since(self.epoch).as_nanos() / TICK.as_nanos()) as u32;
+        self.on_timers(now);
+        self.expire_connections();
         self.arm_listeners();
         let mut events = std::mem::take(&mut self.events);
         events.clear();
@@ -172,10 +293,56 @@ impl<B: Backend> Worker<B> {
     /// Registers a connection that is already established (a socket the caller adopted into
     /// the backend) and starts echoing on it.
     pub fn adopt(&mut self, sock: Socket) -> Token {
+        self.cfg.admission.live.fetch_add(1, Ordering::AcqRel);
+        self.insert_conn(sock)
+    }
+
+    /// Starts echoing on an admitted connection.
+    fn insert_conn(&mut self, sock: Socket) -> Token {
         let token = self.conns.insert_with(|t| Conn::new(t, sock));
         self.stats.accepted += 1;
+        if let Some(first) = [self.idle_ticks, self.write_ticks]
+            .into_iter()
+            .flatten()
+            .min()
+        {
+            self.wheel.insert(token, (self.now + first) as u64);
+        }
         self.with_conn(token, |c, cx| c.on_accepted(cx));
         token
+    }
+
+    /// Closes connections whose idle or write timeout has passed; files the others again.
+    fn expire_connections(&mut self) {
+        if self.wheel.is_empty() {
+            return;
+        }
+        let mut expired = std::mem::take(&mut self.expired);
+        self.wheel.expire(self.now as u64, &mut expired);
+        for token in expired.drain(..) {
+            let Some(conn) = self.conns.get_mut(token) else {
+                continue; // closed since it was filed
+            };
+            let floor = [self.idle_ticks, self.write_ticks]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(1);
+            match conn.expires_at(self.idle_ticks, self.write_ticks) {
+                Some(at) if at <= self.now => {
+                    self.stats.timeouts += 1;
+                    tracing::debug!(?token, "connection timed out");
+                    self.with_conn(token, |c, cx| c.abort(cx));
+                    // Aborting waits for cancellations; check again in case they never come.
+                    if self.conns.get_mut(token).is_some() {
+                        self.wheel.insert(token, (self.now + floor) as u64);
+                    }
+                }
+                Some(at) => self.wheel.insert(token, at as u64),
+                None => self.wheel.insert(token, (self.now + floor) as u64),
+            }
+        }
+        self.expired = expired;
     }
 
     /// Starts a graceful shutdown now, without waiting for the stop flag.
@@ -238,9 +405,14 @@ impl<B: Backend> Worker<B> {
             segs: &mut self.segs,
             limits: &self.cfg.limits,
             stats: &mut self.stats,
+            now: self.now,
         };
         if f(conn, &mut cx) == Status::Closed {
             self.conns.remove(token);
+            self.cfg.admission.release();
+            if let Some(ip) = self.peers.remove(&token) {
+                self.cfg.admission.release_ip(ip);
+            }
         }
     }
 
@@ -255,15 +427,7 @@ impl<B: Backend> Worker<B> {
             Ok(sock) => {
                 l.backoff = BACKOFF_MIN;
                 l.errors_in_row = 0;
-                if self.stopping.is_some() || self.conns.len() >= self.cfg.max_connections {
-                    self.stats.refused += 1;
-                    self.backend.push(Op::Close {
-                        token: Token::NONE,
-                        sock,
-                    });
-                } else {
-                    self.adopt(sock);
-                }
+                self.admit(sock);
             }
             Err(OpError::Canceled) => {}
             Err(e) => {
@@ -280,6 +444,38 @@ impl<B: Backend> Worker<B> {
                 } else {
                     tracing::debug!(error = %e, "accept failed; retrying");
                 }
+            }
+        }
+    }
+
+    /// Admits an accepted socket within the budgets, or closes it at once.
+    fn admit(&mut self, sock: Socket) {
+        let adm = self.cfg.admission.clone();
+        let ip = if adm.limits_per_ip() {
+            self.backend.peer_ip(sock)
+        } else {
+            None
+        };
+        let admitted = self.stopping.is_none()
+            && adm.try_acquire()
+            && (ip.is_none_or(|ip| adm.try_acquire_ip(ip)) || {
+                adm.release();
+                false
+            });
+        if !admitted {
+            self.stats.refused += 1;
+            self.backend.push(Op::Close {
+                token: Token::NONE,
+                sock,
+            });
+            return;
+        }
+        let token = self.insert_conn(sock);
+        if let Some(ip) = ip {
+            if self.conns.get_mut(token).is_some() {
+                self.peers.insert(token, ip);
+            } else {
+                adm.release_ip(ip);
             }
         }
     }
@@ -343,6 +539,9 @@ impl<B: Backend> Worker<B> {
         }
         if !self.parked.is_empty() {
             consider(now + PARK_RETRY);
+        }
+        if let Some(due) = self.wheel.next_due() {
+            consider(self.epoch + TICK * (due.max(self.now as u64 + 1) as u32));
         }
         next.map(|t| t.saturating_duration_since(now))
     }

@@ -45,6 +45,7 @@ impl M {
             segs: &mut self.segs,
             limits: &self.limits,
             stats: &mut self.stats,
+            now: 0,
         };
         f(&mut self.conn, &mut cx)
     }

@@ -761,6 +761,10 @@ impl Backend for Epoll {
         &mut self.pool[range]
     }
 
+    fn peer_ip(&self, sock: Socket) -> Option<std::net::IpAddr> {
+        crate::sys::peer_ip(sock.0 as RawFd)
+    }
+
     fn describe(&self) -> String {
         format!(
             "epoll (edge-triggered, {} buffers of {} B)",

@@ -4,14 +4,19 @@
 //! - [`uring`]: Linux io_uring, the completion port of Linux (multishot accept and receive,
 //!   provided buffer rings, direct descriptors, deferred task running);
 //! - [`epoll`]: Linux readiness, turned into completions, for where io_uring is refused;
-//! - `iocp`: Windows I/O completion ports, the original's own.
+//! - `iocp`: Windows I/O completion ports, the original's own (built on Windows only).
 //!
 //! `unsafe` code of the project lives here, and only here; every block says why it is sound.
 #![warn(missing_docs)]
 
 #[cfg(target_os = "linux")]
 pub mod epoll;
+#[cfg(windows)]
+pub mod iocp;
 #[cfg(unix)]
+pub mod sys;
+#[cfg(windows)]
+#[path = "sys_windows.rs"]
 pub mod sys;
 #[cfg(target_os = "linux")]
 pub mod uring;

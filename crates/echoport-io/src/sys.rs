@@ -155,3 +155,94 @@ pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// The process's soft limit on open file descriptors.
+pub fn nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the local struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    lim.rlim_cur
+}
+
+/// The peer's IP address of a connected socket descriptor.
+pub fn peer_ip(fd: RawFd) -> Option<std::net::IpAddr> {
+    // SAFETY: the caller passes a descriptor it owns and keeps open for this call; the
+    // borrow does not outlive it.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let addr = socket2::SockRef::from(&fd).peer_addr().ok()?;
+    addr.as_socket().map(|a| a.ip())
+}
+
+/// Receives one datagram into `buf` and returns its *full* length (which exceeds
+/// `buf.len()` when the datagram was truncated) and its source.
+#[cfg(target_os = "linux")]
+pub fn recv_from_full(
+    sock: &std::net::UdpSocket,
+    buf: &mut [u8],
+) -> io::Result<(usize, std::net::SocketAddr)> {
+    let s = socket2::SockRef::from(sock);
+    // SAFETY: `[u8]` and `[MaybeUninit<u8>]` have the same layout, and the receive only
+    // writes initialised bytes into the (already initialised) buffer, so it stays valid u8.
+    let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) };
+    let (n, from) = s.recv_from_with_flags(uninit, libc::MSG_TRUNC)?;
+    let from = from.as_socket().ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidData, "datagram from a non-IP address")
+    })?;
+    Ok((n, from))
+}
+
+/// Sets `IP_BIND_ADDRESS_NO_PORT` on an IPv4 socket that is about to be bound to a source
+/// address and then connected: the kernel picks the source port at `connect`, knowing the
+/// whole 4-tuple, so each source address offers its own ~28,000 ports per destination
+/// instead of sharing one pool among every bound socket. (socket2 has no setter for it.)
+#[cfg(target_os = "linux")]
+pub fn set_bind_address_no_port(sock: &impl AsRawFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: passes a pointer to a local c_int and its exact size; the descriptor is borrowed
+    // from a live socket for the duration of the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            &one as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// CPU time the whole process has used so far (all threads, live and exited): (user, system),
+/// from `getrusage(RUSAGE_SELF)` with microsecond resolution.
+pub fn process_cpu_time() -> io::Result<(std::time::Duration, std::time::Duration)> {
+    // SAFETY: rusage is plain data; all-zero is a valid value for getrusage to overwrite.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes into the local struct we pass.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let tv = |t: libc::timeval| {
+        std::time::Duration::from_secs(t.tv_sec.max(0) as u64)
+            + std::time::Duration::from_micros(t.tv_usec.max(0) as u64)
+    };
+    Ok((tv(ru.ru_utime), tv(ru.ru_stime)))
+}
+
+/// Clock ticks per second of the times in `/proc/PID/stat` (`sysconf(_SC_CLK_TCK)`).
+pub fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf takes no pointers.
+    let v = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if v > 0 {
+        v as u64
+    } else {
+        100
+    }
+}

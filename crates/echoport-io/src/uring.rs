@@ -63,6 +63,29 @@ pub struct Config {
     pub fast_path: bool,
     /// Size of the direct descriptor table (0: the process's descriptor limit).
     pub direct_files: u32,
+    /// Accept into direct descriptors on the fast path. Off when the caller needs to know
+    /// peers' addresses (a direct descriptor cannot be asked).
+    pub direct_accept: bool,
+    /// When non-zero and the loop is busy (its last wait brought several completions), a
+    /// wait asks the kernel for as many again (at most [`Config::batch`]) and lets them
+    /// gather for up to this many microseconds: fewer wake-ups under load, at most this
+    /// much added latency. At light load waits are for one completion, as without it.
+    pub batch_wait_us: u32,
+    /// Completions a batched wait aims for.
+    pub batch: u32,
+    /// How the kernel runs completion work for this ring.
+    pub taskrun: TaskRun,
+}
+
+/// How the kernel runs the work that completes operations (`task_work`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum TaskRun {
+    /// `SINGLE_ISSUER | DEFER_TASKRUN`: only when the loop waits for completions (6.1+).
+    Defer,
+    /// `COOP_TASKRUN`: at the next system call, without an interrupt (5.19+).
+    Coop,
+    /// The default of old kernels: interrupt the loop for each batch (for comparison only).
+    Interrupt,
 }
 
 impl Default for Config {
@@ -75,6 +98,10 @@ impl Default for Config {
             send_buffers: 256,
             fast_path: true,
             direct_files: 0,
+            direct_accept: true,
+            batch_wait_us: 0,
+            batch: 32,
+            taskrun: TaskRun::Defer,
         }
     }
 }
@@ -143,6 +170,13 @@ impl Region {
                 io::ErrorKind::OutOfMemory,
                 "cannot allocate buffers",
             ));
+        }
+        // Touch every page now: the pool's memory is paid for up front and stays flat,
+        // instead of growing as the kernel cycles through the ring. (Volatile, so the
+        // compiler cannot turn allocate-then-zero into a lazily zeroed calloc.)
+        for page in (0..layout.size()).step_by(4096) {
+            // SAFETY: `page` < `layout.size()`, inside the fresh allocation.
+            unsafe { std::ptr::write_volatile(ptr.add(page), 0) };
         }
         Ok(Region {
             ptr,
@@ -237,6 +271,14 @@ pub struct Uring {
     waker: Arc<EventFd>,
     wake_buf: Box<u64>,
     inflight: u64,
+    batch_wait_us: u32,
+    batch: u32,
+    /// Completions the last wait brought: how many the next batched wait asks for.
+    last_reaped: usize,
+    /// Size of the direct descriptor table (fast path only).
+    direct_files: Option<u32>,
+    /// Accepted connections get direct descriptors.
+    direct_accept: bool,
     /// Loop turns that found the kernel holding completions back (CQ overflow).
     overflows: u64,
     /// Completions the kernel dropped outright (only without `IORING_FEAT_NODROP`).
@@ -260,8 +302,8 @@ impl Uring {
     /// Sets up a ring with the fast path when asked for and available.
     pub fn new(cfg: &Config) -> io::Result<Uring> {
         let (ring, mut features) = build_ring(cfg)?;
-        let deferred = features.contains(&"defer-taskrun");
-        let fast = cfg.fast_path && deferred;
+        // Multishot receive with a buffer ring needs kernel 6.0; DEFER_TASKRUN (6.1) implies it.
+        let fast = cfg.fast_path && (features.contains(&"defer-taskrun") || kernel_at_least(6, 0));
         let buffers = cfg.buffers.clamp(1, 32768).next_power_of_two();
         let region = Region::new(cfg.buf_size.max(64), buffers + cfg.send_buffers)?;
         let mut uring = Uring {
@@ -280,18 +322,26 @@ impl Uring {
             waker: Arc::new(EventFd::new()?),
             wake_buf: Box::new(0),
             inflight: 0,
+            batch_wait_us: cfg.batch_wait_us,
+            batch: cfg.batch.max(1),
+            last_reaped: 0,
+            direct_files: None,
+            direct_accept: fast && cfg.direct_accept,
             overflows: 0,
             dropped: 0,
             region: Some(region),
         };
+        if cfg.batch_wait_us > 0 {
+            features.push("batched-wait");
+        }
         if fast {
             uring.setup_fast_path(cfg, buffers)?;
-            features.extend([
-                "multishot-accept",
-                "multishot-recv",
-                "buf-ring",
-                "direct-fds",
-            ]);
+            features.extend(["multishot-accept", "multishot-recv", "buf-ring"]);
+            features.push(if uring.direct_accept {
+                "direct-fds"
+            } else {
+                "plain-fds (to see peer addresses)"
+            });
         } else {
             uring.recv_free = (0..buffers).rev().collect();
             features.push("one-shot-ops");
@@ -308,9 +358,11 @@ impl Uring {
         let direct = if cfg.direct_files > 0 {
             cfg.direct_files
         } else {
-            nofile_limit().clamp(1024, 1 << 20)
+            // The kernel refuses a table larger than RLIMIT_NOFILE.
+            crate::sys::nofile_limit().clamp(16, 1 << 20) as u32
         };
         self.ring.submitter().register_files_sparse(direct)?;
+        self.direct_files = Some(direct);
         let layout = Layout::from_size_align(
             buffers as usize * std::mem::size_of::<types::BufRingEntry>(),
             4096,
@@ -478,7 +530,7 @@ impl Uring {
                 }
                 let closing = l.closing;
                 let sock = result(res).map(|v| {
-                    Socket(if self.fast {
+                    Socket(if self.direct_accept {
                         FIXED | v as u64
                     } else {
                         v as u64
@@ -588,7 +640,7 @@ impl Submit for Uring {
                 self.listeners[i].armed = true;
                 let e = if self.fast {
                     opcode::AcceptMulti::new(types::Fd(fd))
-                        .allocate_file_index(true)
+                        .allocate_file_index(self.direct_accept)
                         .build()
                 } else {
                     opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())
@@ -688,6 +740,19 @@ impl Backend for Uring {
         } else {
             timeout
         };
+        // Under load, ask for as many completions as the last turn brought (up to `batch`),
+        // for at most `batch_wait_us`: with DEFER_TASKRUN the kernel then does not wake the
+        // loop until that many are ready, so one wake-up serves many echoes. At light load
+        // (the last turn brought one or none) this is a plain wait for one.
+        let batch = self.last_reaped.min(self.batch as usize);
+        let (want, timeout) = match timeout {
+            Some(t) if t.is_zero() => (1, Some(t)),
+            t if self.batch_wait_us > 0 && batch > 1 => {
+                let b = Duration::from_micros(self.batch_wait_us as u64);
+                (batch, Some(t.map_or(b, |t| t.min(b))))
+            }
+            t => (1, t),
+        };
         let res = match timeout {
             None => self.ring.submit_and_wait(1),
             Some(t) => {
@@ -695,7 +760,7 @@ impl Backend for Uring {
                     .sec(t.as_secs())
                     .nsec(t.subsec_nanos());
                 let args = types::SubmitArgs::new().timespec(&ts);
-                self.ring.submitter().submit_with_args(1, &args)
+                self.ring.submitter().submit_with_args(want, &args)
             }
         };
         match res {
@@ -714,6 +779,7 @@ impl Backend for Uring {
         let cq = self.ring.completion();
         self.dropped = cq.overflow() as u64;
         cqes.extend(cq.map(|c| (c.user_data(), c.result(), c.flags())));
+        self.last_reaped = cqes.len();
         for &(ud, res, flags) in &cqes {
             self.complete(ud, res, flags, out);
         }
@@ -748,6 +814,18 @@ impl Backend for Uring {
         format!("io_uring ({})", self.features.join(", "))
     }
 
+    fn max_connections(&self) -> Option<usize> {
+        self.direct_files
+            .filter(|_| self.direct_accept)
+            .map(|n| n as usize)
+    }
+
+    fn peer_ip(&self, sock: Socket) -> Option<std::net::IpAddr> {
+        (sock.0 & FIXED == 0)
+            .then(|| crate::sys::peer_ip(sock.0 as RawFd))
+            .flatten()
+    }
+
     fn overflows(&self) -> u64 {
         self.overflows + self.dropped
     }
@@ -758,6 +836,8 @@ impl Drop for Uring {
         // Cancel whatever is still posted and wait (bounded) for the kernel to let go of it
         // before the buffer memory may be freed.
         let deadline = Instant::now() + Duration::from_secs(1);
+        // Entries still in the backlog never reached the kernel.
+        self.inflight = self.inflight.saturating_sub(self.backlog.len() as u64);
         self.backlog.clear();
         let any = types::CancelBuilder::any();
         // SAFETY: a cancel entry references no memory.
@@ -793,32 +873,37 @@ impl Drop for Uring {
 }
 
 /// Builds a ring with the best task-running mode the kernel accepts.
+/// Builds a ring with the best task-running mode the kernel accepts, starting from the one
+/// asked for.
 fn build_ring(cfg: &Config) -> io::Result<(IoUring, Vec<&'static str>)> {
     let mut b = IoUring::builder();
     b.setup_cqsize(cfg.cq_entries)
         .setup_clamp()
         .setup_submit_all();
-    let mut deferred = b.clone();
-    deferred.setup_single_issuer().setup_defer_taskrun();
-    if let Ok(r) = deferred.build(cfg.sq_entries) {
-        return Ok((r, vec!["single-issuer", "defer-taskrun"]));
+    if cfg.taskrun == TaskRun::Defer {
+        let mut deferred = b.clone();
+        deferred.setup_single_issuer().setup_defer_taskrun();
+        if let Ok(r) = deferred.build(cfg.sq_entries) {
+            return Ok((r, vec!["single-issuer", "defer-taskrun"]));
+        }
     }
-    let mut coop = b.clone();
-    coop.setup_coop_taskrun().setup_taskrun_flag();
-    if let Ok(r) = coop.build(cfg.sq_entries) {
-        return Ok((r, vec!["coop-taskrun"]));
+    if cfg.taskrun != TaskRun::Interrupt {
+        let mut coop = b.clone();
+        coop.setup_coop_taskrun().setup_taskrun_flag();
+        if let Ok(r) = coop.build(cfg.sq_entries) {
+            return Ok((r, vec!["coop-taskrun"]));
+        }
     }
-    Ok((b.build(cfg.sq_entries)?, vec![]))
+    Ok((b.build(cfg.sq_entries)?, vec!["interrupt-taskrun"]))
 }
 
-fn nofile_limit() -> u32 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+/// Whether the running kernel is at least `major.minor` (multishot receive needs 6.0).
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
+        return false;
     };
-    // SAFETY: getrlimit writes into the local struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return 1024;
-    }
-    lim.rlim_cur.min(u32::MAX as u64) as u32
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let ma: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let mi: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (ma, mi) >= (major, minor)
 }

@@ -1,15 +1,21 @@
-//! The [`Backend`] contract, checked on every Linux backend with the same code: what the echo
-//! state machine relies on, seen from the operations and completions alone.
+//! The [`Backend`] contract, checked on every backend with the same code (io_uring and epoll on
+//! Linux, IOCP on Windows, where CI runs it under wine): what the echo state machine relies
+//! on, seen from the operations and completions alone.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use echoport_core::{Backend, BufId, Completion, Op, OpError, Received, Socket, Token};
+#[cfg(target_os = "linux")]
 use echoport_io::epoll::{Config as EpollConfig, Epoll};
+#[cfg(windows)]
+use echoport_io::iocp::{Config as IocpConfig, Iocp};
+#[cfg(target_os = "linux")]
 use echoport_io::uring::{Config as UringConfig, Uring};
 
 /// Small pools, so running dry is easy to arrange.
+#[cfg(target_os = "linux")]
 fn new_uring(buffers: u32) -> Uring {
     Uring::new(&UringConfig {
         buffers,
@@ -22,6 +28,7 @@ fn new_uring(buffers: u32) -> Uring {
     .expect("io_uring ring")
 }
 
+#[cfg(target_os = "linux")]
 fn new_epoll(buffers: u32) -> Epoll {
     Epoll::new(&EpollConfig {
         buffers,
@@ -32,13 +39,30 @@ fn new_epoll(buffers: u32) -> Epoll {
     .expect("epoll set")
 }
 
+#[cfg(windows)]
+fn new_iocp(buffers: u32) -> Iocp {
+    Iocp::new(&IocpConfig {
+        buffers,
+        buf_size: 4096,
+        send_buffers: 4,
+        ..Default::default()
+    })
+    .expect("completion port")
+}
+
 macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
+        #[cfg(target_os = "linux")]
         mod io_uring {
             $( #[test] fn $name() { super::$name(super::new_uring) } )*
         }
+        #[cfg(target_os = "linux")]
         mod epoll {
             $( #[test] fn $name() { super::$name(super::new_epoll) } )*
+        }
+        #[cfg(windows)]
+        mod iocp {
+            $( #[test] fn $name() { super::$name(super::new_iocp) } )*
         }
     };
 }

@@ -40,6 +40,31 @@ pub struct Options {
     pub buffers: u32,
     /// io_uring fast path (multishot, buffer ring, direct descriptors).
     pub fast_path: bool,
+    /// io_uring completion queue size.
+    pub cq_entries: u32,
+    /// io_uring batched wait, in microseconds (0: off).
+    pub batch_wait_us: u32,
+    /// io_uring: accept into direct descriptors (off when peers' addresses are needed).
+    pub direct_accept: bool,
+    /// io_uring task-running mode.
+    pub taskrun: echoport_io::uring::TaskRun,
+    /// Buffers per thread for bytes the caller sends itself (the load generator).
+    pub send_buffers: u32,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            buf_size: 8192,
+            buffers: 2048,
+            fast_path: true,
+            cq_entries: 65536,
+            batch_wait_us: 0,
+            direct_accept: true,
+            taskrun: echoport_io::uring::TaskRun::Defer,
+            send_buffers: 256,
+        }
+    }
 }
 
 impl Options {
@@ -49,6 +74,15 @@ impl Options {
             buf_size: a.buf_size,
             buffers: a.buffers,
             fast_path: !a.no_fast_path,
+            cq_entries: a.cq_entries,
+            batch_wait_us: a.batch_wait_us,
+            direct_accept: a.max_connections_per_ip.is_none(),
+            taskrun: match a.taskrun {
+                crate::serve::TaskRunChoice::Defer => echoport_io::uring::TaskRun::Defer,
+                crate::serve::TaskRunChoice::Coop => echoport_io::uring::TaskRun::Coop,
+                crate::serve::TaskRunChoice::Interrupt => echoport_io::uring::TaskRun::Interrupt,
+            },
+            send_buffers: 256,
         }
     }
 
@@ -57,6 +91,12 @@ impl Options {
             buf_size: self.buf_size,
             buffers: self.buffers,
             fast_path: self.fast_path,
+            cq_entries: self.cq_entries.max(1),
+            sq_entries: 4096.min(self.cq_entries.max(1)),
+            batch_wait_us: self.batch_wait_us,
+            direct_accept: self.direct_accept,
+            taskrun: self.taskrun,
+            send_buffers: self.send_buffers,
             ..Default::default()
         }
     }
@@ -65,6 +105,7 @@ impl Options {
         echoport_io::epoll::Config {
             buf_size: self.buf_size,
             buffers: self.buffers,
+            send_buffers: self.send_buffers,
             ..Default::default()
         }
     }
@@ -174,6 +215,25 @@ pub fn open(chosen: &Chosen, opts: &Options) -> anyhow::Result<AnyBackend> {
     }
 }
 
+/// Code that runs over whichever backend was opened, monomorphised for each kind (the
+/// load generator's event loop). Adding a backend adds an arm to [`AnyBackend::run`] only.
+pub trait WithBackend {
+    /// What the code returns.
+    type Output;
+    /// Runs with the opened backend.
+    fn run<B: echoport_core::Backend>(self, backend: B) -> Self::Output;
+}
+
+impl AnyBackend {
+    /// Hands the backend, whatever its kind, to `f`.
+    pub fn run<F: WithBackend>(self, f: F) -> F::Output {
+        match self {
+            AnyBackend::Uring(b) => f.run(*b),
+            AnyBackend::Epoll(b) => f.run(*b),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,6 +275,11 @@ mod tests {
                 buf_size: 4096,
                 buffers: 16,
                 fast_path: true,
+                cq_entries: 4096,
+                batch_wait_us: 0,
+                direct_accept: true,
+                taskrun: echoport_io::uring::TaskRun::Defer,
+                send_buffers: 16,
             };
             let c = choose(BackendChoice::Auto, &opts).unwrap();
             assert_eq!(c.kind, Kind::Epoll);

@@ -4,10 +4,20 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+#[cfg(not(windows))]
 mod backends;
+#[cfg(windows)]
+#[path = "backends_windows.rs"]
+mod backends;
+#[cfg(unix)]
+mod bench;
+// The load generator is Linux-only for now; on Windows `bench` only says so.
+#[cfg(not(unix))]
+#[path = "bench_unsupported.rs"]
 mod bench;
 mod client;
 mod serve;
+mod udp;
 
 /// A completion-based TCP echo server (io_uring, epoll or IOCP), its test client, and a
 /// load generator that checks every byte and tells the truth about latency.
@@ -29,7 +39,8 @@ enum Cmd {
     Serve(serve::Args),
     /// Send lines to an echo server and print what comes back, with round-trip times.
     Client(client::Args),
-    /// Load-test an echo server: throughput, latency percentiles, byte-exact verification.
+    /// Load-test an echo server: throughput, latency percentiles, byte-exact verification
+    /// (Linux only for now).
     Bench(bench::Args),
 }
 

@@ -12,9 +12,16 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use echoport_core::stats::Stats;
-use echoport_core::worker::{Config, Worker};
+use echoport_core::worker::{Admission, Config, Worker};
 use echoport_core::{Backend, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
+
+/// Winsock's codes for the two errors `bind_all` forgives on default addresses.
+#[cfg(windows)]
+mod libc {
+    pub const EAFNOSUPPORT: i32 = 10047;
+    pub const EADDRNOTAVAIL: i32 = 10049;
+}
 
 /// The default listen addresses: loopback only, IPv4 and IPv6.
 pub const DEFAULT_LISTEN: [&str; 2] = ["127.0.0.1:7007", "[::1]:7007"];
@@ -31,7 +38,8 @@ pub struct Args {
     #[arg(short, long = "listen", value_name = "ADDR")]
     pub listen: Vec<String>,
 
-    /// Event-loop threads, each with its own ring (or epoll set) and listener.
+    /// Event-loop threads, each with its own ring (or epoll set) and listener; on Windows
+    /// each with its own completion port, one of them accepting for all.
     /// Default: the number of CPUs.
     #[arg(short, long, value_name = "N")]
     pub threads: Option<usize>,
@@ -41,12 +49,12 @@ pub struct Args {
     pub cpus: Option<String>,
 
     /// I/O backend. `auto` uses io_uring when the kernel allows it and epoll otherwise,
-    /// saying why; naming one is strict and fails if it cannot start.
+    /// saying why (on Windows: IOCP); naming one is strict and fails if it cannot start.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
 
-    /// Seconds a graceful stop (SIGINT/SIGTERM) may take to echo what was received before
-    /// connections are cut. A second signal exits at once.
+    /// Seconds a graceful stop (SIGINT/SIGTERM; Ctrl-C on Windows) may take to echo what was
+    /// received before connections are cut. A second signal exits at once.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub shutdown_timeout: f64,
 
@@ -55,9 +63,40 @@ pub struct Args {
     #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024)]
     pub max_pending: u32,
 
-    /// Connections each worker thread accepts at most; more are closed at once.
+    /// Connections the server holds at most; more are closed at once (and counted).
+    /// Default: what the backend can hold: the io_uring direct-descriptor tables, or the
+    /// process's descriptor limit less a reserve.
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
+
+    /// Connections one source IP address may hold at once; more are closed at once.
+    /// (With io_uring this accepts into plain descriptors, to learn peers' addresses.)
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_ip: Option<u32>,
+
+    /// Also echo UDP datagrams (RFC 862) on the same addresses and ports. Off by default:
+    /// UDP echo can be abused for reflection, so replies are refused to service and
+    /// privileged ports, our own port, broadcast and multicast sources, and rate-limited.
+    #[arg(long)]
+    pub udp: bool,
+
+    /// UDP: replies per second to one source address (with a burst of twice that).
+    #[arg(long, value_name = "PPS", default_value_t = 100.0)]
+    pub udp_rate: f64,
+
+    /// UDP: replies per second in total.
+    #[arg(long, value_name = "PPS", default_value_t = 20_000.0)]
+    pub udp_global_rate: f64,
+
+    /// Seconds a connection may stay silent (nothing received, no echo owed) before it is
+    /// closed. 0 turns it off.
+    #[arg(long, value_name = "SECS", default_value_t = 300.0)]
+    pub idle_timeout: f64,
+
+    /// Seconds a connection's pending echo may make no progress (its peer stopped reading)
+    /// before the connection is closed. 0 turns it off.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    pub write_timeout: f64,
 
     /// Size of one receive buffer in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = 8192)]
@@ -67,10 +106,38 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 2048)]
     pub buffers: u32,
 
+    /// io_uring: completion queue entries per ring (the kernel holds back what does not fit
+    /// and echoport counts it as an overflow).
+    #[arg(long, value_name = "N", default_value_t = 65536)]
+    pub cq_entries: u32,
+
+    /// io_uring: when busy (the last wait brought several completions), let completions
+    /// gather for up to this many microseconds before waking, trading at most that much
+    /// latency for fewer wake-ups per echo. Light load is unaffected. 0 = off.
+    #[arg(long, value_name = "USEC", default_value_t = 0)]
+    pub batch_wait_us: u32,
+
+    /// io_uring: how the kernel runs completion work: `defer` (DEFER_TASKRUN, the default,
+    /// falling back to `coop` on kernels before 6.1), `coop` (COOP_TASKRUN), or `interrupt`
+    /// (neither; only for measuring what the flags buy).
+    #[arg(long, value_enum, default_value_t = TaskRunChoice::Defer)]
+    pub taskrun: TaskRunChoice,
+
     /// io_uring: use plain one-shot operations (no multishot, no buffer ring, no direct
     /// descriptors), as on older kernels.
     #[arg(long)]
     pub no_fast_path: bool,
+}
+
+/// io_uring task-running mode (see `--taskrun`).
+#[derive(clap::ValueEnum, Copy, Clone, Debug, PartialEq, Eq)]
+pub enum TaskRunChoice {
+    /// DEFER_TASKRUN.
+    Defer,
+    /// COOP_TASKRUN.
+    Coop,
+    /// Neither.
+    Interrupt,
 }
 
 /// Which I/O backend to run.
@@ -82,6 +149,9 @@ pub enum BackendChoice {
     IoUring,
     /// Linux epoll only.
     Epoll,
+    /// Windows I/O completion ports (what `auto` means on Windows).
+    #[cfg(windows)]
+    Iocp,
 }
 
 /// Runs the server until stopped; exit code 0 after a graceful stop.
@@ -92,9 +162,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if threads == 0 {
         bail!("--threads must be at least 1");
     }
-    if !(args.shutdown_timeout.is_finite() && args.shutdown_timeout >= 0.0) {
-        bail!("--shutdown-timeout must be a number of seconds >= 0");
-    }
+    let secs = |name: &str, v: f64| -> anyhow::Result<Option<Duration>> {
+        if !(v.is_finite() && v >= 0.0) {
+            bail!("--{name} must be a number of seconds >= 0");
+        }
+        Ok((v > 0.0).then(|| Duration::from_secs_f64(v)))
+    };
+    let shutdown_timeout = secs("shutdown-timeout", args.shutdown_timeout)?.unwrap_or_default();
+    let idle_timeout = secs("idle-timeout", args.idle_timeout)?;
+    let write_timeout = secs("write-timeout", args.write_timeout)?;
     let cpus = match &args.cpus {
         Some(list) => parse_cpu_list(list)?,
         None => Vec::new(),
@@ -115,15 +191,21 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         limits: echoport_core::conn::Limits {
             max_pending: args.max_pending.max(1),
         },
-        shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout),
-        max_connections: args.max_connections.unwrap_or(usize::MAX),
+        shutdown_timeout,
+        admission: Admission::with_per_ip(
+            args.max_connections.unwrap_or(usize::MAX),
+            args.max_connections_per_ip,
+        ),
+        idle_timeout,
+        write_timeout,
     };
+    let admission = cfg.admission.clone();
     let opts = crate::backends::Options::from_serve(&args);
     let chosen = crate::backends::choose(args.backend, &opts)?;
     let stop = Arc::new(AtomicBool::new(false));
     echoport_io::sys::block_stop_signals()?;
 
-    let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<(Arc<dyn Waker>, String)>>();
+    let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<Ready>>();
     let mut handles = Vec::new();
     for (i, socks) in listeners.into_iter().enumerate() {
         let ready = ready_tx.clone();
@@ -140,10 +222,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                         .with_context(|| format!("pinning to CPU {cpu}"))?;
                 }
                 match crate::backends::open(&chosen, &opts) {
+                    #[cfg(target_os = "linux")]
                     Ok(crate::backends::AnyBackend::Uring(b)) => {
                         serve_on(*b, socks, cfg, stop, &ready)
                     }
+                    #[cfg(target_os = "linux")]
                     Ok(crate::backends::AnyBackend::Epoll(b)) => {
+                        serve_on(*b, socks, cfg, stop, &ready)
+                    }
+                    #[cfg(windows)]
+                    Ok(crate::backends::AnyBackend::Iocp(b)) => {
                         serve_on(*b, socks, cfg, stop, &ready)
                     }
                     Err(e) => {
@@ -161,16 +249,24 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut wakers = Vec::new();
     let mut describes: Vec<String> = Vec::new();
     let mut failure = None;
+    let mut tables = Some(0usize);
     for r in ready_rx.iter().take(threads) {
         match r {
-            Ok((w, d)) => {
-                wakers.push(w);
-                if !describes.contains(&d) {
-                    describes.push(d);
+            Ok(ready) => {
+                wakers.push(ready.waker);
+                if !describes.contains(&ready.describe) {
+                    describes.push(ready.describe);
                 }
+                tables = tables.zip(ready.max_connections).map(|(a, b)| a + b);
             }
             Err(e) => failure = failure.or(Some(e)),
         }
+    }
+    if args.max_connections.is_none() {
+        // Direct descriptors: every ring's table; plain descriptors: the process limit,
+        // keeping some for listeners, rings and logs.
+        let fds = echoport_io::sys::nofile_limit().saturating_sub(64) as usize;
+        admission.set_max(tables.unwrap_or(fds).max(1));
     }
     if let Some(e) = failure {
         stop.store(true, std::sync::atomic::Ordering::Release);
@@ -179,6 +275,29 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         return Err(e);
     }
+    let udp = if args.udp {
+        if !(args.udp_rate > 0.0 && args.udp_global_rate > 0.0) {
+            bail!("--udp-rate and --udp-global-rate must be positive");
+        }
+        let limits = echoport_core::udp::UdpLimits {
+            per_source_rate: args.udp_rate,
+            per_source_burst: (args.udp_rate * 2.0).max(1.0),
+            global_rate: args.udp_global_rate,
+            ..Default::default()
+        };
+        match crate::udp::spawn(&addrs, limits, stop.clone()) {
+            Ok(h) => h,
+            Err(e) => {
+                stop.store(true, std::sync::atomic::Ordering::Release);
+                for w in &wakers {
+                    w.wake();
+                }
+                return Err(e);
+            }
+        }
+    } else {
+        Vec::new()
+    };
     echoport_io::sys::handle_stop_signals(stop.clone(), wakers)?;
     // One line that says which backend serves, and why not io_uring when it is not.
     let describe = describes.join(" + ");
@@ -192,12 +311,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             backend = %describe,
             why_not_io_uring = %why,
             threads,
+            max_connections = admission.max(),
             addrs = %addrs_list,
             "echoport serving"
         ),
         None => tracing::info!(
             backend = %describe,
             threads,
+            max_connections = admission.max(),
             addrs = %addrs_list,
             "echoport serving"
         ),
@@ -215,11 +336,28 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             Err(_) => error = error.or(Some(anyhow::anyhow!("a worker thread panicked"))),
         }
     }
-    tracing::info!(%total, "stopped");
+    let mut udp_total = echoport_core::udp::UdpStats::default();
+    for h in udp {
+        if let Ok(s) = h.join() {
+            udp_total.merge(&s);
+        }
+    }
+    if args.udp {
+        tracing::info!(%total, udp = %udp_total, "stopped");
+    } else {
+        tracing::info!(%total, "stopped");
+    }
     match error {
         Some(e) => Err(e),
         None => Ok(ExitCode::SUCCESS),
     }
+}
+
+/// What a worker thread reports once its backend is up.
+struct Ready {
+    waker: Arc<dyn Waker>,
+    describe: String,
+    max_connections: Option<usize>,
 }
 
 /// One worker thread: register this thread's listeners, report ready, run the loop.
@@ -228,7 +366,7 @@ fn serve_on<B: Backend>(
     socks: Vec<TcpListener>,
     cfg: Config,
     stop: Arc<AtomicBool>,
-    ready: &mpsc::Sender<anyhow::Result<(Arc<dyn Waker>, String)>>,
+    ready: &mpsc::Sender<anyhow::Result<Ready>>,
 ) -> anyhow::Result<Stats> {
     let mut ids = Vec::new();
     for s in socks {
@@ -241,7 +379,11 @@ fn serve_on<B: Backend>(
             }
         }
     }
-    let _ = ready.send(Ok((backend.waker(), backend.describe())));
+    let _ = ready.send(Ok(Ready {
+        waker: backend.waker(),
+        describe: backend.describe(),
+        max_connections: backend.max_connections(),
+    }));
     Ok(Worker::new(backend, &ids, cfg, stop).run()?)
 }
 
@@ -301,6 +443,7 @@ pub fn bind_all(
 /// Binds `n` listening sockets to one address. With more than one, they share the port with
 /// `SO_REUSEPORT`; a plain bind first makes sure nobody else holds the port (reuseport would
 /// otherwise let us silently share it with another process of the same user).
+#[cfg(unix)]
 fn bind_group(addr: SocketAddr, n: usize) -> std::io::Result<Vec<TcpListener>> {
     let first = listener(addr, false)?;
     if n == 1 {
@@ -313,15 +456,34 @@ fn bind_group(addr: SocketAddr, n: usize) -> std::io::Result<Vec<TcpListener>> {
     (0..n).map(|_| listener(addr, true)).collect()
 }
 
+/// Windows has no `SO_REUSEPORT`: one listening socket per address, and the other threads get
+/// clones of it, which tell their IOCP backend to join the group the first one deals accepted
+/// connections to (see `echoport_io::iocp`).
+#[cfg(windows)]
+fn bind_group(addr: SocketAddr, n: usize) -> std::io::Result<Vec<TcpListener>> {
+    let first = listener(addr, false)?;
+    let mut group = Vec::with_capacity(n);
+    for _ in 1..n {
+        group.push(first.try_clone()?);
+    }
+    group.insert(0, first);
+    Ok(group)
+}
+
 fn listener(addr: SocketAddr, reuseport: bool) -> std::io::Result<TcpListener> {
-    let s = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.cloexec(),
-        Some(Protocol::TCP),
-    )?;
-    s.set_reuse_address(true)?;
-    if reuseport {
-        s.set_reuse_port(true)?;
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    #[cfg(windows)]
+    {
+        // SO_REUSEADDR means port stealing on Windows: ask for the opposite.
+        let _ = reuseport;
+        echoport_io::sys::exclusive_addr_use(&s)?;
+    }
+    #[cfg(unix)]
+    {
+        s.set_reuse_address(true)?;
+        if reuseport {
+            s.set_reuse_port(true)?;
+        }
     }
     if addr.is_ipv6() {
         s.set_only_v6(true)?;

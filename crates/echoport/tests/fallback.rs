@@ -2,14 +2,14 @@
 //! io_uring system calls fail (installed in the child between fork and exec, as a container
 //! runtime would), with each error code seen in the wild.
 
-#[macro_use]
-#[allow(unused_macros)]
 mod common;
 
-use std::process::Stdio;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{message, ping_pong, serve_command, stat, stream_through, Server};
+use common::Server;
 use echoport_io::sys::seccomp::Filter;
 
 /// The errors container profiles, kernels and sandboxes answer `io_uring_setup` with, and
@@ -21,50 +21,66 @@ const REFUSALS: [(i32, &str); 4] = [
     (libc::EINVAL, "Invalid argument"),
 ];
 
+/// `conns` connections each echo `rounds` messages of `size` bytes, every byte checked.
+fn ping_pong(addr: SocketAddr, conns: usize, rounds: usize, size: usize) -> u64 {
+    let handles: Vec<_> = (0..conns)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut got = vec![0u8; size];
+                for r in 0..rounds {
+                    let msg: Vec<u8> = (0..size).map(|i| (c * 31 + r * 7 + i) as u8).collect();
+                    s.write_all(&msg).unwrap();
+                    s.read_exact(&mut got).unwrap();
+                    assert_eq!(got, msg, "connection {c} round {r}");
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("a client failed");
+    }
+    (conns * rounds * size) as u64
+}
+
 #[test]
 fn auto_falls_back_to_epoll_says_why_and_echoes() {
     for (errno, words) in REFUSALS {
-        let mut cmd = serve_command(&["--threads", "2"]);
-        Filter::refuse_io_uring(errno).apply_to(&mut cmd);
-        let server = Server::spawn(cmd);
-
-        let warning = server
-            .startup
-            .iter()
+        let server = Server::start_configured(&["--threads", "2"], |cmd| {
+            Filter::refuse_io_uring(errno).apply_to(cmd);
+        });
+        let log = server.log();
+        let warning = log
+            .lines()
             .find(|l| l.contains("falling back to epoll"))
-            .unwrap_or_else(|| panic!("no fallback warning for {words}: {:#?}", server.startup));
+            .unwrap_or_else(|| panic!("no fallback warning for {words}: {log}"));
         assert!(
             warning.contains("WARN")
                 && warning.contains("io_uring_setup")
                 && warning.contains(words),
             "{warning}"
         );
-        let line = server.serving_line();
+        let line = log
+            .lines()
+            .find(|l| l.contains("echoport serving"))
+            .expect("start-up line");
         assert!(line.contains("backend=epoll"), "{line}");
         assert!(
             line.contains("why_not_io_uring=") && line.contains(words),
             "the start-up line does not say why: {line}"
         );
-
-        ping_pong(server.addr, 20, 10, 1500);
-        let data = message(2, 2, 500_000);
-        assert!(
-            stream_through(server.addr, data.clone()) == data,
-            "{words}: stream differs"
-        );
-        let stats = server.stop();
-        assert_eq!(
-            stat(&stats, "bytes_echoed"),
-            20 * 10 * 1500 + 500_000,
-            "{stats}"
-        );
+        let echoed = ping_pong(server.addr(), 20, 10, 1500);
+        let stopped = server.stop();
+        assert_eq!(stopped.stat("bytes_echoed"), echoed, "{words}");
     }
 }
 
 #[test]
 fn forcing_io_uring_under_the_filter_fails_with_a_clear_message() {
     for (errno, words) in REFUSALS {
-        let mut cmd = serve_command(&["--backend", "io-uring"]);
+        let mut cmd = Command::new(common::BIN);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--backend", "io-uring"]);
         Filter::refuse_io_uring(errno).apply_to(&mut cmd);
         let t = Instant::now();
         let out = cmd
@@ -86,15 +102,14 @@ fn forcing_io_uring_under_the_filter_fails_with_a_clear_message() {
 
 #[test]
 fn an_explicit_epoll_needs_no_io_uring_at_all() {
-    let mut cmd = serve_command(&["--backend", "epoll", "--threads", "1"]);
-    Filter::refuse_io_uring(libc::EPERM).apply_to(&mut cmd);
-    let server = Server::spawn(cmd);
+    let server = Server::start_configured(&["--backend", "epoll", "--threads", "1"], |cmd| {
+        Filter::refuse_io_uring(libc::EPERM).apply_to(cmd);
+    });
+    let log = server.log();
     assert!(
-        !server.startup.iter().any(|l| l.contains("io_uring")),
-        "epoll was asked for, yet io_uring was tried: {:#?}",
-        server.startup
+        !log.contains("io_uring"),
+        "epoll was asked for, yet io_uring was tried: {log}"
     );
-    ping_pong(server.addr, 5, 5, 100);
-    let stats = server.stop();
-    assert_eq!(stat(&stats, "bytes_echoed"), 5 * 5 * 100, "{stats}");
+    let echoed = ping_pong(server.addr(), 5, 5, 100);
+    assert_eq!(server.stop().stat("bytes_echoed"), echoed);
 }

@@ -1,284 +1,468 @@
-//! Shared by the integration tests: start `echoport serve` on a chosen backend on an
-//! ephemeral loopback port, talk to it, read its counters, stop it.
+//! Shared helpers of the integration tests: the server under test, random numbers, tagged
+//! byte streams and a poll-driven swarm of non-blocking clients.
 //!
-//! [`on_every_backend!`] instantiates a list of test functions once per backend, so the whole
-//! suite runs on io_uring and on epoll from one definition.
-#![allow(dead_code)] // each test file uses its own part of this
+//! Every server is the real `echoport` binary, started on `127.0.0.1:0`; its address is read
+//! from its `listening on ADDR` log line. [`Server`] kills its child when dropped (SIGTERM,
+//! then SIGKILL), so a failing test never leaves a server behind.
+#![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod pattern;
+pub mod rng;
+pub mod swarm;
+
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::thread;
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// A backend the server can be told to use.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub enum Be {
-    /// `--backend io-uring`.
-    IoUring,
-    /// `--backend epoll`.
-    Epoll,
-}
+use rustix::process::{kill_process, Pid, Signal};
 
-impl Be {
-    /// The value of `--backend`.
-    pub fn arg(self) -> &'static str {
-        match self {
-            Be::IoUring => "io-uring",
-            Be::Epoll => "epoll",
-        }
-    }
+/// The Linux backends every behaviour is checked on.
+#[allow(dead_code)]
+pub const BACKENDS: [&str; 2] = ["io-uring", "epoll"];
 
-    /// What the start-up line's `backend=` begins with.
-    pub fn name(self) -> &'static str {
-        match self {
-            Be::IoUring => "io_uring",
-            Be::Epoll => "epoll",
-        }
-    }
-}
-
-/// Defines one `#[test]` per backend for each named function `fn(Be)` of the calling file,
-/// in modules `io_uring` and `epoll` (so `cargo test epoll::` runs one backend's suite).
-/// The file declares `#[macro_use] mod common;`.
-macro_rules! on_every_backend {
-    ($($name:ident),* $(,)?) => {
+/// `every_backend! { case, ... }`: each case is a `fn case(backend: &str)`; this makes one
+/// `#[test]` per backend, as `io_uring::case` and `epoll::case`.
+#[allow(unused_macros)]
+macro_rules! every_backend {
+    ($($case:ident),* $(,)?) => {
         mod io_uring {
-            $( #[test] fn $name() { super::$name(crate::common::Be::IoUring) } )*
+            $( #[test] fn $case() { super::$case("io-uring") } )*
         }
         mod epoll {
-            $( #[test] fn $name() { super::$name(crate::common::Be::Epoll) } )*
+            $( #[test] fn $case() { super::$case("epoll") } )*
         }
     };
 }
 
-/// A running `echoport serve`, killed on drop if still running.
-pub struct Server {
-    pub child: Child,
-    pub addr: SocketAddr,
-    /// Every stderr line printed before the listening line.
-    pub startup: Vec<String>,
-    log: mpsc::Receiver<String>,
-}
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_echoport");
 
-/// `echoport serve --listen 127.0.0.1:0` followed by `args`.
-pub fn serve_command(args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_echoport"));
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--log", "info"])
-        .args(args);
-    cmd
+/// How long a server may take to print its address.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long [`Server::stop`] waits for a graceful exit.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A running `echoport serve`, killed on drop.
+pub struct Server {
+    child: Option<Child>,
+    addr: SocketAddr,
+    args: Vec<String>,
+    log: Arc<Mutex<String>>,
+    reader: Option<JoinHandle<()>>,
 }
 
 impl Server {
-    /// Starts the server on `be` with extra `args`.
-    pub fn start(be: Be, args: &[&str]) -> Server {
-        let mut all = vec!["--backend", be.arg()];
-        all.extend_from_slice(args);
-        let s = Server::spawn(serve_command(&all));
-        s.expect_backend(be.name());
-        s
+    /// Starts `echoport serve` with `args` and waits for its address. Unless `args` say
+    /// otherwise it listens on `127.0.0.1:0`, logs at `info` (`ECHOPORT_TEST_LOG` overrides)
+    /// and has a 5 s shutdown deadline.
+    pub fn start(args: &[&str]) -> Server {
+        Server::start_configured(args, |_| {})
     }
 
-    /// Starts the server on `be` with `prlimit --nofile=N` applied.
-    pub fn start_with_fd_limit(be: Be, nofile: u32, args: &[&str]) -> Server {
-        let mut all = vec!["--backend", be.arg()];
-        all.extend_from_slice(args);
-        let inner = serve_command(&all);
-        let mut cmd = Command::new("prlimit");
-        cmd.arg(format!("--nofile={nofile}"))
-            .arg("--")
-            .arg(inner.get_program())
-            .args(inner.get_args());
-        let s = Server::spawn(cmd);
-        s.expect_backend(be.name());
-        s
+    /// [`Server::start`], letting `configure` change the command first (a seccomp filter
+    /// applied between fork and exec, a resource limit).
+    pub fn start_configured(args: &[&str], configure: impl FnOnce(&mut Command)) -> Server {
+        Server::start_inner(&[], args, configure)
     }
 
-    /// Spawns `cmd` (some `echoport serve`) and waits for its listening line.
-    pub fn spawn(mut cmd: Command) -> Server {
-        let mut child = cmd
+    /// [`Server::start`] on one backend (`io-uring`, `epoll`).
+    pub fn on(backend: &str, args: &[&str]) -> Server {
+        let mut all = vec!["--backend", backend];
+        all.extend_from_slice(args);
+        Server::start(&all)
+    }
+
+    /// [`Server::start`] under a wrapper command, e.g. `["prlimit", "--nofile=256", "--"]`.
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Server {
+        Server::start_inner(wrapper, args, |_| {})
+    }
+
+    fn start_inner(
+        wrapper: &[&str],
+        args: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Server {
+        let has = |flag: &str| args.contains(&flag);
+        let mut full: Vec<String> = vec!["serve".into()];
+        full.extend(args.iter().map(|a| a.to_string()));
+        if !has("--listen") && !has("-l") {
+            full.extend(["--listen".into(), "127.0.0.1:0".into()]);
+        }
+        if !has("--shutdown-timeout") {
+            full.extend(["--shutdown-timeout".into(), "5".into()]);
+        }
+        if !has("--log") {
+            let level = std::env::var("ECHOPORT_TEST_LOG").unwrap_or_else(|_| "info".into());
+            full.extend(["--log".into(), level]);
+        }
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, rest)) => {
+                let mut c = Command::new(prog);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        cmd.args(&full)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::piped());
+        configure(&mut cmd);
+        let mut child = cmd
             .spawn()
-            .expect("start echoport serve");
+            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut startup = Vec::new();
-        let addr = loop {
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(line) => {
-                    let addr = line
-                        .split("listening on ")
-                        .nth(1)
-                        .map(|rest| rest.split_whitespace().next().unwrap().parse().unwrap());
-                    startup.push(line);
-                    if let Some(addr) = addr {
-                        break addr;
+        let reader = {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    {
+                        let mut l = log.lock().unwrap();
+                        l.push_str(&line);
+                        l.push('\n');
+                    }
+                    // After the line is in the log, so the log holds what `start` saw.
+                    if let Some(addr) = listening_addr(&line) {
+                        let _ = tx.send(addr);
                     }
                 }
-                Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("server did not say where it listens; it said: {startup:#?}");
-                }
-            }
+            })
         };
-        Server {
-            child,
-            addr,
-            startup,
-            log: rx,
+        let mut server = Server {
+            child: Some(child),
+            addr: "0.0.0.0:0".parse().unwrap(),
+            args: full,
+            log,
+            reader: Some(reader),
+        };
+        match rx.recv_timeout(START_TIMEOUT) {
+            Ok(addr) => server.addr = addr,
+            Err(_) => {
+                let status = server.wait_exit(Duration::from_secs(2));
+                let reader = server.reader.take();
+                if status.is_some() {
+                    if let Some(r) = reader {
+                        let _ = r.join();
+                    }
+                }
+                panic!(
+                    "`echoport {}` did not start listening ({}); its stderr:\n{}",
+                    server.args.join(" "),
+                    status.map_or("still running".into(), |s| format!("it exited: {s}")),
+                    server.log()
+                );
+            }
         }
+        server
     }
 
-    /// The start-up line that names the backend.
-    pub fn serving_line(&self) -> &str {
-        self.startup
-            .iter()
-            .find(|l| l.contains("echoport serving"))
-            .map(String::as_str)
-            .unwrap_or_else(|| panic!("no start-up line in {:#?}", self.startup))
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
-    fn expect_backend(&self, name: &str) {
-        let line = self.serving_line();
-        assert!(
-            line.contains(&format!("backend={name}")),
-            "expected backend {name}: {line}"
-        );
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server not reaped").id()
     }
 
-    /// CPU time (user + system) the server has used.
-    pub fn cpu_time(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
-        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
-        let f: Vec<&str> = after_name.split_whitespace().collect();
-        let ticks = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-        // Linux reports these in USER_HZ, which is 100 on every architecture we build for.
-        Duration::from_millis(ticks * 10)
+    /// Everything it printed on stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
     }
 
-    /// Sends SIGTERM.
-    pub fn terminate(&self) {
-        let pid = self.child.id().to_string();
-        let ok = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        assert!(ok.success(), "kill -TERM {pid} failed");
-    }
-
-    /// Waits (bounded) for the server to exit; returns its status.
-    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
+    /// Waits up to 10 s for the log to satisfy `pred` (lines arrive asynchronously).
+    pub fn wait_log(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
+            let log = self.log();
+            if pred(&log) {
+                return log;
             }
             assert!(
                 Instant::now() < deadline,
-                "server did not exit within {limit:?}"
+                "no {what} in the server's log:\n{log}"
             );
-            thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
-    /// Stops the server with SIGTERM, checks it exits 0, and returns its final counters line.
-    pub fn stop(mut self) -> String {
-        self.terminate();
-        let status = self.wait_exit(Duration::from_secs(15));
-        assert!(status.success(), "server exit status {status}");
-        self.rest_of_log()
-            .into_iter()
-            .rfind(|l| l.contains("stopped"))
-            .unwrap_or_else(|| panic!("no final counters line"))
+    /// CPU time (user + system) the server has used, in clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+            .split_whitespace()
+            .collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
     }
 
-    /// Every stderr line printed after start-up: all of them once the server has exited
-    /// (the reader ends at end of stream), otherwise those printed so far.
-    pub fn rest_of_log(&mut self) -> Vec<String> {
-        if self.child.try_wait().unwrap().is_some() {
-            self.log.iter().collect()
-        } else {
-            self.log.try_iter().collect()
+    /// Resident memory of the server, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+
+    /// Descriptors the server process has open.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
+
+    /// Connects a client with `TCP_NODELAY` and a 20 s read timeout.
+    pub fn connect(&self) -> TcpStream {
+        let s = TcpStream::connect(self.addr)
+            .unwrap_or_else(|e| panic!("connecting to the server at {}: {e}", self.addr));
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+        s
+    }
+
+    /// Sends a signal, if the child has not been reaped yet (so its pid is still ours).
+    pub fn signal(&mut self, sig: Signal) {
+        if let Some(child) = self.child.as_mut() {
+            if matches!(child.try_wait(), Ok(None)) {
+                kill_process(Pid::from_child(child), sig)
+                    .unwrap_or_else(|e| panic!("sending {sig:?} to the server: {e}"));
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the server to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = child.try_wait().expect("waiting for the server") {
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Panics (with its log) unless the server is still running.
+    pub fn assert_running(&mut self) {
+        if let Some(st) = self.wait_exit(Duration::ZERO) {
+            panic!("the server exited with {st}; its stderr:\n{}", self.log());
+        }
+    }
+
+    /// SIGTERM, then waits for the exit; panics if it takes longer than [`STOP_TIMEOUT`].
+    pub fn stop(mut self) -> Stopped {
+        let t0 = Instant::now();
+        self.signal(Signal::TERM);
+        self.finish(t0, STOP_TIMEOUT)
+    }
+
+    /// Waits (after a signal the test sent itself) for the exit, at most `timeout` after `t0`.
+    pub fn finish(mut self, t0: Instant, timeout: Duration) -> Stopped {
+        let status = self.wait_exit(timeout.saturating_sub(t0.elapsed()));
+        let took = t0.elapsed();
+        let Some(status) = status else {
+            panic!(
+                "the server did not exit within {timeout:?}; its stderr:\n{}",
+                self.log()
+            );
+        };
+        self.child = None;
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        Stopped {
+            status,
+            took,
+            log: self.log(),
         }
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if matches!(child.try_wait(), Ok(None)) {
+            let _ = kill_process(Pid::from_child(&child), Signal::TERM);
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill(); // SIGKILL
+                let _ = child.wait();
+            }
+        }
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!(
+                "--- last {} line(s) of the server's stderr ---\n{}",
+                tail.len(),
+                tail.join("\n")
+            );
+        }
     }
 }
 
-/// The value of counter `key` in a final counters line.
-pub fn stat(line: &str, key: &str) -> u64 {
-    // Words look like `bytes_echoed=123`, the first one `total=accepted=4`.
-    line.split(|c: char| c.is_whitespace() || c == '"')
-        .filter_map(|w| w.rsplit_once('='))
-        .find(|(k, _)| k.rsplit('=').next() == Some(key))
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+/// What a server left behind when it exited.
+pub struct Stopped {
+    pub status: ExitStatus,
+    /// From the signal (or [`Server::finish`]'s `t0`) to the exit.
+    pub took: Duration,
+    pub log: String,
 }
 
-/// Bytes of message `r` of connection `c`, `size` long: every position differs from its
-/// neighbours so a dropped, doubled or reordered byte shows.
-pub fn message(c: usize, r: usize, size: usize) -> Vec<u8> {
-    (0..size)
-        .map(|i| (c * 31 + r * 7 + i + i / 251) as u8)
-        .collect()
-}
+impl Stopped {
+    /// Exit status 0, nothing forced, nothing panicked, no error logged.
+    pub fn assert_clean(&self) {
+        assert!(
+            self.status.success(),
+            "server exit status {}; its stderr:\n{}",
+            self.status,
+            self.log
+        );
+        for bad in [
+            "deadline passed",
+            "did not finish closing",
+            "panicked",
+            " ERROR ",
+        ] {
+            assert!(
+                !self.log.contains(bad),
+                "the server's stderr contains {bad:?}:\n{}",
+                self.log
+            );
+        }
+    }
 
-/// Connects with a read timeout so a broken server fails the test instead of hanging it.
-pub fn connect(addr: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect(addr).expect("connect to the server");
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
-    s.set_nodelay(true).unwrap();
-    s
-}
-
-/// `conns` clients at once each do `rounds` ping-pongs of `size` bytes; every byte is checked.
-pub fn ping_pong(addr: SocketAddr, conns: usize, rounds: usize, size: usize) {
-    let handles: Vec<_> = (0..conns)
-        .map(|c| {
-            thread::spawn(move || {
-                let mut s = connect(addr);
-                let mut got = vec![0u8; size];
-                for r in 0..rounds {
-                    let msg = message(c, r, size);
-                    s.write_all(&msg).unwrap();
-                    s.read_exact(&mut got).unwrap();
-                    assert!(got == msg, "connection {c} round {r}: echo differs");
-                }
+    /// The counters of the final `stopped` line (`accepted`, `closed`, `errors`, ...).
+    pub fn stats(&self) -> HashMap<String, u64> {
+        let line = self
+            .log
+            .lines()
+            .find(|l| l.contains("stopped") && l.contains("accepted="))
+            .unwrap_or_else(|| panic!("no final `stopped` line in:\n{}", self.log));
+        line.split_whitespace()
+            .filter_map(|w| {
+                // `total=accepted=3`, `udp=udp_echoed=5`: the name is the last before `=N`.
+                let (k, v) = w.rsplit_once('=')?;
+                let k = k.rsplit('=').next()?;
+                Some((k.to_string(), v.parse().ok()?))
             })
-        })
-        .collect();
-    for h in handles {
-        h.join().expect("a client failed");
+            .collect()
+    }
+
+    pub fn stat(&self, name: &str) -> u64 {
+        *self
+            .stats()
+            .get(name)
+            .unwrap_or_else(|| panic!("no counter {name} in the stopped line:\n{}", self.log))
     }
 }
 
-/// Streams `data` to the server while reading concurrently, then half-closes and reads to
-/// end of stream. Returns what came back.
-pub fn stream_through(addr: SocketAddr, data: Vec<u8>) -> Vec<u8> {
-    let s = connect(addr);
-    let mut w = s.try_clone().unwrap();
-    let writer = thread::spawn(move || {
-        w.write_all(&data).unwrap();
-        w.shutdown(Shutdown::Write).unwrap();
+fn listening_addr(line: &str) -> Option<SocketAddr> {
+    let rest = line.split("listening on ").nth(1)?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// Runs `echoport ARGS` to completion with `stdin` as input; returns (status, stdout, stderr).
+pub fn run_bin(args: &[&str], stdin: &[u8], timeout: Duration) -> (ExitStatus, String, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+    let mut input = child.stdin.take().unwrap();
+    let data = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
     });
-    let mut got = Vec::new();
-    (&s).read_to_end(&mut got)
-        .expect("read the echo to its end");
-    writer.join().expect("writer failed");
-    got
+    let out = collect(child.stdout.take().unwrap());
+    let err = collect(child.stderr.take().unwrap());
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "`echoport {}` did not finish within {timeout:?}",
+                args.join(" ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let _ = writer.join();
+    (status, out.join().unwrap(), err.join().unwrap())
+}
+
+fn collect(mut r: impl Read + Send + 'static) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = r.read_to_end(&mut v);
+        String::from_utf8_lossy(&v).into_owned()
+    })
+}
+
+/// Reads exactly `n` bytes, with a clear message when the stream ends or fails first.
+pub fn read_n(stream: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut buf = vec![0; n];
+    let mut got = 0;
+    while got < n {
+        match stream.read(&mut buf[got..]) {
+            Ok(0) => panic!("end of stream after {got} of {n} bytes"),
+            Ok(k) => got += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("reading after {got} of {n} bytes: {e}"),
+        }
+    }
+    buf
+}
+
+/// Expects end-of-stream next (no stray bytes, no reset).
+pub fn expect_eof(stream: &mut TcpStream) {
+    let mut b = [0u8; 256];
+    match stream.read(&mut b) {
+        Ok(0) => {}
+        Ok(k) => panic!(
+            "expected end of stream, got {k} more bytes: {:02x?}",
+            &b[..k]
+        ),
+        Err(e) => panic!("expected end of stream, got an error: {e}"),
+    }
+}
+
+/// Sets `SO_LINGER` to zero, so that dropping the stream resets the connection.
+pub fn reset(stream: TcpStream) {
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER");
+    drop(stream);
+}
+
+/// A small ping-pong on `stream` that must echo exactly.
+pub fn ping(stream: &mut TcpStream, msg: &[u8]) {
+    stream.write_all(msg).expect("writing a ping");
+    let got = read_n(stream, msg.len());
+    assert_eq!(got, msg, "the echo differs from the ping");
 }

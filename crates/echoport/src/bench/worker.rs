@@ -1,0 +1,814 @@
+//! One load-generating thread: its own backend instance, its share of the connections, and
+//! an event loop that sends, checks every echoed byte and times every message.
+//!
+//! Per connection the messages in flight sit in one queue, oldest first:
+//!
+//! ```text
+//!   queue: [ m0 m1 m2 | m3 m4 ]      m0..m2 handed to sends (m2 maybe in part), m3.. unsent
+//!            ^recv_off  ^send_idx/send_off
+//! ```
+//!
+//! Echoed bytes are matched against the front message at `recv_off` (regenerated from its
+//! key, see [`super::pattern`]); a message is done when its last byte is back. Sends are
+//! batched: with no send in flight, one buffer is filled with as many queued messages as fit
+//! and posted as one send (a short send is resumed from where it stopped).
+//!
+//! Closed loop: a connection starts with `pipeline` messages and creates one each time one
+//! comes back. Open loop: the thread's messages are due at fixed intended times
+//! (`offset + k * interval`), handed round-robin to its connections when due; latency counts
+//! from the intended time, so a stalled server or a late client shows in the percentiles.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use echoport_core::slab::Slab;
+use echoport_core::{Backend, BufId, Completion, Op, OpError, Received, Socket, Token, Waker};
+
+use super::args::SizeRange;
+use super::pattern;
+use super::tally::Tally;
+
+/// A connection opened by the connector thread for this worker.
+pub struct Incoming {
+    /// Global connection number (also the content key's connection part).
+    pub gid: u32,
+    /// The connected stream.
+    pub stream: TcpStream,
+}
+
+/// Counters the main thread reads once a second for the live line.
+#[derive(Default)]
+pub struct Live {
+    /// Messages echoed in full (warm-up included).
+    pub done: AtomicU64,
+    /// Their bytes.
+    pub bytes: AtomicU64,
+    /// Error events so far.
+    pub errors: AtomicU64,
+    /// Connections open now.
+    pub conns: AtomicU64,
+}
+
+/// How this thread loads its connections.
+#[derive(Copy, Clone, Debug)]
+pub enum ThreadLoad {
+    /// Each connection keeps `pipeline` messages in flight.
+    Closed {
+        /// Messages in flight per connection.
+        pipeline: u32,
+    },
+    /// Message k of this thread is due at `offset_ns + k * interval_ns`.
+    Open {
+        /// Nanoseconds between this thread's messages.
+        interval_ns: f64,
+        /// When its first message is due.
+        offset_ns: f64,
+    },
+}
+
+/// What one thread does, in nanoseconds since the run's start.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The load.
+    pub load: ThreadLoad,
+    /// Message sizes.
+    pub size: SizeRange,
+    /// Messages intended before this are warm-up (not measured).
+    pub warmup_ns: u64,
+    /// No message is created at or after this (duration mode).
+    pub end_ns: Option<u64>,
+    /// Measured messages this thread creates (count mode).
+    pub count: Option<u64>,
+    /// No-progress timeout, and the grace at the end for the last echoes.
+    pub timeout_ns: u64,
+    /// Open loop: the shortest sleep on the timer alone (messages falling due sooner wait
+    /// for it or for the next completion, and their latency includes that wait).
+    pub tick_ns: u64,
+}
+
+/// How a worker reports that its backend is open: its waker and description, or why not.
+pub type Ready = Result<(Arc<dyn Waker>, String), String>;
+
+/// Everything a worker thread is handed.
+pub struct Task {
+    /// Its plan.
+    pub plan: Plan,
+    /// Set on Ctrl-C.
+    pub stop: Arc<AtomicBool>,
+    /// Its live counters.
+    pub live: Arc<Live>,
+    /// Connections from the connector; disconnected when it is done.
+    pub incoming: Receiver<Incoming>,
+    /// Reports the backend's waker and description once it is open.
+    pub ready: Sender<Ready>,
+    /// The run's start instant, sent when every thread is ready.
+    pub start: Receiver<Instant>,
+}
+
+/// What a worker thread returns.
+pub struct Outcome {
+    /// Its measurements.
+    pub tally: Tally,
+}
+
+impl crate::backends::WithBackend for Task {
+    type Output = anyhow::Result<Outcome>;
+
+    fn run<B: Backend>(self, backend: B) -> anyhow::Result<Outcome> {
+        let _ = self.ready.send(Ok((backend.waker(), backend.describe())));
+        let Ok(epoch) = self.start.recv() else {
+            // The run was called off before it started.
+            return Ok(Outcome {
+                tally: Tally::default(),
+            });
+        };
+        let mut w = Worker::new(backend, self.plan, epoch);
+        w.run(&self.incoming, &self.stop, &self.live)?;
+        let mut tally = w.tally;
+        tally.overflows = w.io.overflows();
+        Ok(Outcome { tally })
+    }
+}
+
+#[derive(Copy, Clone, Debug)]
+struct Msg {
+    key: u64,
+    /// Intended (open loop) or creation (closed loop) time, ns since start.
+    t: u64,
+    len: u32,
+    measured: bool,
+    bad: bool,
+}
+
+struct Conn {
+    sock: Socket,
+    gid: u32,
+    next_seq: u64,
+    queue: VecDeque<Msg>,
+    send_idx: usize,
+    send_off: u32,
+    recv_off: u32,
+    /// Bytes handed to sends so far, and bytes echoed back.
+    posted: u64,
+    received: u64,
+    /// The send in flight: buffer, offset, length.
+    send: Option<(BufId, u32, u32)>,
+    recv_armed: bool,
+    closing: bool,
+    dirty: bool,
+    waiting_buf: bool,
+    /// Index in the worker's `active` list.
+    active_pos: usize,
+    /// When the connection last made progress while owed echoes.
+    last_progress: u64,
+}
+
+impl Conn {
+    fn owed(&self) -> u64 {
+        self.posted - self.received
+    }
+
+    fn idle(&self) -> bool {
+        self.queue.is_empty()
+    }
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Phase {
+    Run,
+    Drain,
+}
+
+#[derive(Copy, Clone, Debug)]
+enum Failure {
+    Lost,
+    Timeout,
+    Io,
+}
+
+struct Worker<B: Backend> {
+    io: B,
+    plan: Plan,
+    epoch: Instant,
+    conns: Slab<Conn>,
+    /// Open connections not closing: round-robin targets and timeout scans.
+    active: Vec<Token>,
+    rr: usize,
+    dirty: Vec<Token>,
+    rearm: Vec<Token>,
+    buf_wait: VecDeque<Token>,
+    scratch: Vec<Token>,
+    events: Vec<Completion>,
+    tally: Tally,
+    phase: Phase,
+    interrupted: bool,
+    drain_deadline: u64,
+    deadline_passed: bool,
+    next_scan: u64,
+    scan_every: u64,
+    /// Open loop: messages scheduled so far.
+    k: u64,
+    issued_measured: u64,
+    done_all: u64,
+    bytes_all: u64,
+}
+
+fn classify(e: OpError) -> Failure {
+    match e {
+        OpError::Os(c) if c == libc::ECONNRESET || c == libc::EPIPE || c == libc::ECONNABORTED => {
+            Failure::Lost
+        }
+        _ => Failure::Io,
+    }
+}
+
+impl<B: Backend> Worker<B> {
+    fn new(io: B, plan: Plan, epoch: Instant) -> Self {
+        let scan_every = (plan.timeout_ns / 5).clamp(1_000_000, 100_000_000);
+        Worker {
+            io,
+            plan,
+            epoch,
+            conns: Slab::with_capacity(1024),
+            active: Vec::new(),
+            rr: 0,
+            dirty: Vec::new(),
+            rearm: Vec::new(),
+            buf_wait: VecDeque::new(),
+            scratch: Vec::new(),
+            events: Vec::with_capacity(1024),
+            tally: Tally::default(),
+            phase: Phase::Run,
+            interrupted: false,
+            drain_deadline: u64::MAX,
+            deadline_passed: false,
+            next_scan: scan_every,
+            scan_every,
+            k: 0,
+            issued_measured: 0,
+            done_all: 0,
+            bytes_all: 0,
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn run(
+        &mut self,
+        incoming: &Receiver<Incoming>,
+        stop: &AtomicBool,
+        live: &Live,
+    ) -> io::Result<()> {
+        let mut connector_open = true;
+        loop {
+            let now = self.now();
+            while connector_open {
+                match incoming.try_recv() {
+                    Ok(inc) => self.add_conn(inc, now),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => connector_open = false,
+                }
+            }
+            if !self.interrupted && stop.load(Ordering::Acquire) {
+                self.interrupted = true;
+                self.begin_drain(now, now);
+            }
+            if self.phase == Phase::Run {
+                self.schedule(now);
+            }
+            if self.phase == Phase::Run && self.conns.is_empty() && !connector_open {
+                // Every connection failed or was lost: nothing left to do.
+                self.begin_drain(now, now);
+            }
+            if self.phase == Phase::Drain && !self.deadline_passed && now >= self.drain_deadline {
+                self.deadline_passed = true;
+                self.end_all(now);
+            }
+            if now >= self.next_scan {
+                self.next_scan = now + self.scan_every;
+                self.scan_timeouts(now);
+            }
+            self.flush(now);
+            live.done.store(self.done_all, Ordering::Relaxed);
+            live.bytes.store(self.bytes_all, Ordering::Relaxed);
+            live.errors
+                .store(self.tally.errors.total(), Ordering::Relaxed);
+            live.conns.store(self.conns.len() as u64, Ordering::Relaxed);
+            if self.phase == Phase::Drain && self.conns.is_empty() {
+                break;
+            }
+            let timeout = self.next_wakeup(now);
+            let mut events = std::mem::take(&mut self.events);
+            events.clear();
+            self.io.wait(&mut events, Some(timeout))?;
+            let before = now;
+            let now = self.now();
+            // A wait that returns well past its deadline means this thread was not running
+            // (a busy machine): report it, it inflates every latency measured meanwhile.
+            let late = now.saturating_sub(before + timeout.as_nanos() as u64);
+            self.tally.max_late_ns = self.tally.max_late_ns.max(late);
+            if late > 50_000_000 {
+                tracing::debug!(
+                    late_ms = late / 1_000_000,
+                    timeout_us = timeout.as_micros() as u64,
+                    events = events.len(),
+                    conns = self.conns.len(),
+                    "wait returned late"
+                );
+            }
+            for c in events.drain(..) {
+                self.dispatch(c, now);
+            }
+            self.events = events;
+        }
+        // Hand the last closes to the kernel.
+        self.events.clear();
+        self.io.wait(&mut self.events, Some(Duration::ZERO))?;
+        Ok(())
+    }
+
+    fn next_wakeup(&self, now: u64) -> Duration {
+        let mut at = self.next_scan;
+        if self.phase == Phase::Run {
+            if let Some(end) = self.plan.end_ns {
+                at = at.min(end);
+            }
+            if let ThreadLoad::Open {
+                interval_ns,
+                offset_ns,
+            } = self.plan.load
+            {
+                if !self.active.is_empty() {
+                    let due = (offset_ns + self.k as f64 * interval_ns) as u64;
+                    at = at.min(due.max(now + self.plan.tick_ns));
+                }
+            }
+        } else if !self.deadline_passed {
+            at = at.min(self.drain_deadline);
+        }
+        Duration::from_nanos(at.saturating_sub(now))
+    }
+
+    fn add_conn(&mut self, inc: Incoming, now: u64) {
+        if self.phase != Phase::Run {
+            return; // dropping the stream closes it
+        }
+        let sock = match self.io.adopt(inc.stream) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot adopt a connection");
+                self.tally.errors.io_error += 1;
+                return;
+            }
+        };
+        let pos = self.active.len();
+        let token = self.conns.insert_with(|_| Conn {
+            sock,
+            gid: inc.gid,
+            next_seq: 0,
+            queue: VecDeque::new(),
+            send_idx: 0,
+            send_off: 0,
+            recv_off: 0,
+            posted: 0,
+            received: 0,
+            send: None,
+            recv_armed: true,
+            closing: false,
+            dirty: false,
+            waiting_buf: false,
+            active_pos: pos,
+            last_progress: now,
+        });
+        self.active.push(token);
+        self.io.push(Op::Recv { token, sock });
+        if let ThreadLoad::Closed { pipeline } = self.plan.load {
+            for _ in 0..pipeline {
+                if !self.issue(token, now) {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Creates the next message of a connection, intended at `t`. False when the run creates
+    /// no more messages.
+    fn issue(&mut self, token: Token, t: u64) -> bool {
+        if self.phase != Phase::Run || self.plan.end_ns.is_some_and(|e| t >= e) {
+            return false;
+        }
+        let measured = t >= self.plan.warmup_ns;
+        if measured {
+            if self.plan.count.is_some_and(|c| self.issued_measured >= c) {
+                return false;
+            }
+            self.issued_measured += 1;
+        }
+        let Some(c) = self.conns.get_mut(token) else {
+            return false;
+        };
+        let key = pattern::key(c.gid, c.next_seq);
+        c.next_seq += 1;
+        c.queue.push_back(Msg {
+            key,
+            t,
+            len: self.plan.size.pick(key),
+            measured,
+            bad: false,
+        });
+        if !c.dirty {
+            c.dirty = true;
+            self.dirty.push(token);
+        }
+        true
+    }
+
+    /// Open loop: hand out every message now due (even late: a message intended before the
+    /// end is sent and counted however late the loop gets to it). Both loops: notice the end
+    /// of creation.
+    fn schedule(&mut self, now: u64) {
+        if let ThreadLoad::Open {
+            interval_ns,
+            offset_ns,
+        } = self.plan.load
+        {
+            while !self.active.is_empty() {
+                let t = (offset_ns + self.k as f64 * interval_ns) as u64;
+                if t > now {
+                    break;
+                }
+                let token = self.active[self.rr % self.active.len()];
+                self.rr = self.rr.wrapping_add(1);
+                if !self.issue(token, t) {
+                    self.begin_drain(now, now + self.plan.timeout_ns);
+                    return;
+                }
+                self.k += 1;
+            }
+        }
+        if self.plan.end_ns.is_some_and(|e| now >= e)
+            || self.plan.count.is_some_and(|c| self.issued_measured >= c)
+        {
+            self.begin_drain(now, now + self.plan.timeout_ns);
+        }
+    }
+
+    fn begin_drain(&mut self, now: u64, deadline: u64) {
+        if self.phase == Phase::Drain {
+            self.drain_deadline = self.drain_deadline.min(deadline);
+            return;
+        }
+        self.phase = Phase::Drain;
+        self.drain_deadline = deadline;
+        if deadline <= now {
+            return; // the loop ends everything at once
+        }
+        // Connections with nothing owed are done now.
+        self.scratch.clear();
+        self.scratch.extend_from_slice(&self.active);
+        for i in 0..self.scratch.len() {
+            let token = self.scratch[i];
+            if self.conns.get_mut(token).is_some_and(|c| c.idle()) {
+                self.begin_close(token);
+            }
+        }
+    }
+
+    /// The end grace ran out (or Ctrl-C): close everything; echoes still owed are errors
+    /// unless interrupted.
+    fn end_all(&mut self, now: u64) {
+        self.scratch.clear();
+        self.scratch.extend_from_slice(&self.active);
+        for i in 0..self.scratch.len() {
+            let token = self.scratch[i];
+            let owed = self.conns.get_mut(token).is_some_and(|c| c.owed() > 0);
+            if owed && !self.interrupted {
+                self.fail(token, Failure::Timeout, now);
+            } else {
+                self.begin_close(token);
+            }
+        }
+    }
+
+    fn scan_timeouts(&mut self, now: u64) {
+        self.scratch.clear();
+        self.scratch.extend_from_slice(&self.active);
+        for i in 0..self.scratch.len() {
+            let token = self.scratch[i];
+            let stalled = self.conns.get_mut(token).is_some_and(|c| {
+                c.owed() > 0 && now.saturating_sub(c.last_progress) > self.plan.timeout_ns
+            });
+            if stalled {
+                self.fail(token, Failure::Timeout, now);
+            }
+        }
+    }
+
+    /// Counts a broken connection (and the echo it still owed) and closes it.
+    fn fail(&mut self, token: Token, why: Failure, _now: u64) {
+        let Some(c) = self.conns.get_mut(token) else {
+            return;
+        };
+        if c.closing {
+            return;
+        }
+        let e = &mut self.tally.errors;
+        match why {
+            Failure::Lost => e.connection_lost += 1,
+            Failure::Timeout => e.timeout += 1,
+            Failure::Io => e.io_error += 1,
+        }
+        let owed = c.owed();
+        if owed > 0 {
+            e.short_echo += 1;
+            e.missing_bytes += owed;
+        }
+        self.begin_close(token);
+    }
+
+    fn begin_close(&mut self, token: Token) {
+        let Some(c) = self.conns.get_mut(token) else {
+            return;
+        };
+        if c.closing {
+            return;
+        }
+        c.closing = true;
+        let (pos, sock) = (c.active_pos, c.sock);
+        let (recv_armed, sending) = (c.recv_armed, c.send.is_some());
+        self.active.swap_remove(pos);
+        if let Some(&moved) = self.active.get(pos) {
+            if let Some(m) = self.conns.get_mut(moved) {
+                m.active_pos = pos;
+            }
+        }
+        if recv_armed {
+            self.io.push(Op::CancelRecv { token, sock });
+        }
+        if sending {
+            self.io.push(Op::CancelSend { token, sock });
+        }
+        self.maybe_close(token);
+    }
+
+    /// Closes a closing connection once nothing of it is pending in the backend.
+    fn maybe_close(&mut self, token: Token) {
+        let Some(c) = self.conns.get_mut(token) else {
+            return;
+        };
+        if c.closing && !c.recv_armed && c.send.is_none() {
+            let sock = c.sock;
+            self.io.push(Op::Close { token, sock });
+            self.conns.remove(token);
+        }
+    }
+
+    fn flush(&mut self, now: u64) {
+        for i in 0..self.rearm.len() {
+            let token = self.rearm[i];
+            if let Some(c) = self.conns.get_mut(token) {
+                if !c.closing && !c.recv_armed {
+                    c.recv_armed = true;
+                    let sock = c.sock;
+                    self.io.push(Op::Recv { token, sock });
+                }
+            }
+        }
+        self.rearm.clear();
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for &token in &dirty {
+            let ready = match self.conns.get_mut(token) {
+                Some(c) => {
+                    c.dirty = false;
+                    !c.closing && !c.waiting_buf && c.send.is_none() && c.send_idx < c.queue.len()
+                }
+                None => false,
+            };
+            if ready {
+                self.start_send(token, now);
+            }
+        }
+        dirty.clear();
+        self.dirty = dirty;
+    }
+
+    /// Fills one buffer with the connection's unsent bytes and posts it.
+    fn start_send(&mut self, token: Token, now: u64) {
+        let Some(buf) = self.io.alloc_buf() else {
+            if let Some(c) = self.conns.get_mut(token) {
+                c.waiting_buf = true;
+                self.buf_wait.push_back(token);
+            }
+            return;
+        };
+        let Worker {
+            io,
+            conns,
+            tally,
+            plan,
+            ..
+        } = self;
+        let c = conns.get_mut(token).expect("caller checked");
+        let dst = io.buf_mut(buf);
+        let cap = dst.len();
+        let mut filled = 0;
+        while filled < cap && c.send_idx < c.queue.len() {
+            let m = c.queue[c.send_idx];
+            if c.send_off == 0 && m.measured {
+                if plan.end_ns.is_none_or(|e| now < e) {
+                    tally.sent += 1;
+                }
+                tally.max_send_lag_ns = tally.max_send_lag_ns.max(now.saturating_sub(m.t));
+            }
+            let n = ((m.len - c.send_off) as usize).min(cap - filled);
+            pattern::fill(m.key, c.send_off, &mut dst[filled..filled + n]);
+            filled += n;
+            c.send_off += n as u32;
+            if c.send_off == m.len {
+                c.send_idx += 1;
+                c.send_off = 0;
+            }
+        }
+        if c.owed() == 0 {
+            c.last_progress = now;
+        }
+        c.posted += filled as u64;
+        c.send = Some((buf, 0, filled as u32));
+        let sock = c.sock;
+        io.push(Op::Send {
+            token,
+            sock,
+            buf,
+            off: 0,
+            len: filled as u32,
+        });
+    }
+
+    fn dispatch(&mut self, c: Completion, now: u64) {
+        match c {
+            Completion::Recv {
+                token,
+                result,
+                more,
+            } => {
+                let Some(conn) = self.conns.get_mut(token) else {
+                    if let Ok(Received::Data { buf, .. }) = result {
+                        self.io.release(buf);
+                    }
+                    return;
+                };
+                if !more {
+                    conn.recv_armed = false;
+                }
+                let closing = conn.closing;
+                match result {
+                    Ok(Received::Data { buf, len }) => {
+                        if !closing {
+                            self.on_data(token, buf, len, now);
+                        }
+                        self.io.release(buf);
+                        if !more {
+                            self.rearm.push(token);
+                        }
+                    }
+                    Ok(Received::Eof) => self.fail(token, Failure::Lost, now),
+                    Err(OpError::NoBuffers) => self.rearm.push(token),
+                    Err(OpError::Canceled) => {}
+                    Err(e) => self.fail(token, classify(e), now),
+                }
+                self.maybe_close(token);
+            }
+            Completion::Send { token, result } => {
+                let Some(conn) = self.conns.get_mut(token) else {
+                    return;
+                };
+                let Some((buf, off, len)) = conn.send.take() else {
+                    return;
+                };
+                let closing = conn.closing;
+                match result {
+                    Ok(n) if n > 0 && n < len && !closing => {
+                        conn.send = Some((buf, off + n, len - n));
+                        let sock = conn.sock;
+                        self.io.push(Op::Send {
+                            token,
+                            sock,
+                            buf,
+                            off: off + n,
+                            len: len - n,
+                        });
+                    }
+                    Ok(n) if n == len || closing => {
+                        self.io.release(buf);
+                        if !closing && conn.send_idx < conn.queue.len() && !conn.dirty {
+                            conn.dirty = true;
+                            self.dirty.push(token);
+                        }
+                        self.wake_buf_waiter();
+                    }
+                    Ok(_) => {
+                        self.io.release(buf);
+                        self.wake_buf_waiter();
+                        self.fail(token, Failure::Lost, now);
+                    }
+                    Err(e) => {
+                        self.io.release(buf);
+                        self.wake_buf_waiter();
+                        if !closing && e != OpError::Canceled {
+                            self.fail(token, classify(e), now);
+                        }
+                    }
+                }
+                self.maybe_close(token);
+            }
+            Completion::Accept { .. } | Completion::Wake => {}
+        }
+    }
+
+    fn wake_buf_waiter(&mut self) {
+        while let Some(token) = self.buf_wait.pop_front() {
+            if let Some(c) = self.conns.get_mut(token) {
+                c.waiting_buf = false;
+                if !c.closing {
+                    if !c.dirty {
+                        c.dirty = true;
+                        self.dirty.push(token);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Checks echoed bytes against the messages in flight and completes the ones done.
+    fn on_data(&mut self, token: Token, buf: BufId, len: u32, now: u64) {
+        let Worker {
+            io, conns, tally, ..
+        } = self;
+        let c = conns.get_mut(token).expect("caller checked");
+        let data = &io.buf(buf)[..len as usize];
+        let room = c.owed();
+        let (data, extra) = if (data.len() as u64) > room {
+            (&data[..room as usize], data.len() as u64 - room)
+        } else {
+            (data, 0)
+        };
+        let mut done = 0u32;
+        let mut p = 0;
+        while p < data.len() {
+            let m = c
+                .queue
+                .front_mut()
+                .expect("bytes owed means a message in flight");
+            let n = ((m.len - c.recv_off) as usize).min(data.len() - p);
+            if !m.bad && !pattern::verify(m.key, c.recv_off, &data[p..p + n]) {
+                m.bad = true;
+            }
+            c.recv_off += n as u32;
+            p += n;
+            if c.recv_off == m.len {
+                let m = c.queue.pop_front().expect("front exists");
+                c.send_idx -= 1;
+                c.recv_off = 0;
+                done += 1;
+                self.done_all += 1;
+                self.bytes_all += m.len as u64;
+                if m.bad {
+                    tally.errors.mismatch += 1;
+                }
+                if m.measured {
+                    tally.hist.saturating_record(now.saturating_sub(m.t).max(1));
+                    tally.msgs += 1;
+                    tally.bytes += m.len as u64;
+                    tally.last_done_ns = now;
+                }
+            }
+        }
+        c.received += data.len() as u64;
+        c.last_progress = now;
+        let idle = c.idle();
+        if extra > 0 {
+            tally.errors.extra_echo += 1;
+            tally.errors.extra_bytes += extra;
+            self.begin_close(token);
+            return;
+        }
+        if matches!(self.plan.load, ThreadLoad::Closed { .. }) {
+            for _ in 0..done {
+                if !self.issue(token, now) {
+                    break;
+                }
+            }
+        }
+        if self.phase == Phase::Drain && idle {
+            self.begin_close(token);
+        }
+    }
+}

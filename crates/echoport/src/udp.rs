@@ -1,0 +1,131 @@
+//! UDP echo (RFC 862), off unless `--udp`: one datagram in, the same datagram back to its
+//! sender, under the guards of [`echoport_core::udp`].
+//!
+//! Datagrams need no connection state and no ordering, so this is a small loop per listen
+//! address on its own thread, the same on every platform and beside any TCP backend: receive
+//! (learning the true length, so a truncated datagram is dropped rather than cut), ask the
+//! guard, reply without blocking. A reply that would block is dropped, never queued.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use echoport_core::udp::{Refusal, UdpGuard, UdpLimits, UdpStats};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Largest datagram payload over IPv4 (65,535 - 8 - 20); IPv6 allows 20 bytes more.
+const MAX_DATAGRAM: usize = 65_527;
+
+/// Binds a UDP socket on each address and starts its echo loop.
+pub fn spawn(
+    addrs: &[SocketAddr],
+    limits: UdpLimits,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<Vec<JoinHandle<UdpStats>>> {
+    let mut handles = Vec::new();
+    for &addr in addrs {
+        let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        if addr.is_ipv6() {
+            sock.set_only_v6(true)?;
+        }
+        sock.bind(&addr.into())
+            .with_context(|| format!("cannot listen for UDP on {addr}"))?;
+        let sock: UdpSocket = sock.into();
+        // The loop looks at the stop flag at least this often.
+        sock.set_read_timeout(Some(Duration::from_millis(250)))?;
+        let stop = stop.clone();
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("echoport-udp-{addr}"))
+                .spawn(move || serve(sock, addr, limits, &stop))?,
+        );
+        tracing::info!("UDP echo on {addr}");
+    }
+    Ok(handles)
+}
+
+fn serve(sock: UdpSocket, addr: SocketAddr, limits: UdpLimits, stop: &AtomicBool) -> UdpStats {
+    let mut guard = UdpGuard::new(addr.port(), limits, Instant::now());
+    // One byte more than the largest datagram, so a fit is never mistaken for a cut.
+    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let mut log = RefusalLog::default();
+    while !stop.load(Ordering::Relaxed) {
+        let (n, src) = match recv(&sock, &mut buf) {
+            Ok(v) => v,
+            Err(e) => {
+                if !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) {
+                    tracing::debug!(error = %e, "UDP receive failed");
+                }
+                log.flush(Instant::now());
+                continue;
+            }
+        };
+        let now = Instant::now();
+        match guard.check(src, n > buf.len(), now) {
+            Ok(()) => match send_now(&sock, &buf[..n], src) {
+                Ok(_) => guard.stats.echoed += 1,
+                Err(_) => guard.stats.dropped += 1,
+            },
+            Err(reason) => log.note(reason, src, now),
+        }
+        log.flush(now);
+    }
+    guard.stats
+}
+
+#[cfg(target_os = "linux")]
+fn recv(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+    echoport_io::sys::recv_from_full(sock, buf)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn recv(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+    // The buffer is larger than any datagram, so nothing is ever cut here.
+    sock.recv_from(buf)
+}
+
+/// Sends without ever blocking: a reply that does not fit now is dropped, not queued.
+#[cfg(unix)]
+fn send_now(sock: &UdpSocket, data: &[u8], to: SocketAddr) -> std::io::Result<usize> {
+    socket2::SockRef::from(sock).send_to_with_flags(data, &to.into(), libc::MSG_DONTWAIT)
+}
+
+#[cfg(not(unix))]
+fn send_now(sock: &UdpSocket, data: &[u8], to: SocketAddr) -> std::io::Result<usize> {
+    sock.send_to(data, to)
+}
+
+/// Logs refusals at most once a second, as counts, so a flood cannot flood the log.
+#[derive(Default)]
+struct RefusalLog {
+    count: u64,
+    last: Option<(Refusal, SocketAddr)>,
+    since: Option<Instant>,
+}
+
+impl RefusalLog {
+    fn note(&mut self, r: Refusal, src: SocketAddr, now: Instant) {
+        self.count += 1;
+        self.last = Some((r, src));
+        self.since.get_or_insert(now);
+    }
+
+    fn flush(&mut self, now: Instant) {
+        let Some(since) = self.since else { return };
+        if now.duration_since(since) < Duration::from_secs(1) {
+            return;
+        }
+        if let Some((r, src)) = self.last {
+            tracing::warn!(count = self.count, last_source = %src, last_reason = %r, "UDP datagrams not echoed");
+        }
+        *self = RefusalLog::default();
+    }
+}

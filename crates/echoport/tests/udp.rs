@@ -1,0 +1,132 @@
+//! UDP echo (RFC 862) and its guards against reflection and loops.
+
+#[macro_use]
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use common::Server;
+
+fn client(bind: &str) -> UdpSocket {
+    let s = UdpSocket::bind(bind).unwrap_or_else(|e| {
+        panic!("binding a test client to {bind}: {e} (privileged ports need root)")
+    });
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    s
+}
+
+fn echoed(s: &UdpSocket, to: SocketAddr, data: &[u8]) -> Option<Vec<u8>> {
+    s.send_to(data, to).unwrap();
+    let mut buf = vec![0u8; 70_000];
+    match s.recv_from(&mut buf) {
+        Ok((n, from)) => {
+            assert_eq!(from, to, "reply from an unexpected address");
+            Some(buf[..n].to_vec())
+        }
+        Err(_) => None,
+    }
+}
+
+fn udp_is_off_by_default(backend: &str) {
+    let server = Server::on(backend, &["--threads", "1"]);
+    let c = client("127.0.0.1:0");
+    assert_eq!(
+        echoed(&c, server.addr(), b"anyone?"),
+        None,
+        "UDP answered without --udp"
+    );
+}
+
+fn datagrams_come_back_whole_up_to_the_largest(backend: &str) {
+    let server = Server::on(backend, &["--threads", "1", "--udp"]);
+    let c = client("127.0.0.1:0");
+    for len in [1usize, 100, 1472, 9000, 65_507] {
+        let data: Vec<u8> = (0..len).map(|i| (i * 13 + len) as u8).collect();
+        assert_eq!(
+            echoed(&c, server.addr(), &data).as_deref(),
+            Some(&data[..]),
+            "{len}-byte datagram"
+        );
+    }
+    let stats = server.stop();
+    assert_eq!(stats.stat("udp_echoed"), 5, "{}", stats.log);
+}
+
+fn dangerous_sources_get_no_reply(backend: &str) {
+    let server = Server::on(backend, &["--threads", "1", "--udp"]);
+    let port = server.addr().port();
+    let own = format!("127.0.0.2:{port}");
+    let sources = [
+        "127.0.0.1:7",
+        "127.0.0.1:19",
+        "127.0.0.1:53",
+        "127.0.0.1:123",
+        "127.0.0.1:1000",
+        own.as_str(),
+    ];
+    for src in sources {
+        let c = client(src);
+        assert_eq!(
+            echoed(&c, server.addr(), b"loop?"),
+            None,
+            "replied to {src}"
+        );
+    }
+    let ok = client("127.0.0.1:0");
+    assert!(
+        echoed(&ok, server.addr(), b"fine").is_some(),
+        "an ordinary source is answered"
+    );
+    let stats = server.stop();
+    assert_eq!(
+        stats.stat("udp_refused"),
+        sources.len() as u64,
+        "{}",
+        stats.log
+    );
+}
+
+fn a_blast_from_one_source_is_held_to_its_rate(backend: &str) {
+    let server = Server::on(backend, &["--threads", "1", "--udp", "--udp-rate", "1000"]);
+    let c = client("127.0.0.1:0");
+    c.set_nonblocking(true).unwrap();
+    let started = Instant::now();
+    let mut sent = 0u32;
+    let mut replies = 0u64;
+    let mut buf = [0u8; 64];
+    while sent < 100_000 && started.elapsed() < Duration::from_secs(5) {
+        if c.send_to(&sent.to_le_bytes(), server.addr()).is_ok() {
+            sent += 1;
+        }
+        while c.recv_from(&mut buf).is_ok() {
+            replies += 1;
+        }
+    }
+    let elapsed = started.elapsed();
+    std::thread::sleep(Duration::from_millis(200));
+    while c.recv_from(&mut buf).is_ok() {
+        replies += 1;
+    }
+    // 1,000/s after a burst of 2,000.
+    let allowed = 2000 + (elapsed.as_secs_f64() * 1000.0) as u64 + 50;
+    assert!(
+        replies <= allowed,
+        "{replies} replies in {elapsed:?} from {sent} datagrams"
+    );
+    assert!(
+        replies >= 1000,
+        "too few replies ({replies}): the test did not exercise the limit"
+    );
+    let stats = server.stop();
+    assert!(stats.stat("udp_rate_limited") > 0, "{}", stats.log);
+    assert!(stats.stat("udp_echoed") <= allowed, "{}", stats.log);
+}
+
+every_backend! {
+    udp_is_off_by_default,
+    datagrams_come_back_whole_up_to_the_largest,
+    dangerous_sources_get_no_reply,
+    a_blast_from_one_source_is_held_to_its_rate,
+}
