@@ -4,12 +4,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::Server;
+use common::{ping_pong, Server};
 use echoport_io::sys::seccomp::Filter;
 
 /// The errors container profiles, kernels and sandboxes answer `io_uring_setup` with, and
@@ -20,29 +18,6 @@ const REFUSALS: [(i32, &str); 4] = [
     (libc::EOPNOTSUPP, "Operation not supported"),
     (libc::EINVAL, "Invalid argument"),
 ];
-
-/// `conns` connections each echo `rounds` messages of `size` bytes, every byte checked.
-fn ping_pong(addr: SocketAddr, conns: usize, rounds: usize, size: usize) -> u64 {
-    let handles: Vec<_> = (0..conns)
-        .map(|c| {
-            std::thread::spawn(move || {
-                let mut s = TcpStream::connect(addr).unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                let mut got = vec![0u8; size];
-                for r in 0..rounds {
-                    let msg: Vec<u8> = (0..size).map(|i| (c * 31 + r * 7 + i) as u8).collect();
-                    s.write_all(&msg).unwrap();
-                    s.read_exact(&mut got).unwrap();
-                    assert_eq!(got, msg, "connection {c} round {r}");
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().expect("a client failed");
-    }
-    (conns * rounds * size) as u64
-}
 
 #[test]
 fn auto_falls_back_to_epoll_says_why_and_echoes() {

@@ -5,33 +5,11 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 
-use common::Server;
+use common::{ping_pong, Server};
 use std::thread;
 use std::time::{Duration, Instant};
-
-/// `conns` clients each do `rounds` ping-pongs of `size` bytes; every byte is checked.
-fn ping_pong(addr: SocketAddr, conns: usize, rounds: usize, size: usize) {
-    let handles: Vec<_> = (0..conns)
-        .map(|c| {
-            thread::spawn(move || {
-                let mut s = TcpStream::connect(addr).unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-                let mut got = vec![0u8; size];
-                for r in 0..rounds {
-                    let msg: Vec<u8> = (0..size).map(|i| (c * 31 + r * 7 + i) as u8).collect();
-                    s.write_all(&msg).unwrap();
-                    s.read_exact(&mut got).unwrap();
-                    assert_eq!(got, msg, "connection {c} round {r}");
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().expect("a client failed");
-    }
-}
 
 fn two_buffers_serve_a_hundred_busy_connections(backend: &str) {
     let server = Server::on(

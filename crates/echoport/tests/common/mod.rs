@@ -466,3 +466,28 @@ pub fn ping(stream: &mut TcpStream, msg: &[u8]) {
     let got = read_n(stream, msg.len());
     assert_eq!(got, msg, "the echo differs from the ping");
 }
+
+/// `conns` clients each do `rounds` ping-pongs of `size` bytes on their own thread, every byte
+/// checked; returns the bytes echoed.
+#[allow(dead_code)]
+pub fn ping_pong(addr: SocketAddr, conns: usize, rounds: usize, size: usize) -> u64 {
+    let handles: Vec<_> = (0..conns)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let mut got = vec![0u8; size];
+                for r in 0..rounds {
+                    let msg: Vec<u8> = (0..size).map(|i| (c * 31 + r * 7 + i) as u8).collect();
+                    s.write_all(&msg).unwrap();
+                    s.read_exact(&mut got).unwrap();
+                    assert_eq!(got, msg, "connection {c} round {r}");
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("a client failed");
+    }
+    (conns * rounds * size) as u64
+}
