@@ -374,14 +374,13 @@ impl<B: Backend> Worker<B> {
                 result,
                 more,
             } => {
-                if self.conns.get_mut(token).is_none() {
+                if !self.with_conn(token, |c, cx| c.on_recv(cx, result, more)) {
                     // A completion for a connection already gone: only its buffer matters.
                     if let Ok(Received::Data { buf, .. }) = result {
                         self.backend.release(buf);
                     }
                     return;
                 }
-                self.with_conn(token, |c, cx| c.on_recv(cx, result, more));
                 if let Some(conn) = self.conns.get_mut(token) {
                     if conn.recv_state() == crate::conn::RecvState::Parked {
                         self.parked.push_back(token);
@@ -395,10 +394,15 @@ impl<B: Backend> Worker<B> {
         }
     }
 
-    /// Runs a handler on a live connection and frees its slot if it closed.
-    fn with_conn(&mut self, token: Token, f: impl FnOnce(&mut Conn, &mut Cx<'_, B>) -> Status) {
+    /// Runs a handler on a live connection and frees its slot if it closed. Returns false
+    /// (running nothing) when the token names a connection that is gone.
+    fn with_conn(
+        &mut self,
+        token: Token,
+        f: impl FnOnce(&mut Conn, &mut Cx<'_, B>) -> Status,
+    ) -> bool {
         let Some(conn) = self.conns.get_mut(token) else {
-            return;
+            return false;
         };
         let mut cx = Cx {
             io: &mut self.backend,
@@ -414,6 +418,7 @@ impl<B: Backend> Worker<B> {
                 self.cfg.admission.release_ip(ip);
             }
         }
+        true
     }
 
     fn on_accept(&mut self, id: ListenerId, result: Result<Socket, OpError>, more: bool) {
