@@ -66,10 +66,14 @@ pub struct Config {
     /// Accept into direct descriptors on the fast path. Off when the caller needs to know
     /// peers' addresses (a direct descriptor cannot be asked).
     pub direct_accept: bool,
-    /// When non-zero and the loop is busy (its last wait brought several completions), a
-    /// wait asks the kernel for as many again (at most [`Config::batch`]) and lets them
-    /// gather for up to this many microseconds: fewer wake-ups under load, at most this
-    /// much added latency. At light load waits are for one completion, as without it.
+    /// When non-zero, a wait lets completions gather for up to this many microseconds
+    /// before the loop wakes: fewer wake-ups under load, at most this much added latency.
+    /// On kernels with `IORING_FEAT_MIN_TIMEOUT` (6.12) the kernel does it: the loop sleeps
+    /// until [`Config::batch`] completions are ready or this long has passed with at least
+    /// one, and a wait that found nothing in that time ends at the first completion, so an
+    /// idle loop costs nothing and a lone message after a quiet spell is not delayed. On
+    /// older kernels the loop asks for as many completions as its last turn brought (a
+    /// busy loop only), with this as the timeout.
     pub batch_wait_us: u32,
     /// Completions a batched wait aims for.
     pub batch: u32,
@@ -161,7 +165,12 @@ struct Region {
 impl Region {
     fn new(size: u32, count: u32) -> io::Result<Region> {
         let bytes = size as usize * count as usize;
-        let layout = Layout::from_size_align(bytes.max(1), 4096)
+        // Regions of 2 MiB or more are aligned for transparent huge pages: the kernel's
+        // copies into receive buffers then miss the TLB on a handful of pages, not on
+        // thousands (on a virtual machine every miss is a two-level page walk).
+        const HUGE: usize = 2 << 20;
+        let align = if bytes >= HUGE { HUGE } else { 4096 };
+        let layout = Layout::from_size_align(bytes.max(1), align)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "buffer region too large"))?;
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { std::alloc::alloc(layout) };
@@ -170,6 +179,11 @@ impl Region {
                 io::ErrorKind::OutOfMemory,
                 "cannot allocate buffers",
             ));
+        }
+        if align == HUGE {
+            // SAFETY: advice only, on memory this allocation owns; failure (THP off) is
+            // harmless and ignored.
+            unsafe { libc::madvise(ptr.cast(), layout.size(), libc::MADV_HUGEPAGE) };
         }
         // Touch every page now: the pool's memory is paid for up front and stays flat,
         // instead of growing as the kernel cycles through the ring. (Volatile, so the
@@ -273,8 +287,11 @@ pub struct Uring {
     inflight: u64,
     batch_wait_us: u32,
     batch: u32,
-    /// Completions the last wait brought: how many the next batched wait asks for.
+    /// Completions the last wait brought: how many the next batched wait asks for (on
+    /// kernels without the minimum wait).
     last_reaped: usize,
+    /// The kernel has `IORING_FEAT_MIN_TIMEOUT`: batched waits use its minimum wait.
+    min_timeout: bool,
     /// Size of the direct descriptor table (fast path only).
     direct_files: Option<u32>,
     /// Accepted connections get direct descriptors.
@@ -325,14 +342,20 @@ impl Uring {
             batch_wait_us: cfg.batch_wait_us,
             batch: cfg.batch.max(1),
             last_reaped: 0,
+            min_timeout: false,
             direct_files: None,
             direct_accept: fast && cfg.direct_accept,
             overflows: 0,
             dropped: 0,
             region: Some(region),
         };
+        uring.min_timeout = uring.ring.params().is_feature_min_timeout();
         if cfg.batch_wait_us > 0 {
-            features.push("batched-wait");
+            features.push(if uring.min_timeout {
+                "batched-wait (kernel min-wait)"
+            } else {
+                "batched-wait (adaptive)"
+            });
         }
         if fast {
             uring.setup_fast_path(cfg, buffers)?;
@@ -740,26 +763,36 @@ impl Backend for Uring {
         } else {
             timeout
         };
-        // Under load, ask for as many completions as the last turn brought (up to `batch`),
-        // for at most `batch_wait_us`: with DEFER_TASKRUN the kernel then does not wake the
-        // loop until that many are ready, so one wake-up serves many echoes. At light load
-        // (the last turn brought one or none) this is a plain wait for one.
-        let batch = self.last_reaped.min(self.batch as usize);
+        // Batched waits. With the kernel's minimum wait: sleep until `batch` completions
+        // are ready, or `batch_wait_us` has passed and at least one is (with DEFER_TASKRUN
+        // the kernel does not even wake the loop before that). Without it: under load, ask
+        // for as many completions as the last turn brought (up to `batch`) for at most
+        // `batch_wait_us`; at light load (the last turn brought one or none) a plain wait.
+        let mut min_wait = 0;
         let (want, timeout) = match timeout {
             Some(t) if t.is_zero() => (1, Some(t)),
-            t if self.batch_wait_us > 0 && batch > 1 => {
+            t if self.batch_wait_us > 0 && self.min_timeout => {
+                min_wait = self.batch_wait_us;
+                (self.batch as usize, t)
+            }
+            t if self.batch_wait_us > 0 && self.last_reaped > 1 => {
                 let b = Duration::from_micros(self.batch_wait_us as u64);
-                (batch, Some(t.map_or(b, |t| t.min(b))))
+                let want = self.last_reaped.min(self.batch as usize);
+                (want, Some(t.map_or(b, |t| t.min(b))))
             }
             t => (1, t),
         };
-        let res = match timeout {
-            None => self.ring.submit_and_wait(1),
-            Some(t) => {
+        let res = match (timeout, min_wait) {
+            (None, 0) => self.ring.submit_and_wait(1),
+            (None, m) => {
+                let args = types::SubmitArgs::new().min_wait_usec(m);
+                self.ring.submitter().submit_with_args(want, &args)
+            }
+            (Some(t), m) => {
                 let ts = types::Timespec::new()
                     .sec(t.as_secs())
                     .nsec(t.subsec_nanos());
-                let args = types::SubmitArgs::new().timespec(&ts);
+                let args = types::SubmitArgs::new().timespec(&ts).min_wait_usec(m);
                 self.ring.submitter().submit_with_args(want, &args)
             }
         };

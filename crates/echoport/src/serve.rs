@@ -111,9 +111,10 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 65536)]
     pub cq_entries: u32,
 
-    /// io_uring: when busy (the last wait brought several completions), let completions
-    /// gather for up to this many microseconds before waking, trading at most that much
-    /// latency for fewer wake-ups per echo. Light load is unaffected. 0 = off.
+    /// io_uring: let completions gather for up to this many microseconds before the loop
+    /// wakes (the kernel's minimum wait on 6.12+; on older kernels only when busy),
+    /// trading at most that much latency for fewer wake-ups per echo. An idle loop and a
+    /// lone message after a quiet spell are unaffected. 0 = off.
     #[arg(long, value_name = "USEC", default_value_t = 0)]
     pub batch_wait_us: u32,
 

@@ -7,7 +7,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 
-use common::{ping_pong, Server};
+use common::{ping, ping_pong, Server};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,46 @@ fn a_tiny_completion_queue_loses_no_completion() {
         "the CQ never overflowed, so nothing was tested: {}",
         stats.log
     );
+}
+
+#[test]
+fn a_batched_wait_echoes_everything_and_idles_without_spinning() {
+    let server = Server::on("io-uring", &["--threads", "1", "--batch-wait-us", "200"]);
+    let started = server.log();
+    assert!(
+        started.contains("batched-wait (kernel min-wait)"),
+        "this kernel has IORING_FEAT_MIN_TIMEOUT (6.12+), so the batched wait should be the \
+         kernel's minimum wait: {started}"
+    );
+    // Busy: many connections at once, every byte checked.
+    ping_pong(server.addr(), 100, 20, 700);
+    // A lone message after a quiet spell is not held back for the batch: the minimum wait
+    // has run out long before it arrives.
+    std::thread::sleep(Duration::from_millis(50));
+    let mut s = server.connect();
+    let t = Instant::now();
+    for _ in 0..20 {
+        ping(&mut s, b"lone");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let per_ping = (t.elapsed() - Duration::from_millis(100)) / 20;
+    assert!(
+        per_ping < Duration::from_millis(20),
+        "a lone ping took {per_ping:?}: held back for a batch that never came"
+    );
+    drop(s);
+    // Idle with connections open: no timer loop.
+    let _idle: Vec<_> = (0..10).map(|_| server.connect()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let before = server.cpu_ticks();
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = server.cpu_ticks() - before;
+    assert!(
+        spent <= 5,
+        "an idle server with a batched wait used {spent} ticks of CPU in 1 s"
+    );
+    let stats = server.stop();
+    assert_eq!(stats.stat("bytes_echoed"), 100 * 20 * 700 + 20 * 4);
 }
 
 #[test]
