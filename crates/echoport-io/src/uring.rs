@@ -292,6 +292,10 @@ pub struct Uring {
     last_reaped: usize,
     /// The kernel has `IORING_FEAT_MIN_TIMEOUT`: batched waits use its minimum wait.
     min_timeout: bool,
+    /// The ring's own descriptor registered with it (`IORING_REGISTER_RING_FDS`, 5.18): the
+    /// loop's waits name the ring by this index, sparing the kernel a descriptor lookup.
+    /// The registration belongs to the thread that made it, so it is used only there.
+    ring_index: Option<(u32, std::thread::ThreadId)>,
     /// Size of the direct descriptor table (fast path only).
     direct_files: Option<u32>,
     /// Accepted connections get direct descriptors.
@@ -343,6 +347,7 @@ impl Uring {
             batch: cfg.batch.max(1),
             last_reaped: 0,
             min_timeout: false,
+            ring_index: None,
             direct_files: None,
             direct_accept: fast && cfg.direct_accept,
             overflows: 0,
@@ -350,6 +355,10 @@ impl Uring {
             region: Some(region),
         };
         uring.min_timeout = uring.ring.params().is_feature_min_timeout();
+        uring.ring_index = register_ring_fd(&uring.ring).map(|i| (i, std::thread::current().id()));
+        if uring.ring_index.is_some() {
+            features.push("registered-ring");
+        }
         if cfg.batch_wait_us > 0 {
             features.push(if uring.min_timeout {
                 "batched-wait (kernel min-wait)"
@@ -459,6 +468,46 @@ impl Uring {
             }
         }
         self.backlog.push_back(e);
+    }
+
+    /// Submits what is queued and waits for `want` completions (or the timeout, or the
+    /// minimum wait), naming the ring by its registered index.
+    fn enter_registered(
+        &mut self,
+        index: u32,
+        want: u32,
+        ts: Option<&types::Timespec>,
+        min_wait_us: u32,
+    ) -> io::Result<usize> {
+        let to_submit = self.ring.submission().len() as u32;
+        let mut args = types::SubmitArgs::new().min_wait_usec(min_wait_us);
+        if let Some(ts) = ts {
+            args = args.timespec(ts);
+        }
+        let flags = ENTER_GETEVENTS | ENTER_EXT_ARG | ENTER_REGISTERED_RING;
+        // SAFETY: `index` is this ring's descriptor as registered by this very thread (the
+        // caller checks; the registration lives as long as the ring). Every queued entry was pushed
+        // through the submission queue, whose tail is published when each push's queue
+        // handle drops, and every buffer those entries name is owned by the kernel until
+        // their completions (the module's ownership rule). `args` is an
+        // `io_uring_getevents_arg` (`SubmitArgs` is a transparent wrapper of it) whose
+        // timespec, if any, outlives this call; its size goes with it.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_io_uring_enter,
+                index as libc::c_long,
+                to_submit as libc::c_long,
+                want as libc::c_long,
+                flags as libc::c_long,
+                &args as *const types::SubmitArgs as *const libc::c_void,
+                std::mem::size_of::<types::SubmitArgs>(),
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as usize)
+        }
     }
 
     fn flush_backlog(&mut self) -> io::Result<()> {
@@ -782,17 +831,26 @@ impl Backend for Uring {
             }
             t => (1, t),
         };
-        let res = match (timeout, min_wait) {
-            (None, 0) => self.ring.submit_and_wait(1),
-            (None, m) => {
-                let args = types::SubmitArgs::new().min_wait_usec(m);
+        let ts = timeout.map(|t| {
+            types::Timespec::new()
+                .sec(t.as_secs())
+                .nsec(t.subsec_nanos())
+        });
+        let index = self
+            .ring_index
+            .filter(|&(_, t)| t == std::thread::current().id())
+            .map(|(i, _)| i);
+        let res = match (index, &ts) {
+            (Some(index), ts) => self.enter_registered(index, want as u32, ts.as_ref(), min_wait),
+            (None, None) if min_wait == 0 => self.ring.submit_and_wait(1),
+            (None, None) => {
+                let args = types::SubmitArgs::new().min_wait_usec(min_wait);
                 self.ring.submitter().submit_with_args(want, &args)
             }
-            (Some(t), m) => {
-                let ts = types::Timespec::new()
-                    .sec(t.as_secs())
-                    .nsec(t.subsec_nanos());
-                let args = types::SubmitArgs::new().timespec(&ts).min_wait_usec(m);
+            (None, Some(ts)) => {
+                let args = types::SubmitArgs::new()
+                    .timespec(ts)
+                    .min_wait_usec(min_wait);
                 self.ring.submitter().submit_with_args(want, &args)
             }
         };
@@ -928,6 +986,40 @@ fn build_ring(cfg: &Config) -> io::Result<(IoUring, Vec<&'static str>)> {
         }
     }
     Ok((b.build(cfg.sq_entries)?, vec!["interrupt-taskrun"]))
+}
+
+const ENTER_GETEVENTS: u32 = 1 << 0;
+const ENTER_EXT_ARG: u32 = 1 << 3;
+const ENTER_REGISTERED_RING: u32 = 1 << 4;
+const REGISTER_RING_FDS: u32 = 20;
+
+/// Registers the ring's descriptor with itself (`IORING_REGISTER_RING_FDS`), giving the index
+/// waits use instead of the descriptor; `None` on kernels before 5.18 (waits then pass the
+/// descriptor, as before).
+fn register_ring_fd(ring: &IoUring) -> Option<u32> {
+    #[repr(C)]
+    struct RsrcUpdate {
+        offset: u32,
+        resv: u32,
+        data: u64,
+    }
+    let mut up = RsrcUpdate {
+        offset: u32::MAX, // let the kernel pick a free slot
+        resv: 0,
+        data: ring.as_raw_fd() as u64,
+    };
+    // SAFETY: `up` is a valid `io_uring_rsrc_update` for one entry that lives across the
+    // call; the kernel writes the chosen slot into `offset` and keeps no pointer to it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_register,
+            ring.as_raw_fd() as libc::c_long,
+            REGISTER_RING_FDS as libc::c_long,
+            &mut up as *mut RsrcUpdate as *mut libc::c_void,
+            1 as libc::c_long,
+        )
+    };
+    (r == 1).then_some(up.offset)
 }
 
 /// Whether the running kernel is at least `major.minor` (multishot receive needs 6.0).

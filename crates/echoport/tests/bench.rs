@@ -665,6 +665,27 @@ fn a_coarse_tick_batches_sends_and_the_wait_shows_in_the_latency() {
 }
 
 #[test]
+fn spinning_polls_for_messages_due_soon_instead_of_sleeping() {
+    let ts = test_server(echo);
+    // Messages every 0.5 ms, polled for when due within 1 ms: the client never sleeps.
+    let out = bench(
+        ts.addr,
+        &[
+            "-c", "2", "-r", "2000", "-d", "1s", "--warmup", "0", "--spin", "1ms",
+        ],
+    );
+    let d = doc(&out);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(num(&d, "params.spin_s"), 0.001);
+    let r = &d["runs"][0];
+    let ratio = num(r, "rate_ratio");
+    assert!((0.95..=1.05).contains(&ratio), "{r:#}");
+    // Polling burns the client's time between messages: far more than a sleeping client's
+    // CPU per echo (a few to a few tens of microseconds).
+    assert!(num(r, "client_cpu.us_per_echo") >= 100.0, "{r:#}");
+}
+
+#[test]
 fn the_epoll_backend_drives_the_same_load_and_catches_the_same_faults() {
     let server = Server::start(&["--threads", "1"]);
     let out = bench(

@@ -197,6 +197,7 @@ fn run_once(
             count,
             timeout_ns: p.timeout.as_nanos() as u64,
             tick_ns: p.tick.as_nanos() as u64,
+            spin_ns: p.spin.as_nanos() as u64,
         };
         let opts = crate::backends::Options {
             buf_size: if conns > 2048 { 2048 } else { 8192 },

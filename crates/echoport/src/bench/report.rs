@@ -423,6 +423,7 @@ pub fn json_doc(
             "sweep": p.sweep,
             "timeout_s": p.timeout.as_secs_f64(),
             "tick_s": p.tick.as_secs_f64(),
+            "spin_s": p.spin.as_secs_f64(),
         },
         "runs": runs.iter().map(run_json).collect::<Vec<_>>(),
         "interrupted": interrupted,

@@ -89,6 +89,8 @@ pub struct Plan {
     /// Open loop: the shortest sleep on the timer alone (messages falling due sooner wait
     /// for it or for the next completion, and their latency includes that wait).
     pub tick_ns: u64,
+    /// Open loop: poll, not sleep, when the next message is due within this many ns.
+    pub spin_ns: u64,
 }
 
 /// How a worker reports that its backend is open: its waker and description, or why not.
@@ -313,7 +315,14 @@ impl<B: Backend> Worker<B> {
                 );
                 break;
             }
-            let timeout = self.next_wakeup(now);
+            let mut timeout = self.next_wakeup(now);
+            if self.phase == Phase::Run
+                && matches!(self.plan.load, ThreadLoad::Open { .. })
+                && timeout.as_nanos() as u64 <= self.plan.spin_ns
+            {
+                // Due very soon: poll (a wait with no timer) rather than arm a timer.
+                timeout = Duration::ZERO;
+            }
             let mut events = std::mem::take(&mut self.events);
             events.clear();
             self.io.wait(&mut events, Some(timeout))?;
