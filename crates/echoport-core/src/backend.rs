@@ -20,6 +20,11 @@ pub trait Submit {
     fn push(&mut self, op: Op);
     /// Gives a buffer lent by a receive completion back to the backend.
     fn release(&mut self, buf: BufId);
+    /// How many buffers one send may gather ([`crate::Op::SendParts`]); 1 (the default)
+    /// means the backend takes only [`crate::Op::Send`].
+    fn max_send_parts(&self) -> usize {
+        1
+    }
 }
 
 /// A completion source: io_uring, epoll (completions emulated from readiness), or IOCP.

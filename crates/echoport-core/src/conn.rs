@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! accepted ──▶ post receive
-//! received N ──▶ queue N bytes, post a send of them (one send in flight at a time)
+//! received N ──▶ queue N bytes, post a send of them (one send in flight at a time,
+//!                 gathering what is queued when the backend can)
 //! sent n ──▶ short? send the rest : release the buffer, send the next queued bytes
 //! pending ≥ limit ──▶ stop receiving until the echo drains (backpressure)
 //! end of stream ──▶ flush what is pending, then close          (half-close)
@@ -15,7 +16,7 @@
 //! so a late completion can never land on a reused descriptor.
 
 use crate::backend::Submit;
-use crate::op::{BufId, Op, OpError, Received, Socket};
+use crate::op::{BufId, Op, OpError, Received, SendPart, Socket, MAX_SEND_PARTS};
 use crate::stats::Stats;
 use crate::token::Token;
 
@@ -345,15 +346,21 @@ impl Conn {
         cx.stats.bytes_echoed += n as u64;
         self.pending -= n;
         self.last_tx = cx.now;
-        let seg = self
-            .queue
-            .front(cx.segs)
-            .expect("a send completed with nothing queued");
-        seg.off += n;
-        seg.len -= n;
-        if seg.len == 0 {
-            let buf = self.queue.pop(cx.segs).expect("front exists");
-            cx.io.release(buf);
+        // A gathered send may have covered several queued segments, the last one partly.
+        let mut left = n;
+        while left > 0 {
+            let seg = self
+                .queue
+                .front(cx.segs)
+                .expect("a send completed with more bytes than were queued");
+            let take = left.min(seg.len);
+            seg.off += take;
+            seg.len -= take;
+            left -= take;
+            if seg.len == 0 {
+                let buf = self.queue.pop(cx.segs).expect("front exists");
+                cx.io.release(buf);
+            }
         }
     }
 
@@ -441,20 +448,50 @@ impl Conn {
         });
     }
 
+    /// Sends what is queued: the first segment, or as many as the backend gathers in one
+    /// send (fewer system calls and loop turns when receives outpace sends).
     fn post_send<S: Submit>(&mut self, cx: &mut Cx<'_, S>) {
         if self.is_sending() {
             return;
         }
-        if let Some(seg) = self.queue.front(cx.segs) {
-            self.sending = seg.len;
-            cx.io.push(Op::Send {
-                token: self.token,
-                sock: self.sock,
+        let max = cx.io.max_send_parts().clamp(1, MAX_SEND_PARTS);
+        let mut parts = [SendPart::default(); MAX_SEND_PARTS];
+        let mut count = 0;
+        let mut total = 0u32;
+        let mut i = self.queue.head;
+        while i != NIL && count < max {
+            let seg = cx.segs.slots[i as usize];
+            parts[count] = SendPart {
                 buf: seg.buf,
                 off: seg.off,
                 len: seg.len,
-            });
+            };
+            total += seg.len;
+            count += 1;
+            i = seg.next;
         }
+        if count == 0 {
+            return;
+        }
+        self.sending = total;
+        let (token, sock) = (self.token, self.sock);
+        cx.io.push(if count == 1 {
+            let p = parts[0];
+            Op::Send {
+                token,
+                sock,
+                buf: p.buf,
+                off: p.off,
+                len: p.len,
+            }
+        } else {
+            Op::SendParts {
+                token,
+                sock,
+                parts,
+                count: count as u8,
+            }
+        });
     }
 
     fn cancel_recv<S: Submit>(&mut self, cx: &mut Cx<'_, S>) {

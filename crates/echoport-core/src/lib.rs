@@ -22,5 +22,7 @@ pub mod wheel;
 pub mod worker;
 
 pub use backend::{Backend, Submit, Waker};
-pub use op::{BufId, Completion, ListenerId, Op, OpError, Received, Socket};
+pub use op::{
+    BufId, Completion, ListenerId, Op, OpError, Received, SendPart, Socket, MAX_SEND_PARTS,
+};
 pub use token::{OpKind, Token};

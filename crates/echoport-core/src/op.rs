@@ -20,6 +20,26 @@ pub struct Socket(pub u64);
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub struct BufId(pub u32);
 
+/// Most buffers one gathered send ([`Op::SendParts`]) carries.
+pub const MAX_SEND_PARTS: usize = 8;
+
+/// One piece of a gathered send: `len` bytes of buffer `buf`, starting at `off`.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct SendPart {
+    /// The buffer holding the bytes.
+    pub buf: BufId,
+    /// Offset of the first byte to send.
+    pub off: u32,
+    /// Number of bytes to send.
+    pub len: u32,
+}
+
+impl Default for BufId {
+    fn default() -> Self {
+        BufId(u32::MAX)
+    }
+}
+
 /// A listening socket registered with a backend.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ListenerId(pub u32);
@@ -59,6 +79,20 @@ pub enum Op {
         off: u32,
         /// Number of bytes to send.
         len: u32,
+    },
+    /// Send the first `count` of `parts`, in order, as one operation (a gathered send, as
+    /// `sendmsg` with several buffers), completing with [`Completion::Send`] and the bytes
+    /// sent in all. Posted only to a backend whose [`crate::Submit::max_send_parts`] is more
+    /// than one; at most one send of either kind per connection.
+    SendParts {
+        /// The connection.
+        token: Token,
+        /// Its socket.
+        sock: Socket,
+        /// The pieces, in the order their bytes go out; only the first `count` count.
+        parts: [SendPart; MAX_SEND_PARTS],
+        /// How many of `parts` to send (2 to [`MAX_SEND_PARTS`]).
+        count: u8,
     },
     /// Cancel the connection's pending receive; it completes with [`OpError::Canceled`] (or
     /// with whatever it completed with first).

@@ -27,6 +27,8 @@ pub struct FakeIo {
     pub contents: HashMap<BufId, Vec<u8>>,
     /// Connections with a send in flight.
     pub sending: HashSet<Token>,
+    /// What [`Submit::max_send_parts`] answers (0 counts as 1: single-buffer sends only).
+    pub send_parts: usize,
     /// Connections with a receive posted (and not ended).
     pub receiving: HashSet<Token>,
     /// Connections closed.
@@ -79,7 +81,7 @@ impl FakeIo {
 impl Submit for FakeIo {
     fn push(&mut self, op: Op) {
         match op {
-            Op::Send { token, .. } => {
+            Op::Send { token, .. } | Op::SendParts { token, .. } => {
                 assert!(
                     self.sending.insert(token),
                     "two sends in flight on {token:?}"
@@ -114,6 +116,10 @@ impl Submit for FakeIo {
             "buffer {buf:?} released twice or never lent"
         );
         self.released.push(buf);
+    }
+
+    fn max_send_parts(&self) -> usize {
+        self.send_parts.max(1)
     }
 }
 

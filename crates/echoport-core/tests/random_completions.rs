@@ -3,7 +3,8 @@
 //! exhaustion, cancellations, stop requests) and checks after every step that:
 //! - nothing panics, and the fake backend's contract checks hold (at most one send in flight,
 //!   no close while an operation is pending, no buffer released twice);
-//! - the bytes sent back are always a prefix of the bytes received, in order;
+//! - the bytes sent back are always a prefix of the bytes received, in order (also when the
+//!   backend gathers several buffers into one send, as io_uring and epoll do);
 //! - a closed connection posts nothing more, and has returned every buffer it was lent.
 //!
 //! `ECHOPORT_FUZZ_CASES` sets the number of random sequences (default 3,000);
@@ -15,6 +16,9 @@ use echoport_core::testing::FakeIo;
 use echoport_core::{BufId, Completion, Op, OpError, Received, Socket, Token};
 
 const T: Token = Token { id: 1, gen: 1 };
+
+/// Gathered sends posted over all cases (they must happen for the test to mean anything).
+static GATHERED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 const S: Socket = Socket(3);
 
 /// xorshift64*: small, fast, and reproducible from a seed.
@@ -36,7 +40,7 @@ impl Rng {
 struct Kernel {
     recv: Option<bool>, // Some(multishot) while a receive is posted
     recv_cancel: bool,
-    send: Option<(BufId, u32, u32)>,
+    send: Option<Vec<(BufId, u32, u32)>>,
     send_cancel: bool,
     eof_sent: bool,
 }
@@ -76,7 +80,20 @@ impl Run {
                 Op::Send { buf, off, len, .. } => {
                     assert!(self.k.send.is_none(), "second send in flight");
                     assert!(len > 0, "empty send");
-                    self.k.send = Some((buf, off, len));
+                    self.k.send = Some(vec![(buf, off, len)]);
+                    self.k.send_cancel = false;
+                }
+                Op::SendParts { parts, count, .. } => {
+                    assert!(self.k.send.is_none(), "second send in flight");
+                    assert!(
+                        (2..=self.io.send_parts).contains(&(count as usize)),
+                        "{count} parts gathered, the backend takes {}",
+                        self.io.send_parts
+                    );
+                    GATHERED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let parts = &parts[..count as usize];
+                    assert!(parts.iter().all(|p| p.len > 0), "empty part");
+                    self.k.send = Some(parts.iter().map(|p| (p.buf, p.off, p.len)).collect());
                     self.k.send_cancel = false;
                 }
                 Op::CancelRecv { .. } => self.k.recv_cancel = true,
@@ -125,10 +142,16 @@ impl Run {
     }
 
     fn deliver_send(&mut self, result: Result<u32, OpError>) {
-        let (buf, off, _) = self.k.send.take().expect("send in flight");
-        if let Ok(n) = result {
-            let bytes = &self.io.contents[&buf][off as usize..(off + n) as usize];
-            self.echoed.extend_from_slice(bytes);
+        let parts = self.k.send.take().expect("send in flight");
+        if let Ok(mut n) = result {
+            // The kernel sends the parts in order, the last one it reaches maybe partly.
+            for (buf, off, len) in parts {
+                let take = n.min(len);
+                let bytes = &self.io.contents[&buf][off as usize..(off + take) as usize];
+                self.echoed.extend_from_slice(bytes);
+                n -= take;
+            }
+            assert_eq!(n, 0, "the fake kernel sent more than was asked");
         }
         self.io
             .note_delivered(&Completion::Send { token: T, result });
@@ -152,6 +175,9 @@ fn run_case(seed: u64) -> Stats {
         closed: false,
         next_byte: seed as u8,
     };
+    // A quarter of the cases send one buffer at a time; the rest let the machine gather
+    // up to 2, 3 or 4 queued buffers into one send.
+    r.io.send_parts = 1 + rng.below(4) as usize;
     r.step(|c, cx| c.on_accepted(cx));
     for _ in 0..400 {
         if r.closed {
@@ -180,7 +206,7 @@ fn run_case(seed: u64) -> Stats {
             }
             // The send completes: whole, short, zero, or failed.
             400..=699 if r.k.send.is_some() => {
-                let (_, _, len) = r.k.send.unwrap();
+                let len: u32 = r.k.send.as_ref().unwrap().iter().map(|p| p.2).sum();
                 let result = match rng.below(100) {
                     0 | 1 => Err(OpError::Os(32)),
                     2 => Ok(0),
@@ -269,4 +295,9 @@ fn random_completion_sequences_keep_the_invariants() {
     assert!(total.parked > cases / 10, "{total}");
     assert!(total.paused > cases / 10, "{total}");
     assert!(total.errors > cases / 10, "{total}");
+    let gathered = GATHERED.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        gathered > cases,
+        "only {gathered} gathered sends in {cases} sequences"
+    );
 }

@@ -35,7 +35,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use echoport_core::{
-    Backend, BufId, Completion, ListenerId, Op, OpError, Received, Socket, Submit, Token, Waker,
+    Backend, BufId, Completion, ListenerId, Op, OpError, Received, SendPart, Socket, Submit, Token,
+    Waker, MAX_SEND_PARTS,
 };
 
 use crate::sys::{op_error, EventFd};
@@ -83,13 +84,12 @@ fn listener_key(i: u32) -> u64 {
     (TAG_LISTENER << TAG_SHIFT) | i as u64
 }
 
-/// A send posted and not yet performed.
+/// A send posted and not yet performed: one buffer, or several gathered.
 #[derive(Copy, Clone, Debug)]
 struct PendingSend {
     token: Token,
-    buf: u32,
-    off: u32,
-    len: u32,
+    parts: [SendPart; MAX_SEND_PARTS],
+    count: u8,
 }
 
 /// What the backend knows about one connected socket, indexed by its descriptor.
@@ -353,8 +353,25 @@ impl Epoll {
         let raw = fd as RawFd;
         let i = fd as usize;
         if let (Some(p), true) = (self.slots[i].send, self.slots[i].writable) {
-            let range = self.buf_range(p.buf, p.off, p.len);
-            let n = sys_send(raw, &self.pool[range]);
+            let n = if p.count == 1 {
+                let SendPart { buf, off, len } = p.parts[0];
+                let range = self.buf_range(buf.0, off, len);
+                sys_send(raw, &self.pool[range])
+            } else {
+                let mut iov = [libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                }; MAX_SEND_PARTS];
+                for (v, part) in iov.iter_mut().zip(&p.parts[..p.count as usize]) {
+                    let range = self.buf_range(part.buf.0, part.off, part.len);
+                    let bytes = &self.pool[range];
+                    *v = libc::iovec {
+                        iov_base: bytes.as_ptr() as *mut libc::c_void,
+                        iov_len: bytes.len(),
+                    };
+                }
+                sys_sendmsg(raw, &iov[..p.count as usize])
+            };
             let s = &mut self.slots[i];
             if n >= 0 {
                 s.send = None;
@@ -546,6 +563,24 @@ fn sys_send(fd: RawFd, bytes: &[u8]) -> isize {
     }
 }
 
+/// `sendmsg(fd, {iov}, MSG_NOSIGNAL)`: the gathered send.
+fn sys_sendmsg(fd: RawFd, iov: &[libc::iovec]) -> isize {
+    // SAFETY: every iovec points into the pool (checked by `buf_range`) and `iov` with them
+    // lives for the whole synchronous call; the kernel only reads the header, the vector and
+    // the bytes. A zeroed msghdr is valid (no address, no control data).
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = iov.len();
+        libc::syscall(
+            libc::SYS_sendmsg,
+            fd,
+            &msg as *const libc::msghdr,
+            libc::MSG_NOSIGNAL,
+        ) as isize
+    }
+}
+
 /// `recv(fd, dst, 0)`.
 fn sys_recv(fd: RawFd, dst: &mut [u8]) -> isize {
     // SAFETY: `dst` is a live, exclusively borrowed slice valid for `dst.len()` bytes for the
@@ -619,22 +654,37 @@ impl Submit for Epoll {
                     more: false,
                 }),
             },
-            Op::Send {
-                token,
-                sock,
-                buf,
-                off,
-                len,
-            } => {
-                let _ = self.buf_range(buf.0, off, len);
+            Op::Send { .. } | Op::SendParts { .. } => {
+                let (token, sock, parts, count) = match op {
+                    Op::Send {
+                        token,
+                        sock,
+                        buf,
+                        off,
+                        len,
+                    } => {
+                        let mut parts = [SendPart::default(); MAX_SEND_PARTS];
+                        parts[0] = SendPart { buf, off, len };
+                        (token, sock, parts, 1)
+                    }
+                    Op::SendParts {
+                        token,
+                        sock,
+                        parts,
+                        count,
+                    } => (token, sock, parts, count.clamp(1, MAX_SEND_PARTS as u8)),
+                    _ => unreachable!(),
+                };
+                for p in &parts[..count as usize] {
+                    let _ = self.buf_range(p.buf.0, p.off, p.len);
+                }
                 match self.slot(sock) {
                     Some(s) => {
                         debug_assert!(s.send.is_none(), "two sends in flight on {sock:?}");
                         s.send = Some(PendingSend {
                             token,
-                            buf: buf.0,
-                            off,
-                            len,
+                            parts,
+                            count,
                         });
                         self.queue_conn(sock.0 as u32);
                     }
@@ -680,6 +730,10 @@ impl Submit for Epoll {
 
     fn release(&mut self, buf: BufId) {
         self.return_buf(buf.0);
+    }
+
+    fn max_send_parts(&self) -> usize {
+        MAX_SEND_PARTS
     }
 }
 

@@ -1063,6 +1063,15 @@ impl Submit for Iocp {
                 off,
                 len,
             } => self.post_send(token, sock, buf, off, len),
+            // This backend answers max_send_parts() = 1, so the state machine never gathers;
+            // another caller's gathered send goes out as its first part, which the sender
+            // sees as a short send and continues from.
+            Op::SendParts {
+                token, sock, parts, ..
+            } => {
+                let p = parts[0];
+                self.post_send(token, sock, p.buf, p.off, p.len)
+            }
             Op::CancelRecv { token, .. } => self.cancel(token, OpKind::Recv),
             Op::CancelSend { token, .. } => self.cancel(token, OpKind::Send),
             Op::Shutdown { sock, .. } => {

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use echoport_core::{
     Backend, BufId, Completion, ListenerId, Op, OpError, OpKind, Received, Socket, Submit, Token,
-    Waker,
+    Waker, MAX_SEND_PARTS,
 };
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
@@ -260,6 +260,13 @@ impl BufRing {
     }
 }
 
+/// The message header and vector of a gathered send (`IORING_OP_SENDMSG`), boxed so their
+/// addresses stay put from submission to completion.
+struct MsgSlot {
+    hdr: libc::msghdr,
+    iov: [libc::iovec; MAX_SEND_PARTS],
+}
+
 struct ListenerSlot {
     fd: Option<OwnedFd>,
     armed: bool,
@@ -304,6 +311,12 @@ pub struct Uring {
     overflows: u64,
     /// Completions the kernel dropped outright (only without `IORING_FEAT_NODROP`).
     dropped: u64,
+    /// Gathered sends in flight, by connection id (at most one send per connection).
+    send_msgs: std::collections::HashMap<u32, Box<MsgSlot>>,
+    /// Headers of finished gathered sends, for reuse. Boxed on purpose: a slot moves between
+    /// this list and `send_msgs`, and the kernel holds the address of its contents.
+    #[allow(clippy::vec_box)]
+    msg_free: Vec<Box<MsgSlot>>,
 }
 
 macro_rules! with_fd {
@@ -352,6 +365,8 @@ impl Uring {
             direct_accept: fast && cfg.direct_accept,
             overflows: 0,
             dropped: 0,
+            send_msgs: std::collections::HashMap::new(),
+            msg_free: Vec::new(),
             region: Some(region),
         };
         uring.min_timeout = uring.ring.params().is_feature_min_timeout();
@@ -462,7 +477,8 @@ impl Uring {
         self.inflight += 1;
         if self.backlog.is_empty() {
             // SAFETY: every entry built by this backend points only at memory that outlives
-            // its completion: the buffer region, the boxed wake-up word, or nothing.
+            // its completion: the buffer region, the boxed wake-up word, a gathered send's
+            // boxed header (held in `send_msgs` until the completion), or nothing.
             if unsafe { self.ring.submission().push(&e) }.is_ok() {
                 return;
             }
@@ -674,10 +690,16 @@ impl Uring {
                     more,
                 });
             }
-            OpKind::Send => out.push(Completion::Send {
-                token,
-                result: result(res),
-            }),
+            OpKind::Send => {
+                if let Some(m) = self.send_msgs.remove(&token.id) {
+                    // The kernel is done with this gathered send's header and vector.
+                    self.msg_free.push(m);
+                }
+                out.push(Completion::Send {
+                    token,
+                    result: result(res),
+                })
+            }
             OpKind::Wake => {
                 self.waker.drain();
                 self.arm_waker();
@@ -756,6 +778,47 @@ impl Submit for Uring {
                     .build());
                 self.enqueue(e.user_data(token.pack(OpKind::Send)));
             }
+            Op::SendParts {
+                token,
+                sock,
+                parts,
+                count,
+            } => {
+                let count = (count as usize).clamp(1, MAX_SEND_PARTS);
+                let mut m = self.msg_free.pop().unwrap_or_else(|| {
+                    Box::new(MsgSlot {
+                        // SAFETY: all-zero is a valid msghdr (no name, no control data).
+                        hdr: unsafe { std::mem::zeroed() },
+                        iov: [libc::iovec {
+                            iov_base: std::ptr::null_mut(),
+                            iov_len: 0,
+                        }; MAX_SEND_PARTS],
+                    })
+                });
+                for (v, p) in m.iov.iter_mut().zip(&parts[..count]) {
+                    assert!(
+                        p.off as u64 + p.len as u64 <= self.region().size as u64,
+                        "send past the buffer"
+                    );
+                    *v = libc::iovec {
+                        iov_base: self.region().addr(p.buf.0, p.off) as *mut libc::c_void,
+                        iov_len: p.len as usize,
+                    };
+                }
+                m.hdr.msg_iov = m.iov.as_mut_ptr();
+                m.hdr.msg_iovlen = count;
+                let hdr = &m.hdr as *const libc::msghdr;
+                let e = with_fd!(sock, |fd| opcode::SendMsg::new(fd, hdr)
+                    .flags(libc::MSG_NOSIGNAL as u32)
+                    .build());
+                // The box moves into the map, its contents do not: `hdr` stays valid until the
+                // send's completion takes it out again.
+                if let Some(old) = self.send_msgs.insert(token.id, m) {
+                    debug_assert!(false, "two sends in flight on connection {}", token.id);
+                    std::mem::forget(old); // the kernel may still read it
+                }
+                self.enqueue(e.user_data(token.pack(OpKind::Send)));
+            }
             Op::CancelRecv { token, .. } | Op::CancelSend { token, .. } => {
                 let target = if matches!(op, Op::CancelRecv { .. }) {
                     OpKind::Recv
@@ -778,6 +841,10 @@ impl Submit for Uring {
 
     fn release(&mut self, buf: BufId) {
         self.return_buf(buf.0);
+    }
+
+    fn max_send_parts(&self) -> usize {
+        MAX_SEND_PARTS
     }
 }
 
@@ -953,6 +1020,8 @@ impl Drop for Uring {
             // The kernel may still write into the buffers: never free them.
             // (The buffer ring's entries are plain memory that no destructor frees.)
             std::mem::forget(self.region.take());
+            // Nor the headers of gathered sends still in flight.
+            std::mem::forget(std::mem::take(&mut self.send_msgs));
             self.buf_ring = None;
         } else if let Some(r) = self.buf_ring.take() {
             let _ = self.ring.submitter().unregister_buf_ring(BGID);
