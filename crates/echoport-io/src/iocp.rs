@@ -41,7 +41,6 @@
 //! posted send. If dropping the backend cannot drain every pending operation, the slots and
 //! the region are leaked, never freed.
 
-use std::alloc::Layout;
 use std::io;
 use std::mem::{size_of, MaybeUninit};
 use std::net::SocketAddr;
@@ -73,6 +72,7 @@ use windows_sys::Win32::System::IO::{
     OVERLAPPED, OVERLAPPED_ENTRY,
 };
 
+use crate::region::Region;
 use crate::sys::op_error;
 
 /// Completion key of connection sockets: the `OVERLAPPED` is the head of an [`OpSlot`].
@@ -296,52 +296,6 @@ impl Group {
         m.port.associate(s, KEY_SOCKET)?;
         m.port.post(m.listener, KEY_HANDOFF, s)?;
         Ok(Dealt::There)
-    }
-}
-
-/// One region of equally sized buffers, allocated once and never moved.
-struct Region {
-    ptr: NonNull<u8>,
-    layout: Layout,
-    size: u32,
-    count: u32,
-}
-
-impl Region {
-    fn new(size: u32, count: u32) -> io::Result<Region> {
-        let bytes = size as usize * count as usize;
-        let layout = Layout::from_size_align(bytes.max(1), 4096)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "buffer region too large"))?;
-        // SAFETY: the layout has a non-zero size.
-        let ptr = NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })
-            .ok_or_else(|| io::Error::new(io::ErrorKind::OutOfMemory, "cannot allocate buffers"))?;
-        Ok(Region {
-            ptr,
-            layout,
-            size,
-            count,
-        })
-    }
-
-    fn addr(&self, buf: u32, off: u32) -> *mut u8 {
-        assert!(
-            buf < self.count && off <= self.size,
-            "buffer {buf} offset {off} out of range"
-        );
-        // SAFETY: buf < count and off <= size keep the pointer inside (or one past) the region.
-        unsafe {
-            self.ptr
-                .as_ptr()
-                .add(buf as usize * self.size as usize + off as usize)
-        }
-    }
-}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout; `Iocp::drop` leaks the region instead
-        // of dropping it when the kernel might still write into it.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
     }
 }
 
@@ -1182,10 +1136,9 @@ impl Backend for Iocp {
     }
 
     fn buf(&self, buf: BufId) -> &[u8] {
-        let r = self.region();
         // SAFETY: the buffer is lent to the caller (received, not yet released) or was
         // allocated to it: no posted receive writes it until it is released.
-        unsafe { std::slice::from_raw_parts(r.addr(buf.0, 0), r.size as usize) }
+        unsafe { self.region().bytes(buf.0) }
     }
 
     fn alloc_buf(&mut self) -> Option<BufId> {
@@ -1197,10 +1150,13 @@ impl Backend for Iocp {
             buf.0 >= self.recv_count,
             "only allocated buffers may be written"
         );
-        let r = self.region();
+        let r = self
+            .region
+            .as_mut()
+            .expect("region lives as long as the port");
         // SAFETY: allocated buffers are never posted to a receive; the caller owns it until
         // it releases it, and `&mut self` keeps this the only live reference.
-        unsafe { std::slice::from_raw_parts_mut(r.addr(buf.0, 0), r.size as usize) }
+        unsafe { r.bytes_mut(buf.0) }
     }
 
     fn peer_ip(&self, sock: Socket) -> Option<std::net::IpAddr> {

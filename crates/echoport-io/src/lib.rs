@@ -13,6 +13,8 @@
 pub mod epoll;
 #[cfg(windows)]
 pub mod iocp;
+#[cfg(any(target_os = "linux", windows))]
+mod region;
 #[cfg(unix)]
 pub mod sys;
 #[cfg(windows)]

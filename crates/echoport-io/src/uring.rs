@@ -38,6 +38,7 @@ use echoport_core::{
 };
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
+use crate::region::Region;
 use crate::sys::{op_error, EventFd};
 
 /// Tags a [`Socket`] that is a direct descriptor (an index into the ring's file table).
@@ -151,73 +152,6 @@ pub fn probe() -> Result<(), String> {
             io::Error::from_raw_os_error(-res)
         )),
         None => Err("no-op did not complete".into()),
-    }
-}
-
-/// One region of equally sized buffers, allocated once and never moved.
-struct Region {
-    ptr: *mut u8,
-    layout: Layout,
-    size: u32,
-    count: u32,
-}
-
-impl Region {
-    fn new(size: u32, count: u32) -> io::Result<Region> {
-        let bytes = size as usize * count as usize;
-        // Regions of 2 MiB or more are aligned for transparent huge pages: the kernel's
-        // copies into receive buffers then miss the TLB on a handful of pages, not on
-        // thousands (on a virtual machine every miss is a two-level page walk).
-        const HUGE: usize = 2 << 20;
-        let align = if bytes >= HUGE { HUGE } else { 4096 };
-        let layout = Layout::from_size_align(bytes.max(1), align)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "buffer region too large"))?;
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc(layout) };
-        if ptr.is_null() {
-            return Err(io::Error::new(
-                io::ErrorKind::OutOfMemory,
-                "cannot allocate buffers",
-            ));
-        }
-        if align == HUGE {
-            // SAFETY: advice only, on memory this allocation owns; failure (THP off) is
-            // harmless and ignored.
-            unsafe { libc::madvise(ptr.cast(), layout.size(), libc::MADV_HUGEPAGE) };
-        }
-        // Touch every page now: the pool's memory is paid for up front and stays flat,
-        // instead of growing as the kernel cycles through the ring. (Volatile, so the
-        // compiler cannot turn allocate-then-zero into a lazily zeroed calloc.)
-        for page in (0..layout.size()).step_by(4096) {
-            // SAFETY: `page` < `layout.size()`, inside the fresh allocation.
-            unsafe { std::ptr::write_volatile(ptr.add(page), 0) };
-        }
-        Ok(Region {
-            ptr,
-            layout,
-            size,
-            count,
-        })
-    }
-
-    fn addr(&self, buf: u32, off: u32) -> *mut u8 {
-        assert!(
-            buf < self.count && off <= self.size,
-            "buffer {buf} offset {off} out of range"
-        );
-        // SAFETY: buf < count and off <= size keep the pointer inside (or one past) the region.
-        unsafe {
-            self.ptr
-                .add(buf as usize * self.size as usize + off as usize)
-        }
-    }
-}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout; `Uring::drop` leaks the region instead
-        // of dropping it when the kernel might still write into it.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
     }
 }
 
@@ -947,10 +881,9 @@ impl Backend for Uring {
     }
 
     fn buf(&self, buf: BufId) -> &[u8] {
-        let r = self.region();
         // SAFETY: the buffer is lent to the caller (received, not yet released) or was
         // allocated to it: neither the kernel nor the ring writes it until it is released.
-        unsafe { std::slice::from_raw_parts(r.addr(buf.0, 0), r.size as usize) }
+        unsafe { self.region().bytes(buf.0) }
     }
 
     fn alloc_buf(&mut self) -> Option<BufId> {
@@ -962,10 +895,13 @@ impl Backend for Uring {
             buf.0 >= self.recv_count,
             "only allocated buffers may be written"
         );
-        let r = self.region();
+        let r = self
+            .region
+            .as_mut()
+            .expect("region lives as long as the ring");
         // SAFETY: allocated buffers are never in the kernel's buffer ring; the caller owns it
         // until it releases it, and `&mut self` keeps this the only live reference.
-        unsafe { std::slice::from_raw_parts_mut(r.addr(buf.0, 0), r.size as usize) }
+        unsafe { r.bytes_mut(buf.0) }
     }
 
     fn describe(&self) -> String {
