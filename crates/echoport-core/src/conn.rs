@@ -485,6 +485,7 @@ impl Conn {
                 len: p.len,
             }
         } else {
+            cx.stats.gathered_sends += 1;
             Op::SendParts {
                 token,
                 sock,

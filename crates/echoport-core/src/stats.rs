@@ -17,6 +17,8 @@ pub struct Stats {
     pub bytes_echoed: u64,
     /// Sends that sent fewer bytes than asked.
     pub short_sends: u64,
+    /// Sends that gathered several queued buffers into one operation.
+    pub gathered_sends: u64,
     /// Receives that found no free buffer and parked their connection.
     pub parked: u64,
     /// Times a connection's receive was paused because its pending echo hit the limit.
@@ -38,6 +40,7 @@ impl Stats {
         self.refused += o.refused;
         self.bytes_echoed += o.bytes_echoed;
         self.short_sends += o.short_sends;
+        self.gathered_sends += o.gathered_sends;
         self.parked += o.parked;
         self.paused += o.paused;
         self.accept_backoffs += o.accept_backoffs;
@@ -51,13 +54,15 @@ impl fmt::Display for Stats {
         write!(
             f,
             "accepted={} closed={} errors={} refused={} bytes_echoed={} short_sends={} \
-             parked={} paused={} accept_backoffs={} cq_overflows={} timeouts={}",
+             gathered_sends={} parked={} paused={} accept_backoffs={} cq_overflows={} \
+             timeouts={}",
             self.accepted,
             self.closed,
             self.errors,
             self.refused,
             self.bytes_echoed,
             self.short_sends,
+            self.gathered_sends,
             self.parked,
             self.paused,
             self.accept_backoffs,
