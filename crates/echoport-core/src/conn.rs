@@ -451,10 +451,24 @@ impl Conn {
     /// Sends what is queued: the first segment, or as many as the backend gathers in one
     /// send (fewer system calls and loop turns when receives outpace sends).
     fn post_send<S: Submit>(&mut self, cx: &mut Cx<'_, S>) {
-        if self.is_sending() {
+        if self.is_sending() || self.queue.head == NIL {
             return;
         }
+        let first = cx.segs.slots[self.queue.head as usize];
         let max = cx.io.max_send_parts().clamp(1, MAX_SEND_PARTS);
+        if first.next == NIL || max == 1 {
+            // The common case: one buffer to send.
+            self.sending = first.len;
+            cx.io.push(Op::Send {
+                token: self.token,
+                sock: self.sock,
+                buf: first.buf,
+                off: first.off,
+                len: first.len,
+            });
+            return;
+        }
+        // Several queued and the backend gathers: up to `max` buffers in one send.
         let mut parts = [SendPart::default(); MAX_SEND_PARTS];
         let mut count = 0;
         let mut total = 0u32;
@@ -470,28 +484,13 @@ impl Conn {
             count += 1;
             i = seg.next;
         }
-        if count == 0 {
-            return;
-        }
         self.sending = total;
-        let (token, sock) = (self.token, self.sock);
-        cx.io.push(if count == 1 {
-            let p = parts[0];
-            Op::Send {
-                token,
-                sock,
-                buf: p.buf,
-                off: p.off,
-                len: p.len,
-            }
-        } else {
-            cx.stats.gathered_sends += 1;
-            Op::SendParts {
-                token,
-                sock,
-                parts,
-                count: count as u8,
-            }
+        cx.stats.gathered_sends += 1;
+        cx.io.push(Op::SendParts {
+            token: self.token,
+            sock: self.sock,
+            parts,
+            count: count as u8,
         });
     }
 
