@@ -742,9 +742,11 @@ impl Backend for Epoll {
         listener.set_nonblocking(true)?;
         let i = self.listeners.len() as u32;
         let fd: OwnedFd = listener.into();
+        // EPOLLEXCLUSIVE: when several threads' epoll sets watch one shared listening
+        // socket (`--listener shared`), a new connection wakes one of them, not all.
         self.ctl_add(
             fd.as_raw_fd(),
-            (libc::EPOLLIN | libc::EPOLLET) as u32,
+            (libc::EPOLLIN | libc::EPOLLET | libc::EPOLLEXCLUSIVE) as u32,
             listener_key(i),
         )?;
         self.listeners.push(ListenerSlot {

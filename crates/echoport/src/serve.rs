@@ -44,6 +44,14 @@ pub struct Args {
     #[arg(short, long, value_name = "N")]
     pub threads: Option<usize>,
 
+    /// How the threads share a listen address. `reuseport` (the default on Linux): each
+    /// thread its own listening socket (SO_REUSEPORT), the kernel hashing every new
+    /// connection to one of them. `shared`: one listening socket that every thread accepts
+    /// from, whichever the kernel wakes taking the connection (what Windows always does).
+    /// docs/ARCHITECTURE.md says which to pick and why.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub listener: Option<ListenerMode>,
+
     /// Pin worker threads to these CPUs, in order (e.g. "0", "0,1", "0-3").
     #[arg(long, value_name = "LIST")]
     pub cpus: Option<String>,
@@ -141,6 +149,34 @@ pub enum TaskRunChoice {
     Interrupt,
 }
 
+/// How worker threads share a listen address (see `--listener`).
+#[derive(clap::ValueEnum, Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ListenerMode {
+    /// A listening socket per thread, bound with SO_REUSEPORT (Linux only).
+    Reuseport,
+    /// One listening socket, every thread accepting from it.
+    Shared,
+}
+
+impl ListenerMode {
+    /// The flag's spelling, for the start-up line.
+    fn name(self) -> &'static str {
+        match self {
+            ListenerMode::Reuseport => "reuseport",
+            ListenerMode::Shared => "shared",
+        }
+    }
+
+    /// This platform's default: SO_REUSEPORT where it exists.
+    fn platform_default() -> ListenerMode {
+        if cfg!(windows) {
+            ListenerMode::Shared
+        } else {
+            ListenerMode::Reuseport
+        }
+    }
+}
+
 /// Which I/O backend to run.
 #[derive(clap::ValueEnum, Copy, Clone, Debug, PartialEq, Eq)]
 pub enum BackendChoice {
@@ -182,7 +218,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         DEFAULT_LISTEN.iter().map(|s| s.to_string()).collect()
     };
-    let listeners = bind_all(&specs, threads, explicit)?;
+    let mode = args.listener.unwrap_or_else(ListenerMode::platform_default);
+    if cfg!(windows) && mode == ListenerMode::Reuseport {
+        bail!("--listener reuseport: Windows has no SO_REUSEPORT; its threads always share one listening socket");
+    }
+    let listeners = bind_all(&specs, threads, explicit, mode)?;
     let addrs: Vec<SocketAddr> = listeners[0]
         .iter()
         .map(|l| l.local_addr().expect("bound socket has an address"))
@@ -312,6 +352,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             backend = %describe,
             why_not_io_uring = %why,
             threads,
+            listener = %mode.name(),
             max_connections = admission.max(),
             addrs = %addrs_list,
             "echoport serving"
@@ -319,6 +360,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => tracing::info!(
             backend = %describe,
             threads,
+            listener = %mode.name(),
             max_connections = admission.max(),
             addrs = %addrs_list,
             "echoport serving"
@@ -329,10 +371,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
 
     let mut total = Stats::default();
+    let mut accepted = Vec::with_capacity(threads);
     let mut error = None;
     for h in handles {
         match h.join() {
-            Ok(Ok(s)) => total.merge(&s),
+            Ok(Ok(s)) => {
+                total.merge(&s);
+                accepted.push(s.accepted.to_string());
+            }
             Ok(Err(e)) => error = error.or(Some(e)),
             Err(_) => error = error.or(Some(anyhow::anyhow!("a worker thread panicked"))),
         }
@@ -343,10 +389,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             udp_total.merge(&s);
         }
     }
+    // How the listener mode spread the connections over the threads.
+    let per_thread = accepted.join(",");
     if args.udp {
-        tracing::info!(%total, udp = %udp_total, "stopped");
+        tracing::info!(%total, udp = %udp_total, accepted_per_thread = %per_thread, "stopped");
     } else {
-        tracing::info!(%total, "stopped");
+        tracing::info!(%total, accepted_per_thread = %per_thread, "stopped");
     }
     match error {
         Some(e) => Err(e),
@@ -397,6 +445,7 @@ pub fn bind_all(
     specs: &[String],
     threads: usize,
     explicit: bool,
+    mode: ListenerMode,
 ) -> anyhow::Result<Vec<Vec<TcpListener>>> {
     let mut per_thread: Vec<Vec<TcpListener>> = (0..threads).map(|_| Vec::new()).collect();
     for spec in specs {
@@ -407,7 +456,7 @@ pub fn bind_all(
         let Some(&addr) = addrs.first() else {
             bail!("listen address {spec:?} resolves to nothing");
         };
-        match bind_group(addr, threads) {
+        match bind_group(addr, threads, mode) {
             Ok(group) => {
                 for (t, l) in group.into_iter().enumerate() {
                     per_thread[t].push(l);
@@ -441,14 +490,23 @@ pub fn bind_all(
     Ok(per_thread)
 }
 
-/// Binds `n` listening sockets to one address. With more than one, they share the port with
-/// `SO_REUSEPORT`; a plain bind first makes sure nobody else holds the port (reuseport would
-/// otherwise let us silently share it with another process of the same user).
+/// Binds `n` listening sockets to one address. `Shared`: one socket and `n - 1` duplicates
+/// of its descriptor. `Reuseport`: `n` sockets sharing the port with `SO_REUSEPORT`; a plain
+/// bind first makes sure nobody else holds the port (reuseport would otherwise let us
+/// silently share it with another process of the same user).
 #[cfg(unix)]
-fn bind_group(addr: SocketAddr, n: usize) -> std::io::Result<Vec<TcpListener>> {
+fn bind_group(addr: SocketAddr, n: usize, mode: ListenerMode) -> std::io::Result<Vec<TcpListener>> {
     let first = listener(addr, false)?;
     if n == 1 {
         return Ok(vec![first]);
+    }
+    if mode == ListenerMode::Shared {
+        let mut group = Vec::with_capacity(n);
+        for _ in 1..n {
+            group.push(first.try_clone()?);
+        }
+        group.insert(0, first);
+        return Ok(group);
     }
     let port = first.local_addr()?.port();
     drop(first);
@@ -461,7 +519,11 @@ fn bind_group(addr: SocketAddr, n: usize) -> std::io::Result<Vec<TcpListener>> {
 /// clones of it, which tell their IOCP backend to join the group the first one deals accepted
 /// connections to (see `echoport_io::iocp`).
 #[cfg(windows)]
-fn bind_group(addr: SocketAddr, n: usize) -> std::io::Result<Vec<TcpListener>> {
+fn bind_group(
+    addr: SocketAddr,
+    n: usize,
+    _mode: ListenerMode,
+) -> std::io::Result<Vec<TcpListener>> {
     let first = listener(addr, false)?;
     let mut group = Vec::with_capacity(n);
     for _ in 1..n {
@@ -539,7 +601,9 @@ mod tests {
     fn port_in_use_is_a_clear_error() {
         let taken = TcpListener::bind("127.0.0.1:0").unwrap();
         let spec = taken.local_addr().unwrap().to_string();
-        let err = bind_all(&[spec], 2, true).unwrap_err().to_string();
+        let err = bind_all(&[spec], 2, true, ListenerMode::Reuseport)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("cannot listen on") && err.contains("another process"),
             "{err}"
@@ -548,7 +612,7 @@ mod tests {
 
     #[test]
     fn bad_address_is_a_clear_error() {
-        let err = bind_all(&["nonsense".into()], 1, true)
+        let err = bind_all(&["nonsense".into()], 1, true, ListenerMode::Reuseport)
             .unwrap_err()
             .to_string();
         assert!(err.contains("bad listen address"), "{err}");
@@ -556,11 +620,43 @@ mod tests {
 
     #[test]
     fn port_zero_gives_every_thread_the_same_port() {
-        let g = bind_all(&["127.0.0.1:0".into()], 3, true).unwrap();
-        let ports: Vec<u16> = g
-            .iter()
-            .map(|t| t[0].local_addr().unwrap().port())
-            .collect();
-        assert!(ports.iter().all(|&p| p == ports[0] && p != 0), "{ports:?}");
+        for mode in [ListenerMode::Reuseport, ListenerMode::Shared] {
+            if cfg!(windows) && mode == ListenerMode::Reuseport {
+                continue; // rejected before binding on Windows
+            }
+            let g = bind_all(&["127.0.0.1:0".into()], 3, true, mode).unwrap();
+            let ports: Vec<u16> = g
+                .iter()
+                .map(|t| t[0].local_addr().unwrap().port())
+                .collect();
+            assert!(
+                ports.iter().all(|&p| p == ports[0] && p != 0),
+                "{mode:?}: {ports:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn shared_listeners_are_one_accept_queue() {
+        let g = bind_all(&["127.0.0.1:0".into()], 3, true, ListenerMode::Shared).unwrap();
+        let addr = g[0][0].local_addr().unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        // The connection waits in the one queue, so the last thread's socket can take it.
+        let last = &g[2][0];
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match last.accept() {
+                Ok(_) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(std::time::Instant::now() < deadline, "never accepted");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+        assert!(
+            matches!(g[0][0].accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "the connection was accepted twice"
+        );
     }
 }

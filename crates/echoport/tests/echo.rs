@@ -68,6 +68,8 @@ suite! {
         io_uring => ["--backend", "io-uring"] describes "multishot-recv",
         io_uring_one_shot => ["--backend", "io-uring", "--no-fast-path"] describes "one-shot-ops",
         epoll => ["--backend", "epoll"] describes "epoll",
+        io_uring_shared_listener => ["--backend", "io-uring", "--listener", "shared"] describes "listener=shared",
+        epoll_shared_listener => ["--backend", "epoll", "--listener", "shared"] describes "listener=shared",
     }
     cases [
         startup_line_names_the_backend,
