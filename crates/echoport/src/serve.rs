@@ -501,12 +501,7 @@ fn bind_group(addr: SocketAddr, n: usize, mode: ListenerMode) -> std::io::Result
         return Ok(vec![first]);
     }
     if mode == ListenerMode::Shared {
-        let mut group = Vec::with_capacity(n);
-        for _ in 1..n {
-            group.push(first.try_clone()?);
-        }
-        group.insert(0, first);
-        return Ok(group);
+        return shared_group(first, n);
     }
     let port = first.local_addr()?.port();
     drop(first);
@@ -524,12 +519,17 @@ fn bind_group(
     n: usize,
     _mode: ListenerMode,
 ) -> std::io::Result<Vec<TcpListener>> {
-    let first = listener(addr, false)?;
+    shared_group(listener(addr, false)?, n)
+}
+
+/// `first` and `n - 1` duplicates of its descriptor: one accept queue for `n` threads.
+fn shared_group(first: TcpListener, n: usize) -> std::io::Result<Vec<TcpListener>> {
     let mut group = Vec::with_capacity(n);
+    group.push(first);
     for _ in 1..n {
-        group.push(first.try_clone()?);
+        let dup = group[0].try_clone()?;
+        group.push(dup);
     }
-    group.insert(0, first);
     Ok(group)
 }
 
