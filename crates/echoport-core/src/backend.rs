@@ -18,8 +18,21 @@ pub trait Waker: Send + Sync {
 pub trait Submit {
     /// Queues an operation; it is handed to the kernel at the next [`Backend::wait`].
     fn push(&mut self, op: Op);
-    /// Gives a buffer lent by a receive completion back to the backend.
+    /// Gives a buffer lent by a receive completion (or [`Backend::alloc_buf`]) back to the
+    /// backend. Releasing a buffer the caller does not hold (twice, or never lent) is refused
+    /// by the backend's pool: counted in [`Backend::buffer_misuses`], asserted in debug
+    /// builds, and never turned into reuse.
     fn release(&mut self, buf: BufId);
+    /// Bytes per buffer.
+    fn buf_size(&self) -> u32;
+    /// Copies the first `len` bytes of lent buffer `src` to offset `at` of lent buffer `dst`
+    /// (a small receive appended to the bytes already queued in `dst`). The caller promises
+    /// that no posted send names `dst`'s bytes `at..at + len`.
+    fn copy(&mut self, dst: BufId, at: u32, src: BufId, len: u32);
+    /// Receive buffers a new receive can take right now (in the kernel's ring, or free).
+    fn free_buffers(&self) -> usize;
+    /// Receive buffers in all.
+    fn total_buffers(&self) -> usize;
     /// How many buffers one send may gather ([`crate::Op::SendParts`]); 1 (the default)
     /// means the backend takes only [`crate::Op::Send`].
     fn max_send_parts(&self) -> usize {
@@ -40,8 +53,8 @@ pub trait Backend: Submit {
     /// Registers a bound, listening socket and returns its id.
     fn add_listener(&mut self, listener: std::net::TcpListener) -> io::Result<crate::ListenerId>;
 
-    /// Takes over an already connected stream (the client side: `echoport client`, the load
-    /// generator) and returns the backend's name for it.
+    /// Takes over an already connected stream (the load generator's connections, which it
+    /// connects on a blocking thread) and returns the backend's name for it.
     fn adopt(&mut self, stream: std::net::TcpStream) -> io::Result<Socket>;
 
     /// A handle that wakes this backend's wait from another thread.
@@ -81,4 +94,8 @@ pub trait Backend: Submit {
     fn overflows(&self) -> u64 {
         0
     }
+
+    /// Buffer hand-overs the pool refused (a double release, a release of a buffer the
+    /// caller did not hold): always 0 unless the state machine has a bug.
+    fn buffer_misuses(&self) -> u64;
 }

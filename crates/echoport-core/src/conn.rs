@@ -5,7 +5,8 @@
 //! received N ──▶ queue N bytes, post a send of them (one send in flight at a time,
 //!                 gathering what is queued when the backend can)
 //! sent n ──▶ short? send the rest : release the buffer, send the next queued bytes
-//! pending ≥ limit ──▶ stop receiving until the echo drains (backpressure)
+//! pending ≥ limit, or buffers held ≥ budget ──▶ stop receiving until the echo drains
+//! small receive with data queued ──▶ copy it onto the last queued buffer, release its own
 //! end of stream ──▶ flush what is pending, then close          (half-close)
 //! server stopping ──▶ stop receiving, flush, shut down writing, discard until the peer closes
 //! error ──▶ cancel what is pending, close this one connection when nothing is in flight
@@ -27,6 +28,45 @@ const NIL: u32 = u32::MAX;
 pub struct Limits {
     /// Bytes a connection may hold received but not yet echoed before it stops receiving.
     pub max_pending: u32,
+}
+
+/// A receive this small (at most `buf_size / COMPACT_DIVISOR` bytes) is copied onto the end of
+/// the connection's last queued buffer when it fits there, instead of holding a buffer of its
+/// own: a peer that trickles bytes and never reads cannot pin a whole buffer per byte.
+pub const COMPACT_DIVISOR: u32 = 2;
+
+/// The buffer budget of every connection of a worker: [`Limits`] turned into buffers of the
+/// backend's pool. Receives are budgeted in buffers, not only bytes, because what a worker
+/// runs out of is buffers, and a buffer is taken whole by however few bytes arrive in it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Budget {
+    /// Most buffers one connection may hold queued for echo: `max_pending / buf_size`,
+    /// rounded up, at least 1.
+    pub max_buffers: u32,
+    /// Below this many free receive buffers the pool is under pressure, and only a
+    /// connection holding no buffer may receive (a reserve for connections that hold none).
+    pub low_water: usize,
+    /// Bytes per buffer.
+    pub buf_size: u32,
+}
+
+impl Budget {
+    /// The budget for `limits` over a pool of `total` receive buffers of `buf_size` bytes.
+    /// The reserve is a quarter of the pool.
+    pub fn new(limits: &Limits, buf_size: u32, total: usize) -> Budget {
+        let buf_size = buf_size.max(1);
+        Budget {
+            max_buffers: limits.max_pending.div_ceil(buf_size).max(1),
+            low_water: total / 4,
+            buf_size,
+        }
+    }
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget::new(&Limits::default(), 8192, 2048)
+    }
 }
 
 impl Default for Limits {
@@ -112,6 +152,10 @@ impl Queue {
         (self.head != NIL).then(|| &mut segs.slots[self.head as usize])
     }
 
+    fn back<'a>(&self, segs: &'a mut Segments) -> Option<&'a mut Seg> {
+        (self.tail != NIL).then(|| &mut segs.slots[self.tail as usize])
+    }
+
     fn pop(&mut self, segs: &mut Segments) -> Option<BufId> {
         if self.head == NIL {
             return None;
@@ -135,6 +179,8 @@ pub struct Cx<'a, S: Submit> {
     pub segs: &'a mut Segments,
     /// Per-connection limits.
     pub limits: &'a Limits,
+    /// The same limits in buffers of the backend's pool.
+    pub budget: Budget,
     /// Counters.
     pub stats: &'a mut Stats,
     /// The worker's clock, in ticks, for the timeouts.
@@ -186,14 +232,25 @@ pub enum Status {
 /// One connection's echo state.
 #[derive(Debug)]
 pub struct Conn {
+    /// Its slot and generation: every operation it posts carries this.
     token: Token,
+    /// Its socket, as the backend names it.
     sock: Socket,
+    /// Where it is in its life.
     phase: Phase,
+    /// The state of its receive operation.
     recv: RecvState,
+    /// The peer has shut down its sending side (end of stream received).
     eof: bool,
+    /// Bytes asked of the send in flight; 0 when none is.
     sending: u32,
+    /// The send in flight has been asked to cancel (so it is not asked twice).
     send_cancel_posted: bool,
+    /// Segments received and not yet echoed, in order.
     queue: Queue,
+    /// Buffers the queue holds (one per segment): the budget's unit.
+    held: u32,
+    /// Bytes received and not yet echoed.
     pending: u32,
     /// Tick of the last byte received (idle timeout).
     last_rx: u32,
@@ -213,6 +270,7 @@ impl Conn {
             sending: 0,
             send_cancel_posted: false,
             queue: Queue::EMPTY,
+            held: 0,
             pending: 0,
             last_rx: 0,
             last_tx: 0,
@@ -237,6 +295,11 @@ impl Conn {
     /// Bytes received and not yet echoed.
     pub fn pending(&self) -> u32 {
         self.pending
+    }
+
+    /// Buffers held queued for echo.
+    pub fn held(&self) -> u32 {
+        self.held
     }
 
     /// True while a send is in flight.
@@ -331,12 +394,35 @@ impl Conn {
                 if self.pending == 0 {
                     self.last_tx = cx.now;
                 }
-                self.queue.push(cx.segs, buf, len);
                 self.pending += len;
+                if !self.append_to_tail(cx, buf, len) {
+                    self.queue.push(cx.segs, buf, len);
+                    self.held += 1;
+                }
             }
             // Lingering or closing: the bytes have nowhere to go.
             _ => cx.io.release(buf),
         }
+    }
+
+    /// Copies a small receive onto the end of the last queued buffer when it fits there and
+    /// gives its own buffer straight back. The bytes written lie past everything queued, so
+    /// no posted send names them. Returns false (nothing done) otherwise.
+    fn append_to_tail<S: Submit>(&mut self, cx: &mut Cx<'_, S>, buf: BufId, len: u32) -> bool {
+        let size = cx.budget.buf_size;
+        let Some(tail) = self.queue.back(cx.segs) else {
+            return false;
+        };
+        let end = tail.off + tail.len;
+        if len > size / COMPACT_DIVISOR || end + len > size {
+            return false;
+        }
+        tail.len += len;
+        let dst = tail.buf;
+        cx.io.copy(dst, end, buf, len);
+        cx.io.release(buf);
+        cx.stats.compacted += 1;
+        true
     }
 
     fn sent<S: Submit>(&mut self, cx: &mut Cx<'_, S>, n: u32, asked: u32) {
@@ -359,6 +445,7 @@ impl Conn {
             left -= take;
             if seg.len == 0 {
                 let buf = self.queue.pop(cx.segs).expect("front exists");
+                self.held -= 1;
                 cx.io.release(buf);
             }
         }
@@ -379,7 +466,7 @@ impl Conn {
         match self.phase {
             Phase::Open => {
                 self.post_send(cx);
-                if self.pending >= cx.limits.max_pending {
+                if self.over_budget(cx) {
                     if self.recv == RecvState::Armed {
                         cx.stats.paused += 1;
                         self.cancel_recv(cx);
@@ -433,6 +520,7 @@ impl Conn {
                 while let Some(buf) = self.queue.pop(cx.segs) {
                     cx.io.release(buf);
                 }
+                self.held = 0;
                 self.pending = 0;
                 self.close(cx)
             }
@@ -440,11 +528,45 @@ impl Conn {
         }
     }
 
+    /// True when the pool is low on free receive buffers: only connections holding none
+    /// may receive then.
+    fn pressure<S: Submit>(cx: &Cx<'_, S>) -> bool {
+        cx.io.free_buffers() < cx.budget.low_water
+    }
+
+    /// True when the connection may not receive now: it owes its peer `max_pending` bytes,
+    /// holds its whole budget of buffers, or holds any while the pool is under pressure.
+    fn over_budget<S: Submit>(&self, cx: &Cx<'_, S>) -> bool {
+        self.pending >= cx.limits.max_pending
+            || self.held >= cx.budget.max_buffers
+            || (self.held > 0 && Self::pressure(cx))
+    }
+
+    /// Bytes the next receive may deliver before it must end: what is left of the byte and
+    /// buffer budgets (one buffer under pressure).
+    fn recv_allowance<S: Submit>(&self, cx: &Cx<'_, S>) -> u32 {
+        let size = cx.budget.buf_size;
+        let bufs_left = if Self::pressure(cx) {
+            1
+        } else {
+            cx.budget.max_buffers.saturating_sub(self.held).max(1)
+        };
+        let bytes_left = cx.limits.max_pending.saturating_sub(self.pending).max(1);
+        bytes_left.min(bufs_left.saturating_mul(size))
+    }
+
     fn post_recv<S: Submit>(&mut self, cx: &mut Cx<'_, S>) {
         self.recv = RecvState::Armed;
+        let max = if self.phase == Phase::Open {
+            self.recv_allowance(cx)
+        } else {
+            // Lingering: the bytes are thrown away as they come; one buffer at a time.
+            cx.budget.buf_size
+        };
         cx.io.push(Op::Recv {
             token: self.token,
             sock: self.sock,
+            max,
         });
     }
 

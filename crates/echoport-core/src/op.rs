@@ -59,13 +59,19 @@ pub enum Op {
         /// The listener to close.
         listener: ListenerId,
     },
-    /// Receive into backend buffers until an error, end of stream or cancellation ends the
-    /// operation (multishot where the backend can, otherwise one receive per post).
+    /// Receive into backend buffers until an error, end of stream, cancellation or `max`
+    /// bytes end the operation (multishot where the backend can, otherwise one receive per
+    /// post).
     Recv {
         /// The connection.
         token: Token,
         /// Its socket.
         sock: Socket,
+        /// The connection's budget: the operation ends (`more == false`) once it has
+        /// delivered this many bytes, so a multishot receive cannot run past the
+        /// connection's buffer budget while its cancellation is on the way. A backend may
+        /// overshoot by at most one buffer (the kernel fills the buffer it picked).
+        max: u32,
     },
     /// Send `len` bytes of buffer `buf`, starting at `off`. At most one per connection.
     Send {

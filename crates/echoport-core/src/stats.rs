@@ -29,6 +29,11 @@ pub struct Stats {
     pub cq_overflows: u64,
     /// Connections closed by the idle or the write timeout.
     pub timeouts: u64,
+    /// Small receives copied onto the end of the connection's last queued buffer (so the
+    /// buffer they arrived in went straight back to the pool).
+    pub compacted: u64,
+    /// Buffer hand-overs the pool refused (double or foreign releases): 0 unless a bug.
+    pub buffer_misuses: u64,
 }
 
 impl Stats {
@@ -46,6 +51,8 @@ impl Stats {
         self.accept_backoffs += o.accept_backoffs;
         self.cq_overflows += o.cq_overflows;
         self.timeouts += o.timeouts;
+        self.compacted += o.compacted;
+        self.buffer_misuses += o.buffer_misuses;
     }
 }
 
@@ -55,7 +62,7 @@ impl fmt::Display for Stats {
             f,
             "accepted={} closed={} errors={} refused={} bytes_echoed={} short_sends={} \
              gathered_sends={} parked={} paused={} accept_backoffs={} cq_overflows={} \
-             timeouts={}",
+             timeouts={} compacted={} buffer_misuses={}",
             self.accepted,
             self.closed,
             self.errors,
@@ -67,7 +74,9 @@ impl fmt::Display for Stats {
             self.paused,
             self.accept_backoffs,
             self.cq_overflows,
-            self.timeouts
+            self.timeouts,
+            self.compacted,
+            self.buffer_misuses
         )
     }
 }

@@ -15,7 +15,6 @@ use crate::token::Token;
 
 /// Recording backend. Buffers are "received" with [`FakeIo::lend`]; completions are scripted
 /// with [`FakeIo::complete`] and come out of [`Backend::wait`] in order.
-#[derive(Default)]
 pub struct FakeIo {
     /// Every operation posted, in order.
     pub ops: Vec<Op>,
@@ -35,8 +34,38 @@ pub struct FakeIo {
     pub closed: Vec<Token>,
     /// Completions to hand out on the next waits.
     pub script: VecDeque<Completion>,
+    /// What [`Submit::buf_size`] answers.
+    pub buf_size: u32,
+    /// What [`Submit::free_buffers`] answers.
+    pub free: usize,
+    /// What [`Submit::total_buffers`] answers.
+    pub total: usize,
+    /// Small receives appended onto another buffer ([`Submit::copy`]), in order.
+    pub copies: Vec<(BufId, u32, BufId, u32)>,
     next_buf: u32,
     listeners: u32,
+}
+
+impl Default for FakeIo {
+    fn default() -> Self {
+        FakeIo {
+            ops: Vec::new(),
+            released: Vec::new(),
+            lent: HashSet::new(),
+            contents: HashMap::new(),
+            sending: HashSet::new(),
+            send_parts: 0,
+            receiving: HashSet::new(),
+            closed: Vec::new(),
+            script: VecDeque::new(),
+            buf_size: 4096,
+            free: 1024,
+            total: 1024,
+            copies: Vec::new(),
+            next_buf: 0,
+            listeners: 0,
+        }
+    }
 }
 
 impl FakeIo {
@@ -54,7 +83,8 @@ impl FakeIo {
         id
     }
 
-    /// Queues a completion for the next wait, keeping the bookkeeping of in-flight ops.
+    /// Queues a completion for the next wait (its effect on the in-flight bookkeeping is
+    /// noted when [`Backend::wait`] delivers it, by [`FakeIo::note_delivered`]).
     pub fn complete(&mut self, c: Completion) {
         self.script.push_back(c);
     }
@@ -121,6 +151,32 @@ impl Submit for FakeIo {
     fn max_send_parts(&self) -> usize {
         self.send_parts.max(1)
     }
+
+    fn buf_size(&self) -> u32 {
+        self.buf_size
+    }
+
+    fn copy(&mut self, dst: BufId, at: u32, src: BufId, len: u32) {
+        assert!(self.lent.contains(&src), "copy from {src:?}, not lent");
+        assert!(self.lent.contains(&dst), "copy into {dst:?}, not lent");
+        assert_ne!(src, dst, "copy onto itself");
+        assert!(at + len <= self.buf_size, "copy past the end of {dst:?}");
+        let bytes = self.contents[&src][..len as usize].to_vec();
+        let d = self.contents.get_mut(&dst).expect("known buffer");
+        if d.len() < (at + len) as usize {
+            d.resize((at + len) as usize, 0);
+        }
+        d[at as usize..(at + len) as usize].copy_from_slice(&bytes);
+        self.copies.push((dst, at, src, len));
+    }
+
+    fn free_buffers(&self) -> usize {
+        self.free
+    }
+
+    fn total_buffers(&self) -> usize {
+        self.total
+    }
 }
 
 struct NoWake;
@@ -164,5 +220,9 @@ impl Backend for FakeIo {
 
     fn describe(&self) -> String {
         "fake".into()
+    }
+
+    fn buffer_misuses(&self) -> u64 {
+        0
     }
 }

@@ -64,10 +64,6 @@ pub enum OpKind {
     Shutdown = 6,
     /// The loop's wake-up source (signals, other threads).
     Wake = 7,
-    /// A timeout used by the backend itself.
-    Timeout = 8,
-    /// A connect (used by clients of the backend layer, such as the load generator).
-    Connect = 9,
 }
 
 impl OpKind {
@@ -80,8 +76,6 @@ impl OpKind {
             5 => OpKind::Close,
             6 => OpKind::Shutdown,
             7 => OpKind::Wake,
-            8 => OpKind::Timeout,
-            9 => OpKind::Connect,
             _ => return None,
         })
     }
@@ -94,7 +88,7 @@ mod tests {
     #[test]
     fn pack_roundtrip_keeps_kind_id_and_generation() {
         let t = Token::new(123_456, 0x00ab_cdef);
-        for kind in [OpKind::Accept, OpKind::Recv, OpKind::Send, OpKind::Connect] {
+        for kind in [OpKind::Accept, OpKind::Recv, OpKind::Send, OpKind::Wake] {
             assert_eq!(Token::unpack(t.pack(kind)), Some((kind, t)));
         }
         assert_eq!(

@@ -3,6 +3,10 @@
 //!
 //! The worker owns the connection slab, the listeners' accept state (including the back-off
 //! when descriptors run out), parked connections waiting for buffers, and graceful shutdown.
+//!
+//! A connection whose receive found no free buffer is parked, and unparked only when the
+//! pool has buffers again, one connection per free buffer, those holding no buffer first:
+//! with every buffer taken, a worker sleeps instead of retrying.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -13,7 +17,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
-use crate::conn::{Conn, Cx, Limits, Segments, Status};
+use crate::conn::{Budget, Conn, Cx, Limits, RecvState, Segments, Status};
 use crate::op::{Completion, ListenerId, Op, OpError, Received, Socket};
 use crate::slab::Slab;
 use crate::stats::Stats;
@@ -24,7 +28,9 @@ use crate::wheel::Wheel;
 pub const BACKOFF_MIN: Duration = Duration::from_millis(5);
 /// Longest pause between accept attempts while descriptors are exhausted.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(1);
-/// How often parked connections retry when no buffer came back in the meantime.
+/// While buffers are free but connections are still parked (the ones unparked had no data
+/// to take a buffer with, so no completion came to trigger another turn), how soon the
+/// next ones are tried. Never armed while no buffer is free.
 const PARK_RETRY: Duration = Duration::from_millis(10);
 /// Consecutive unexplained accept errors tolerated before backing off anyway.
 const ACCEPT_ERRORS_BEFORE_BACKOFF: u32 = 16;
@@ -156,22 +162,43 @@ struct Listener {
 
 /// One event loop over one backend.
 pub struct Worker<B: Backend> {
+    /// Where operations go and completions come from.
     backend: B,
+    /// How this worker behaves.
     cfg: Config,
+    /// The limits in buffers of this backend's pool.
+    budget: Budget,
+    /// Live connections, by token.
     conns: Slab<Conn>,
+    /// Queued echo segments of every connection.
     segs: Segments,
+    /// Counters.
     stats: Stats,
+    /// The listeners this worker accepts from.
     listeners: Vec<Listener>,
-    parked: VecDeque<Token>,
+    /// Connections parked for lack of a buffer that hold none: unparked first.
+    parked_light: VecDeque<Token>,
+    /// Parked connections that hold buffers already: unparked when the pool is not low.
+    parked_heavy: VecDeque<Token>,
+    /// Set by the signal thread: begin a graceful stop.
     stop: Arc<AtomicBool>,
+    /// When the graceful stop began.
     stopping: Option<Instant>,
+    /// The shutdown deadline passed and every connection was told to abort.
     aborted: bool,
+    /// Completions of the current turn (kept to reuse its allocation).
     events: Vec<Completion>,
+    /// The instant tick 0 stands for.
     epoch: Instant,
+    /// The current tick (of [`TICK`]) since `epoch`.
     now: u32,
+    /// Connections filed by the tick their timeout may fall due.
     wheel: Wheel,
+    /// The idle timeout in ticks.
     idle_ticks: Option<u32>,
+    /// The write timeout in ticks.
     write_ticks: Option<u32>,
+    /// Scratch list of tokens whose wheel slot fell due.
     expired: Vec<Token>,
     /// Source address of each connection, kept only when limiting per address.
     peers: HashMap<Token, IpAddr>,
@@ -186,7 +213,9 @@ impl<B: Backend> Worker<B> {
     /// and its waker called.
     pub fn new(backend: B, listeners: &[ListenerId], cfg: Config, stop: Arc<AtomicBool>) -> Self {
         let (idle_ticks, write_ticks) = (ticks(cfg.idle_timeout), ticks(cfg.write_timeout));
+        let budget = Budget::new(&cfg.limits, backend.buf_size(), backend.total_buffers());
         Worker {
+            budget,
             epoch: Instant::now(),
             now: 0,
             wheel: Wheel::new(0),
@@ -210,7 +239,8 @@ impl<B: Backend> Worker<B> {
                     errors_in_row: 0,
                 })
                 .collect(),
-            parked: VecDeque::new(),
+            parked_light: VecDeque::new(),
+            parked_heavy: VecDeque::new(),
             stop,
             stopping: None,
             aborted: false,
@@ -237,7 +267,18 @@ impl<B: Backend> Worker<B> {
     pub fn stats(&self) -> Stats {
         let mut s = self.stats;
         s.cq_overflows = self.backend.overflows();
+        s.buffer_misuses = self.backend.buffer_misuses();
         s
+    }
+
+    /// The per-connection buffer budget this worker enforces.
+    pub fn budget(&self) -> Budget {
+        self.budget
+    }
+
+    /// Connections parked, waiting for a buffer.
+    pub fn parked(&self) -> usize {
+        self.parked_light.len() + self.parked_heavy.len()
     }
 
     /// Runs until stopped and every connection has closed (or the shutdown deadline forced
@@ -280,13 +321,11 @@ impl<B: Backend> Worker<B> {
         let mut events = std::mem::take(&mut self.events);
         events.clear();
         self.backend.wait(&mut events, timeout)?;
-        let mut sends = 0;
         for c in events.drain(..) {
-            sends += matches!(c, Completion::Send { .. }) as usize;
             self.dispatch(c);
         }
         self.events = events;
-        self.unpark(sends);
+        self.unpark();
         Ok(())
     }
 
@@ -382,8 +421,12 @@ impl<B: Backend> Worker<B> {
                     return;
                 }
                 if let Some(conn) = self.conns.get_mut(token) {
-                    if conn.recv_state() == crate::conn::RecvState::Parked {
-                        self.parked.push_back(token);
+                    if conn.recv_state() == RecvState::Parked {
+                        if conn.held() == 0 {
+                            self.parked_light.push_back(token);
+                        } else {
+                            self.parked_heavy.push_back(token);
+                        }
                     }
                 }
             }
@@ -408,6 +451,7 @@ impl<B: Backend> Worker<B> {
             io: &mut self.backend,
             segs: &mut self.segs,
             limits: &self.cfg.limits,
+            budget: self.budget,
             stats: &mut self.stats,
             now: self.now,
         };
@@ -495,13 +539,30 @@ impl<B: Backend> Worker<B> {
         }
     }
 
-    /// Gives parked connections another try: one per buffer that came back with a send.
-    fn unpark(&mut self, budget: usize) {
-        let budget = budget.max(1).min(self.parked.len());
-        for _ in 0..budget {
-            let Some(token) = self.parked.pop_front() else {
-                break;
+    /// True when [`Worker::unpark`] would retry someone now.
+    fn can_unpark(&self) -> bool {
+        let free = self.backend.free_buffers();
+        free > 0
+            && (!self.parked_light.is_empty()
+                || (free >= self.budget.low_water && !self.parked_heavy.is_empty()))
+    }
+
+    /// Gives parked connections another try, one per free buffer: first those holding no
+    /// buffer, then (while the pool is not low) those holding some. With no buffer free
+    /// nothing is retried, so a worker whose buffers are all taken sleeps until one is
+    /// released.
+    fn unpark(&mut self) {
+        let mut free = self.backend.free_buffers();
+        while free > 0 {
+            let token = match self.parked_light.pop_front() {
+                Some(t) => t,
+                None if free >= self.budget.low_water => match self.parked_heavy.pop_front() {
+                    Some(t) => t,
+                    None => break,
+                },
+                None => break,
             };
+            free -= 1;
             self.with_conn(token, |c, cx| c.unpark(cx));
         }
     }
@@ -542,7 +603,7 @@ impl<B: Backend> Worker<B> {
             };
             consider(limit);
         }
-        if !self.parked.is_empty() {
+        if self.can_unpark() {
             consider(now + PARK_RETRY);
         }
         if let Some(due) = self.wheel.next_due() {

@@ -1,7 +1,7 @@
 //! The echo state machine driven by scripted completions, without a kernel.
 #![allow(unused_must_use)] // helpers return Status; tests assert it where it matters
 
-use echoport_core::conn::{Conn, Cx, Limits, Phase, RecvState, Segments, Status};
+use echoport_core::conn::{Budget, Conn, Cx, Limits, Phase, RecvState, Segments, Status};
 use echoport_core::stats::Stats;
 use echoport_core::testing::FakeIo;
 use echoport_core::worker::{Config, Worker};
@@ -23,8 +23,16 @@ struct M {
 
 impl M {
     fn new(max_pending: u32) -> M {
+        M::sized(max_pending, FakeIo::new().buf_size)
+    }
+
+    /// A machine over buffers of `buf_size` bytes (small ones keep small receives from
+    /// being appended to the last queued buffer, to test the queue of segments itself).
+    fn sized(max_pending: u32, buf_size: u32) -> M {
+        let mut io = FakeIo::new();
+        io.buf_size = buf_size;
         let mut m = M {
-            io: FakeIo::new(),
+            io,
             segs: Segments::new(),
             limits: Limits { max_pending },
             stats: Stats::default(),
@@ -33,17 +41,19 @@ impl M {
         assert_eq!(m.step(|c, cx| c.on_accepted(cx)), Status::Open);
         assert_eq!(
             m.ops(),
-            vec![Op::Recv { token: T, sock: S }],
-            "accept posts a receive"
+            vec![rx(max_pending)],
+            "accept posts a receive, allowed the whole budget"
         );
         m
     }
 
     fn step(&mut self, f: impl FnOnce(&mut Conn, &mut Cx<'_, FakeIo>) -> Status) -> Status {
+        let budget = Budget::new(&self.limits, self.io.buf_size, self.io.total);
         let mut cx = Cx {
             io: &mut self.io,
             segs: &mut self.segs,
             limits: &self.limits,
+            budget,
             stats: &mut self.stats,
             now: 0,
         };
@@ -95,6 +105,15 @@ impl M {
     }
 }
 
+/// The receive the machine posts, allowed `max` bytes.
+fn rx(max: u32) -> Op {
+    Op::Recv {
+        token: T,
+        sock: S,
+        max,
+    }
+}
+
 fn send(buf: BufId, off: u32, len: u32) -> Op {
     Op::Send {
         token: T,
@@ -127,7 +146,7 @@ fn received_bytes_are_sent_back_exactly_then_buffer_released() {
 fn single_shot_receive_is_reposted_after_it_ends() {
     let mut m = M::new(1 << 16);
     let (b, _) = m.recv(b"abc", false);
-    assert_eq!(m.ops(), vec![send(b, 0, 3), Op::Recv { token: T, sock: S }]);
+    assert_eq!(m.ops(), vec![send(b, 0, 3), rx(15 * 4096)]);
 }
 
 #[test]
@@ -146,7 +165,7 @@ fn short_send_resends_the_remainder_from_the_right_offset() {
 
 #[test]
 fn data_received_during_a_send_is_queued_in_order() {
-    let mut m = M::new(1 << 16);
+    let mut m = M::sized(1 << 16, 4);
     let (a, _) = m.recv(b"one", true);
     let (b, _) = m.recv(b"two", true);
     assert_eq!(m.ops(), vec![send(a, 0, 3)], "one send in flight at a time");
@@ -240,7 +259,7 @@ fn zero_byte_send_completion_is_an_error_not_a_loop() {
 
 #[test]
 fn backpressure_stops_receiving_until_the_echo_drains() {
-    let mut m = M::new(100);
+    let mut m = M::sized(100, 64);
     let (a, _) = m.recv(&[0; 60], true);
     let (b, _) = m.recv(&[0; 60], true);
     assert_eq!(
@@ -253,7 +272,7 @@ fn backpressure_stops_receiving_until_the_echo_drains() {
     m.sent(Ok(60));
     assert_eq!(
         m.ops(),
-        vec![send(b, 0, 60), Op::Recv { token: T, sock: S }],
+        vec![send(b, 0, 60), rx(40)],
         "below the limit again"
     );
 }
@@ -265,13 +284,13 @@ fn no_buffers_parks_and_unpark_rearms() {
     assert_eq!(m.conn.recv_state(), RecvState::Parked);
     assert!(m.ops().is_empty(), "no blind re-arm (that would spin)");
     assert_eq!(m.step(|c, cx| c.unpark(cx)), Status::Open);
-    assert_eq!(m.ops(), vec![Op::Recv { token: T, sock: S }]);
+    assert_eq!(m.ops(), vec![rx(1 << 16)]);
     assert_eq!(m.stats.parked, 1);
 }
 
 #[test]
 fn graceful_shutdown_echoes_what_was_received_then_shuts_down_and_lingers() {
-    let mut m = M::new(1 << 16);
+    let mut m = M::sized(1 << 16, 8);
     let (a, _) = m.recv(b"abc", true);
     m.ops();
     assert_eq!(m.step(|c, cx| c.shutdown(cx)), Status::Open);
@@ -287,10 +306,7 @@ fn graceful_shutdown_echoes_what_was_received_then_shuts_down_and_lingers() {
     m.sent(Ok(5));
     assert_eq!(
         m.ops(),
-        vec![
-            Op::Shutdown { token: T, sock: S },
-            Op::Recv { token: T, sock: S }
-        ],
+        vec![Op::Shutdown { token: T, sock: S }, rx(8)],
         "then FIN, and read until the peer closes"
     );
     let (c, _) = m.recv(b"ignored", true);

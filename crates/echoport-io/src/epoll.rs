@@ -643,7 +643,7 @@ impl Submit for Epoll {
                     l.fd = None;
                 }
             }
-            Op::Recv { token, sock } => match self.slot(sock) {
+            Op::Recv { token, sock, .. } => match self.slot(sock) {
                 Some(s) => {
                     s.recv = Some(token);
                     self.queue_conn(sock.0 as u32);
@@ -735,6 +735,24 @@ impl Submit for Epoll {
     fn max_send_parts(&self) -> usize {
         MAX_SEND_PARTS
     }
+
+    fn buf_size(&self) -> u32 {
+        self.buf_size
+    }
+
+    fn copy(&mut self, dst: BufId, at: u32, src: BufId, len: u32) {
+        let from = self.buf_range(src.0, 0, len);
+        let to = self.buf_range(dst.0, at, len);
+        self.pool.copy_within(from, to.start);
+    }
+
+    fn free_buffers(&self) -> usize {
+        self.recv_free.len()
+    }
+
+    fn total_buffers(&self) -> usize {
+        self.recv_count as usize
+    }
 }
 
 impl Backend for Epoll {
@@ -818,7 +836,17 @@ impl Backend for Epoll {
     }
 
     fn peer_ip(&self, sock: Socket) -> Option<std::net::IpAddr> {
-        crate::sys::peer_ip(sock.0 as RawFd)
+        if !self.slots.get(sock.0 as usize).is_some_and(|s| s.open) {
+            return None;
+        }
+        // SAFETY: the descriptor is one of this backend's open connections (checked above);
+        // it is closed only by `close_sock`, which needs `&mut self`, so not during the borrow.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(sock.0 as RawFd) };
+        crate::sys::peer_ip(fd)
+    }
+
+    fn buffer_misuses(&self) -> u64 {
+        0
     }
 
     fn describe(&self) -> String {

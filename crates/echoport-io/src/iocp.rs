@@ -1009,7 +1009,7 @@ impl Submit for Iocp {
                     self.close_listener(listener.0 as usize);
                 }
             }
-            Op::Recv { token, sock } => self.post_recv(token, sock),
+            Op::Recv { token, sock, .. } => self.post_recv(token, sock),
             Op::Send {
                 token,
                 sock,
@@ -1044,6 +1044,27 @@ impl Submit for Iocp {
         } else {
             self.send_free.push(buf.0);
         }
+    }
+
+    fn buf_size(&self) -> u32 {
+        self.region().size
+    }
+
+    fn copy(&mut self, dst: BufId, at: u32, src: BufId, len: u32) {
+        assert!(src != dst && at as u64 + len as u64 <= self.region().size as u64);
+        let (from, to) = (self.region().addr(src.0, 0), self.region().addr(dst.0, at));
+        // SAFETY: both buffers are lent to the caller (the state machine's promise), distinct,
+        // and the ranges lie inside them, so they do not overlap and no posted receive writes
+        // them; no posted send names `dst`'s bytes `at..at + len` (the caller's promise).
+        unsafe { std::ptr::copy_nonoverlapping(from as *const u8, to, len as usize) };
+    }
+
+    fn free_buffers(&self) -> usize {
+        self.recv_free.len()
+    }
+
+    fn total_buffers(&self) -> usize {
+        self.recv_count as usize
     }
 }
 
@@ -1165,6 +1186,10 @@ impl Backend for Iocp {
         let b = unsafe { BorrowedSocket::borrow_raw(sock.0 as RawSocket) };
         let addr = socket2::SockRef::from(&b).peer_addr().ok()?;
         addr.as_socket().map(|a| a.ip())
+    }
+
+    fn buffer_misuses(&self) -> u64 {
+        0
     }
 
     fn describe(&self) -> String {

@@ -14,6 +14,8 @@ pub mod epoll;
 #[cfg(windows)]
 pub mod iocp;
 #[cfg(any(target_os = "linux", windows))]
+pub mod pool;
+#[cfg(any(target_os = "linux", windows))]
 mod region;
 #[cfg(unix)]
 pub mod sys;

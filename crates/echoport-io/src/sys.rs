@@ -169,11 +169,8 @@ pub fn nofile_limit() -> u64 {
     lim.rlim_cur
 }
 
-/// The peer's IP address of a connected socket descriptor.
-pub fn peer_ip(fd: RawFd) -> Option<std::net::IpAddr> {
-    // SAFETY: the caller passes a descriptor it owns and keeps open for this call; the
-    // borrow does not outlive it.
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+/// The peer's IP address of a connected socket.
+pub fn peer_ip(fd: std::os::fd::BorrowedFd<'_>) -> Option<std::net::IpAddr> {
     let addr = socket2::SockRef::from(&fd).peer_addr().ok()?;
     addr.as_socket().map(|a| a.ip())
 }

@@ -20,9 +20,11 @@ use echoport_io::uring::{Config as UringConfig, Uring};
 #[cfg(target_os = "linux")]
 fn new_uring(buffers: u32) -> Uring {
     Uring::new(&UringConfig {
-        buffers,
-        buf_size: 4096,
-        send_buffers: 4,
+        pool: echoport_io::pool::PoolConfig {
+            buffers,
+            buf_size: 4096,
+            send_buffers: 4,
+        },
         cq_entries: 1024,
         sq_entries: 256,
         ..Default::default()
@@ -185,7 +187,11 @@ fn a_cancelled_receive_ends_exactly_once<B: Backend>(new: fn(u32) -> B) {
     let mut b = new(16);
     let (_client, sock) = connected_pair(&mut b);
     let token = Token::new(7, 3);
-    b.push(Op::Recv { token, sock });
+    b.push(Op::Recv {
+        token,
+        sock,
+        max: u32::MAX,
+    });
     reap(&mut b, Duration::from_millis(100), |_| false);
     b.push(Op::CancelRecv { token, sock });
     let all = reap(&mut b, Duration::from_millis(500), |_| false);
@@ -207,7 +213,11 @@ fn data_then_end_of_stream_end_the_receive<B: Backend>(new: fn(u32) -> B) {
     let mut b = new(16);
     let (mut client, sock) = connected_pair(&mut b);
     let token = Token::new(1, 1);
-    b.push(Op::Recv { token, sock });
+    b.push(Op::Recv {
+        token,
+        sock,
+        max: u32::MAX,
+    });
     let payload: Vec<u8> = (0..10_000u32).map(|i| (i * 7 + i / 300) as u8).collect();
     client.write_all(&payload).unwrap();
     client.shutdown(std::net::Shutdown::Write).unwrap();
@@ -233,7 +243,11 @@ fn data_then_end_of_stream_end_the_receive<B: Backend>(new: fn(u32) -> B) {
                     got.extend_from_slice(&b.buf(buf)[..len as usize]);
                     b.release(buf);
                     if !more {
-                        b.push(Op::Recv { token, sock }); // one-shot: post the next
+                        b.push(Op::Recv {
+                            token,
+                            sock,
+                            max: u32::MAX,
+                        }); // one-shot: post the next
                     }
                 }
                 Ok(Received::Eof) => {
@@ -262,6 +276,7 @@ fn an_empty_pool_reports_no_buffers_and_recovers_on_release<B: Backend>(new: fn(
     b.push(Op::Recv {
         token: t1,
         sock: s1,
+        max: u32::MAX,
     });
     c1.write_all(b"first").unwrap();
     let all = reap(&mut b, Duration::from_secs(5), |c| !recvs(c, t1).is_empty());
@@ -272,6 +287,7 @@ fn an_empty_pool_reports_no_buffers_and_recovers_on_release<B: Backend>(new: fn(
     b.push(Op::Recv {
         token: t2,
         sock: s2,
+        max: u32::MAX,
     });
     c2.write_all(b"second").unwrap();
     let all = reap(&mut b, Duration::from_secs(5), |c| !recvs(c, t2).is_empty());
@@ -285,6 +301,7 @@ fn an_empty_pool_reports_no_buffers_and_recovers_on_release<B: Backend>(new: fn(
     b.push(Op::Recv {
         token: t2,
         sock: s2,
+        max: u32::MAX,
     });
     let all = reap(&mut b, Duration::from_secs(5), |c| !recvs(c, t2).is_empty());
     match recvs(&all, t2).first() {

@@ -252,7 +252,11 @@ fn a_cancelled_receive_completes_once_as_cancelled_and_the_next_one_works() {
     let mut b = Iocp::new(&Config::default()).unwrap();
     let (mut client, sock) = adopted_pair(&mut b);
     let token = Token::new(3, 1);
-    b.push(echoport_core::Op::Recv { token, sock });
+    b.push(echoport_core::Op::Recv {
+        token,
+        sock,
+        max: u32::MAX,
+    });
     assert!(wait_for(&mut b, 100).is_empty(), "nothing was sent yet");
     assert_eq!(b.inflight(), 1);
     b.push(echoport_core::Op::CancelRecv { token, sock });
@@ -271,7 +275,11 @@ fn a_cancelled_receive_completes_once_as_cancelled_and_the_next_one_works() {
         "exactly one final completion"
     );
 
-    b.push(echoport_core::Op::Recv { token, sock });
+    b.push(echoport_core::Op::Recv {
+        token,
+        sock,
+        max: u32::MAX,
+    });
     client.write_all(b"x").unwrap();
     let got = wait_for(&mut b, 2000);
     let [Completion::Recv {
@@ -303,7 +311,11 @@ fn a_cancel_that_races_a_zero_byte_receive_still_ends_it_as_cancelled() {
     let mut b = Iocp::new(&cfg).unwrap();
     let (mut client, sock) = adopted_pair(&mut b);
     let token = Token::new(5, 2);
-    b.push(echoport_core::Op::Recv { token, sock });
+    b.push(echoport_core::Op::Recv {
+        token,
+        sock,
+        max: u32::MAX,
+    });
     client.write_all(b"abc").unwrap();
     // Let the zero-byte receive complete (data is waiting) before the cancel is requested.
     std::thread::sleep(Duration::from_millis(200));
@@ -320,7 +332,11 @@ fn a_cancel_that_races_a_zero_byte_receive_still_ends_it_as_cancelled() {
     );
     assert_eq!(b.inflight(), 0);
     // The bytes stayed in the socket for the next receive.
-    b.push(echoport_core::Op::Recv { token, sock });
+    b.push(echoport_core::Op::Recv {
+        token,
+        sock,
+        max: u32::MAX,
+    });
     let mut seen = Vec::new();
     while seen.len() < 3 {
         match wait_for(&mut b, 2000)[..] {
@@ -331,7 +347,11 @@ fn a_cancel_that_races_a_zero_byte_receive_still_ends_it_as_cancelled() {
                 seen.extend_from_slice(&b.buf(buf)[..len as usize]);
                 b.release(buf);
                 if seen.len() < 3 {
-                    b.push(echoport_core::Op::Recv { token, sock });
+                    b.push(echoport_core::Op::Recv {
+                        token,
+                        sock,
+                        max: u32::MAX,
+                    });
                 }
             }
             ref other => panic!("unexpected {other:?}"),
@@ -381,7 +401,11 @@ fn end_of_stream_is_reported_after_the_data() {
     let mut seen = Vec::new();
     let mut eof = false;
     for _ in 0..10 {
-        b.push(echoport_core::Op::Recv { token, sock });
+        b.push(echoport_core::Op::Recv {
+            token,
+            sock,
+            max: u32::MAX,
+        });
         match wait_for(&mut b, 2000)[..] {
             [Completion::Recv {
                 result: Ok(Received::Data { buf, len }),
@@ -436,6 +460,7 @@ fn dropping_the_port_with_operations_pending_cancels_and_drains_them() {
     b.push(echoport_core::Op::Recv {
         token: Token::new(0, 0),
         sock,
+        max: u32::MAX,
     });
     assert!(wait_for(&mut b, 50).is_empty());
     assert_eq!(b.inflight(), Config::default().accepts_ahead as usize + 1);

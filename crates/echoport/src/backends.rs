@@ -8,6 +8,7 @@
 //! epoll and says why. Naming a backend is strict: it is used or the start fails.
 
 use anyhow::{anyhow, Context};
+use echoport_io::pool::PoolConfig;
 
 use crate::serve::BackendChoice;
 
@@ -34,10 +35,8 @@ pub struct Chosen {
 /// Backend settings from the command line.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Receive buffer size.
-    pub buf_size: u32,
-    /// Receive buffers per thread.
-    pub buffers: u32,
+    /// Each thread's buffer pool.
+    pub pool: PoolConfig,
     /// io_uring fast path (multishot, buffer ring, direct descriptors).
     pub fast_path: bool,
     /// io_uring completion queue size.
@@ -48,21 +47,17 @@ pub struct Options {
     pub direct_accept: bool,
     /// io_uring task-running mode.
     pub taskrun: echoport_io::uring::TaskRun,
-    /// Buffers per thread for bytes the caller sends itself (the load generator).
-    pub send_buffers: u32,
 }
 
 impl Default for Options {
     fn default() -> Options {
         Options {
-            buf_size: 8192,
-            buffers: 2048,
+            pool: PoolConfig::default(),
             fast_path: true,
             cq_entries: 65536,
             batch_wait_us: 0,
             direct_accept: true,
             taskrun: echoport_io::uring::TaskRun::Defer,
-            send_buffers: 256,
         }
     }
 }
@@ -71,8 +66,11 @@ impl Options {
     /// From `echoport serve`'s flags.
     pub fn from_serve(a: &crate::serve::Args) -> Options {
         Options {
-            buf_size: a.buf_size,
-            buffers: a.buffers,
+            pool: PoolConfig {
+                buf_size: a.buf_size,
+                buffers: a.buffers,
+                ..PoolConfig::default()
+            },
             fast_path: !a.no_fast_path,
             cq_entries: a.cq_entries,
             batch_wait_us: a.batch_wait_us,
@@ -82,30 +80,27 @@ impl Options {
                 crate::serve::TaskRunChoice::Coop => echoport_io::uring::TaskRun::Coop,
                 crate::serve::TaskRunChoice::Interrupt => echoport_io::uring::TaskRun::Interrupt,
             },
-            send_buffers: 256,
         }
     }
 
     fn uring(&self) -> echoport_io::uring::Config {
         echoport_io::uring::Config {
-            buf_size: self.buf_size,
-            buffers: self.buffers,
+            pool: self.pool,
             fast_path: self.fast_path,
             cq_entries: self.cq_entries.max(1),
             sq_entries: 4096.min(self.cq_entries.max(1)),
             batch_wait_us: self.batch_wait_us,
             direct_accept: self.direct_accept,
             taskrun: self.taskrun,
-            send_buffers: self.send_buffers,
             ..Default::default()
         }
     }
 
     fn epoll(&self) -> echoport_io::epoll::Config {
         echoport_io::epoll::Config {
-            buf_size: self.buf_size,
-            buffers: self.buffers,
-            send_buffers: self.send_buffers,
+            buf_size: self.pool.buf_size,
+            buffers: self.pool.buffers,
+            send_buffers: self.pool.send_buffers,
             ..Default::default()
         }
     }
@@ -128,8 +123,11 @@ pub fn probe_uring(opts: &Options) -> Result<(), String> {
     })?;
     let trial = echoport_io::uring::Config {
         // The buffer count does not change what the kernel is asked; keep the trial small.
-        buffers: 8,
-        send_buffers: 1,
+        pool: PoolConfig {
+            buffers: 8,
+            send_buffers: 1,
+            ..opts.pool
+        },
         ..opts.uring()
     };
     echoport_io::uring::Uring::new(&trial)
@@ -272,14 +270,16 @@ mod tests {
                 .install()
                 .unwrap();
             let opts = Options {
-                buf_size: 4096,
-                buffers: 16,
+                pool: PoolConfig {
+                    buf_size: 4096,
+                    buffers: 16,
+                    send_buffers: 16,
+                },
                 fast_path: true,
                 cq_entries: 4096,
                 batch_wait_us: 0,
                 direct_accept: true,
                 taskrun: echoport_io::uring::TaskRun::Defer,
-                send_buffers: 16,
             };
             let c = choose(BackendChoice::Auto, &opts).unwrap();
             assert_eq!(c.kind, Kind::Epoll);

@@ -26,25 +26,27 @@ pub struct Chosen {
 /// Backend settings from the command line.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Receive buffer size.
-    pub buf_size: u32,
-    /// Receive buffers per thread.
-    pub buffers: u32,
+    /// Each thread's buffer pool.
+    pub pool: echoport_io::pool::PoolConfig,
 }
 
 impl Options {
     /// From `echoport serve`'s flags (the io_uring-only ones mean nothing here).
     pub fn from_serve(a: &crate::serve::Args) -> Options {
         Options {
-            buf_size: a.buf_size,
-            buffers: a.buffers,
+            pool: echoport_io::pool::PoolConfig {
+                buf_size: a.buf_size,
+                buffers: a.buffers,
+                ..Default::default()
+            },
         }
     }
 
     fn iocp(&self) -> echoport_io::iocp::Config {
         echoport_io::iocp::Config {
-            buf_size: self.buf_size,
-            buffers: self.buffers,
+            buf_size: self.pool.buf_size,
+            buffers: self.pool.buffers,
+            send_buffers: self.pool.send_buffers,
             ..Default::default()
         }
     }
@@ -85,8 +87,11 @@ mod tests {
     #[test]
     fn auto_means_iocp_and_linux_backends_are_refused() {
         let opts = Options {
-            buf_size: 4096,
-            buffers: 16,
+            pool: echoport_io::pool::PoolConfig {
+                buf_size: 4096,
+                buffers: 16,
+                send_buffers: 16,
+            },
         };
         assert_eq!(choose(BackendChoice::Auto, &opts).unwrap().kind, Kind::Iocp);
         assert_eq!(choose(BackendChoice::Iocp, &opts).unwrap().kind, Kind::Iocp);

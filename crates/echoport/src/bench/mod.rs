@@ -200,12 +200,14 @@ fn run_once(
             spin_ns: p.spin.as_nanos() as u64,
         };
         let opts = crate::backends::Options {
-            buf_size: if conns > 2048 { 2048 } else { 8192 },
-            buffers: (conns as u32 * 2).next_power_of_two().clamp(256, 4096),
+            pool: echoport_io::pool::PoolConfig {
+                buf_size: if conns > 2048 { 2048 } else { 8192 },
+                buffers: (conns as u32 * 2).next_power_of_two().clamp(256, 4096),
+                send_buffers: conns as u32 + 16,
+            },
             fast_path: true,
             cq_entries: 65536,
             batch_wait_us: 0,
-            send_buffers: conns as u32 + 16,
             ..Default::default()
         };
         let (in_tx, in_rx) = mpsc::channel();

@@ -406,7 +406,11 @@ impl<B: Backend> Worker<B> {
             last_progress: now,
         });
         self.active.push(token);
-        self.io.push(Op::Recv { token, sock });
+        self.io.push(Op::Recv {
+            token,
+            sock,
+            max: u32::MAX,
+        });
         if let ThreadLoad::Closed { pipeline } = self.plan.load {
             for _ in 0..pipeline {
                 if !self.issue(token, now) {
@@ -595,7 +599,11 @@ impl<B: Backend> Worker<B> {
                 if !c.closing && !c.recv_armed {
                     c.recv_armed = true;
                     let sock = c.sock;
-                    self.io.push(Op::Recv { token, sock });
+                    self.io.push(Op::Recv {
+                        token,
+                        sock,
+                        max: u32::MAX,
+                    });
                 }
             }
         }

@@ -1,0 +1,283 @@
+//! Posting: one function per [`Op`], each building the one submission entry it maps to. The
+//! flow of the original reads here as it does in the state machine: post an accept, post a
+//! receive, post a send of exactly the bytes received.
+
+use echoport_core::{
+    BufId, Completion, ListenerId, Op, OpError, OpKind, SendPart, Socket, Submit, Token,
+    MAX_SEND_PARTS,
+};
+use io_uring::{opcode, squeue, types};
+
+use super::buf_ring::BGID;
+use super::{with_fd, MsgSlot, RecvMode, Uring, NONE};
+use crate::pool::Returned;
+
+/// Offset of `optlen` in a submission queue entry (`struct io_uring_sqe`): for a multishot
+/// receive, the total bytes after which the kernel ends it (6.17+).
+const SQE_OPTLEN: usize = 44;
+
+impl Submit for Uring {
+    fn push(&mut self, op: Op) {
+        match op {
+            Op::Accept { listener } => self.post_accept(listener),
+            Op::CloseListener { listener } => self.post_close_listener(listener),
+            Op::Recv { token, sock, max } => self.post_recv(token, sock, max),
+            Op::Send {
+                token,
+                sock,
+                buf,
+                off,
+                len,
+            } => self.post_send(token, sock, buf, off, len),
+            Op::SendParts {
+                token,
+                sock,
+                parts,
+                count,
+            } => self.post_send_parts(
+                token,
+                sock,
+                &parts[..(count as usize).clamp(1, MAX_SEND_PARTS)],
+            ),
+            Op::CancelRecv { token, .. } => self.post_cancel(token, OpKind::Recv),
+            Op::CancelSend { token, .. } => self.post_cancel(token, OpKind::Send),
+            Op::Shutdown { token, sock } => {
+                let e = with_fd!(sock, |fd| opcode::Shutdown::new(fd, libc::SHUT_WR).build());
+                self.enqueue(e.user_data(token.pack(OpKind::Shutdown)));
+            }
+            Op::Close { token, sock } => {
+                let e = with_fd!(sock, |fd| opcode::Close::new(fd).build());
+                self.enqueue(e.user_data(token.pack(OpKind::Close)));
+            }
+        }
+    }
+
+    fn release(&mut self, buf: BufId) {
+        match self.pool.release(buf.0, self.buf_ring.is_some()) {
+            Ok(Returned::Kernel) => self.publish_to_ring(buf.0),
+            Ok(Returned::Free) => {}
+            Err(m) => self.misuse(m),
+        }
+    }
+
+    fn max_send_parts(&self) -> usize {
+        MAX_SEND_PARTS
+    }
+
+    fn buf_size(&self) -> u32 {
+        self.pool.buf_size()
+    }
+
+    fn copy(&mut self, dst: BufId, at: u32, src: BufId, len: u32) {
+        if let Err(m) = self.pool.copy(dst.0, at, src.0, len) {
+            self.misuse(m);
+        }
+    }
+
+    fn free_buffers(&self) -> usize {
+        if self.buf_ring.is_some() {
+            self.pool.in_kernel()
+        } else {
+            self.pool.free_recv()
+        }
+    }
+
+    fn total_buffers(&self) -> usize {
+        self.pool.recv_count() as usize
+    }
+}
+
+impl Uring {
+    /// Puts a receive buffer the pool has just made the kernel's back in the buffer ring.
+    pub(super) fn publish_to_ring(&mut self, buf: u32) {
+        let (addr, size) = (self.pool.addr(buf, 0), self.pool.buf_size());
+        if let Some(ring) = self.buf_ring.as_mut() {
+            ring.add(buf as u16, addr, size);
+        }
+    }
+
+    /// Accept on a listener: multishot into direct descriptors on the fast path.
+    fn post_accept(&mut self, listener: ListenerId) {
+        let i = listener.0 as usize;
+        let Some(fd) = self
+            .listeners
+            .get(i)
+            .and_then(|l| l.fd.as_ref())
+            .map(std::os::fd::AsRawFd::as_raw_fd)
+        else {
+            return;
+        };
+        self.listeners[i].armed = true;
+        let e = if self.fast {
+            opcode::AcceptMulti::new(types::Fd(fd))
+                .allocate_file_index(self.direct_accept)
+                .build()
+        } else {
+            opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())
+                .flags(libc::SOCK_CLOEXEC)
+                .build()
+        };
+        self.enqueue(e.user_data(Token::new(listener.0, 0).pack(OpKind::Accept)));
+    }
+
+    /// Stop accepting: cancel the posted accept (the listener closes when it ends), or close
+    /// at once when none is posted.
+    fn post_close_listener(&mut self, listener: ListenerId) {
+        let Some(l) = self.listeners.get_mut(listener.0 as usize) else {
+            return;
+        };
+        l.closing = true;
+        if l.armed {
+            let ud = Token::new(listener.0, 0).pack(OpKind::Accept);
+            let e = opcode::AsyncCancel::new(ud).build();
+            self.enqueue(e.user_data(Token::NONE.pack(OpKind::Cancel)));
+        } else {
+            l.fd = None;
+        }
+    }
+
+    /// Receive on a connection, at most `max` bytes before the operation ends.
+    fn post_recv(&mut self, token: Token, sock: Socket, max: u32) {
+        let ud = token.pack(OpKind::Recv);
+        let e = match self.recv_mode {
+            RecvMode::MultishotLimited => {
+                let e = with_fd!(sock, |fd| opcode::RecvMulti::new(fd, BGID).build());
+                with_optlen(e, max.max(1))
+            }
+            RecvMode::OneshotRing => with_fd!(sock, |fd| opcode::Recv::new(
+                fd,
+                std::ptr::null_mut(),
+                max.clamp(1, self.pool.buf_size())
+            )
+            .buf_group(BGID)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT)),
+            RecvMode::OneshotOwn => {
+                let Some(buf) = self.pool.take_recv() else {
+                    self.synthetic.push(Completion::Recv {
+                        token,
+                        result: Err(OpError::NoBuffers),
+                        more: false,
+                    });
+                    return;
+                };
+                let id = token.id as usize;
+                if self.recv_buf.len() <= id {
+                    self.recv_buf.resize(id + 1, NONE);
+                }
+                self.recv_buf[id] = buf;
+                let (ptr, len) = (self.pool.recv_ptr(buf), max.clamp(1, self.pool.buf_size()));
+                with_fd!(sock, |fd| opcode::Recv::new(fd, ptr, len).build())
+            }
+        };
+        self.enqueue(e.user_data(ud));
+    }
+
+    /// Send `len` bytes of a lent buffer; a buffer not lent is refused (the send fails).
+    fn post_send(&mut self, token: Token, sock: Socket, buf: BufId, off: u32, len: u32) {
+        let ptr = match self.pool.send_ptr(buf.0, off, len) {
+            Ok(p) => p,
+            Err(m) => return self.refuse_send(token, m),
+        };
+        let e = with_fd!(sock, |fd| opcode::Send::new(fd, ptr, len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build());
+        self.enqueue(e.user_data(token.pack(OpKind::Send)));
+    }
+
+    /// A gathered send (`SENDMSG`) of several lent buffers, its header boxed until completion.
+    fn post_send_parts(&mut self, token: Token, sock: Socket, parts: &[SendPart]) {
+        let mut m = self.msg_free.pop().unwrap_or_else(|| {
+            Box::new(MsgSlot {
+                // SAFETY: all-zero is a valid msghdr (no name, no control data).
+                hdr: unsafe { std::mem::zeroed() },
+                iov: [libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                }; MAX_SEND_PARTS],
+            })
+        });
+        for (v, p) in m.iov.iter_mut().zip(parts) {
+            let ptr = match self.pool.send_ptr(p.buf.0, p.off, p.len) {
+                Ok(ptr) => ptr,
+                Err(e) => {
+                    self.msg_free.push(m);
+                    return self.refuse_send(token, e);
+                }
+            };
+            *v = libc::iovec {
+                iov_base: ptr as *mut libc::c_void,
+                iov_len: p.len as usize,
+            };
+        }
+        m.hdr.msg_iov = m.iov.as_mut_ptr();
+        m.hdr.msg_iovlen = parts.len();
+        let hdr = &m.hdr as *const libc::msghdr;
+        let e = with_fd!(sock, |fd| opcode::SendMsg::new(fd, hdr)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build());
+        // The box moves into the map, its contents do not: `hdr` stays valid until the
+        // send's completion takes it out again.
+        if let Some(old) = self.send_msgs.insert(token.id, m) {
+            debug_assert!(false, "two sends in flight on connection {}", token.id);
+            std::mem::forget(old); // the kernel may still read it
+        }
+        self.enqueue(e.user_data(token.pack(OpKind::Send)));
+    }
+
+    /// A send naming a buffer the caller does not hold: nothing reaches the kernel, and the
+    /// send completes with `EFAULT` so its connection closes.
+    fn refuse_send(&mut self, token: Token, m: crate::pool::Misuse) {
+        self.misuse(m);
+        self.synthetic.push(Completion::Send {
+            token,
+            result: Err(OpError::Os(libc::EFAULT)),
+        });
+    }
+
+    /// Cancel the connection's posted receive or send (by its user data, never by descriptor).
+    fn post_cancel(&mut self, token: Token, target: OpKind) {
+        let e = opcode::AsyncCancel::new(token.pack(target)).build();
+        self.enqueue(e.user_data(token.pack(OpKind::Cancel)));
+    }
+}
+
+/// Sets a multishot receive's total length limit (`sqe->optlen`), which the io-uring crate's
+/// builder does not expose.
+fn with_optlen(e: squeue::Entry, limit: u32) -> squeue::Entry {
+    const _: () = assert!(std::mem::size_of::<squeue::Entry>() == 64);
+    // SAFETY: `squeue::Entry` is `#[repr(C)]` around the kernel's 64-byte `io_uring_sqe` (size
+    // checked above), a plain-data struct every bit pattern of which is valid; `optlen` is
+    // the 32-bit field at byte 44 (`include/uapi/linux/io_uring.h`).
+    let mut raw = unsafe { std::mem::transmute::<squeue::Entry, [u8; 64]>(e) };
+    raw[SQE_OPTLEN..SQE_OPTLEN + 4].copy_from_slice(&limit.to_ne_bytes());
+    // SAFETY: as above, the bytes of a valid entry with one plain field changed.
+    unsafe { std::mem::transmute::<[u8; 64], squeue::Entry>(raw) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_multishot_limit_lands_in_optlen_and_nothing_else_changes() {
+        let plain = opcode::RecvMulti::new(types::Fd(3), BGID)
+            .build()
+            .user_data(9);
+        let limited = with_optlen(plain.clone(), 65536);
+        // SAFETY: as in `with_optlen`.
+        let (a, b): ([u8; 64], [u8; 64]) = unsafe {
+            (
+                std::mem::transmute::<squeue::Entry, [u8; 64]>(plain),
+                std::mem::transmute::<squeue::Entry, [u8; 64]>(limited),
+            )
+        };
+        for i in 0..64 {
+            if (SQE_OPTLEN..SQE_OPTLEN + 4).contains(&i) {
+                continue;
+            }
+            assert_eq!(a[i], b[i], "byte {i} changed");
+        }
+        assert_eq!(u32::from_ne_bytes(b[44..48].try_into().unwrap()), 65536);
+    }
+}
