@@ -587,7 +587,10 @@ impl<B: Backend> Worker<B> {
         }
     }
 
-    fn next_timeout(&self, now: Instant) -> Option<Duration> {
+    /// How long the wait at `now` may sleep before a timer of this worker falls due (`None`:
+    /// until a completion comes). No timer is armed for parked connections while no buffer
+    /// is free.
+    pub fn next_timeout(&self, now: Instant) -> Option<Duration> {
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         for l in &self.listeners {

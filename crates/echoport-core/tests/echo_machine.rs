@@ -337,6 +337,101 @@ fn abort_cancels_the_receive_and_closes_only_after_it_ends() {
     assert!(m.ops().is_empty());
 }
 
+#[test]
+fn a_small_receive_is_appended_to_the_last_queued_buffer() {
+    let mut m = M::new(1 << 16);
+    let (a, _) = m.recv(b"one", true);
+    let (b, _) = m.recv(b"two", true);
+    assert_eq!(m.ops(), vec![send(a, 0, 3)], "one send in flight at a time");
+    assert_eq!(
+        m.io.copies,
+        vec![(a, 3, b, 3)],
+        "copied past the bytes queued"
+    );
+    assert_eq!(m.io.released, vec![b], "its own buffer went straight back");
+    assert_eq!((m.conn.held(), m.stats.compacted), (1, 1));
+    m.sent(Ok(3));
+    assert_eq!(
+        m.ops(),
+        vec![send(a, 3, 3)],
+        "the appended bytes follow in order"
+    );
+    assert_eq!(&m.io.contents[&a][3..6], b"two");
+    m.sent(Ok(3));
+    assert_eq!(m.io.released, vec![b, a]);
+    assert_eq!(m.conn.held(), 0);
+}
+
+#[test]
+fn a_receive_too_large_to_append_keeps_a_buffer_of_its_own() {
+    let mut m = M::sized(1 << 16, 8);
+    let (a, _) = m.recv(b"abc", true);
+    // Five bytes would fit after "abc", but more than half a buffer is not copied.
+    let (b, _) = m.recv(b"defgh", true);
+    assert!(m.io.copies.is_empty());
+    assert_eq!(m.conn.held(), 2);
+    m.ops();
+    m.sent(Ok(3));
+    assert_eq!(m.ops(), vec![send(b, 0, 5)]);
+    assert_eq!(m.io.released, vec![a]);
+}
+
+#[test]
+fn buffers_are_budgeted_not_only_bytes() {
+    // 64 bytes may be owed, in buffers of 16: at most 4 buffers. Receives of 9 bytes (more
+    // than half a buffer, so never appended) fill 4 buffers with only 36 bytes owed.
+    let mut m = M::sized(64, 16);
+    for _ in 0..3 {
+        m.recv(&[7; 9], true);
+    }
+    assert!(!m.ops().contains(&Op::CancelRecv { token: T, sock: S }));
+    m.recv(&[7; 9], true);
+    assert_eq!(m.conn.held(), 4);
+    assert_eq!(m.conn.pending(), 36, "far below the byte limit");
+    assert_eq!(
+        m.ops(),
+        vec![Op::CancelRecv { token: T, sock: S }],
+        "but the buffer budget is spent: stop receiving"
+    );
+    assert_eq!(m.stats.paused, 1);
+    m.recv_result(Err(OpError::Canceled), false);
+    assert!(
+        m.ops().is_empty(),
+        "no new receive while the budget is spent"
+    );
+    m.sent(Ok(9));
+    assert_eq!(
+        m.ops()[1..],
+        [rx(16)],
+        "one buffer back: the next receive may fill one buffer"
+    );
+}
+
+#[test]
+fn under_pressure_only_a_connection_holding_nothing_receives() {
+    let mut m = M::new(1 << 16);
+    // The pool is low: 10 of 1,024 buffers free (the reserve is a quarter).
+    m.io.free = 10;
+    let (a, _) = m.recv(b"x", false);
+    assert_eq!(
+        m.ops(),
+        vec![send(a, 0, 1)],
+        "holding a buffer under pressure: no new receive"
+    );
+    m.sent(Ok(1));
+    assert_eq!(
+        m.ops(),
+        vec![rx(4096)],
+        "holding none: it may receive, one buffer's worth"
+    );
+    // Armed with a buffer taken: pressure pauses it.
+    let (b, _) = m.recv(b"y", true);
+    assert_eq!(
+        m.ops(),
+        vec![send(b, 0, 1), Op::CancelRecv { token: T, sock: S }]
+    );
+}
+
 fn worker() -> Worker<FakeIo> {
     let mut io = FakeIo::new();
     let l = io
@@ -452,6 +547,99 @@ fn worker_refuses_connections_while_stopping() {
     );
     assert_eq!(w.stats().refused, 1);
     assert_eq!(w.connections(), 0);
+}
+
+/// Adopts a connection and delivers `NoBuffers` to its first receive, parking it.
+fn parked_conn(w: &mut Worker<FakeIo>, sock: u64) -> Token {
+    let t = w.adopt(Socket(sock));
+    push(
+        w,
+        Completion::Recv {
+            token: t,
+            result: Err(OpError::NoBuffers),
+            more: false,
+        },
+    );
+    t
+}
+
+#[test]
+fn parked_connections_wait_for_a_free_buffer_without_polling() {
+    let mut w = worker();
+    io(&mut w).free = 0;
+    w.turn(Some(std::time::Duration::ZERO)).unwrap();
+    let t = parked_conn(&mut w, 5);
+    w.turn(Some(std::time::Duration::ZERO)).unwrap();
+    io(&mut w).take_ops();
+    assert_eq!(w.parked(), 1);
+    for _ in 0..3 {
+        w.turn(Some(std::time::Duration::ZERO)).unwrap();
+    }
+    assert!(io(&mut w).take_ops().is_empty(), "no buffer free: no retry");
+    assert_eq!(
+        w.next_timeout(std::time::Instant::now()),
+        None,
+        "and no timer: the worker sleeps until a completion comes"
+    );
+    io(&mut w).free = 1;
+    w.turn(Some(std::time::Duration::ZERO)).unwrap();
+    assert!(
+        matches!(io(&mut w).take_ops()[..], [Op::Recv { token, .. }] if token == t),
+        "a free buffer: the parked connection receives again"
+    );
+    assert_eq!(w.parked(), 0);
+    assert_eq!(w.stats().parked, 1);
+}
+
+#[test]
+fn a_parked_connection_holding_nothing_is_unparked_first() {
+    let mut w = worker();
+    w.turn(Some(std::time::Duration::ZERO)).unwrap();
+    // One connection holds a buffer (its echo is stuck in a send), then parks.
+    let heavy = w.adopt(Socket(5));
+    let buf = io(&mut w).lend(b"stuck");
+    push(
+        &mut w,
+        Completion::Recv {
+            token: heavy,
+            result: Ok(Received::Data { buf, len: 5 }),
+            more: false,
+        },
+    );
+    w.turn(Some(std::time::Duration::ZERO)).unwrap();
+    io(&mut w).free = 0;
+    push(
+        &mut w,
+        Completion::Recv {
+            token: heavy,
+            result: Err(OpError::NoBuffers),
+            more: false,
+        },
+    );
+    let light = parked_conn(&mut w, 6);
+    w.turn(Some(std::time::Duration::ZERO)).unwrap();
+    assert_eq!(w.parked(), 2);
+    io(&mut w).take_ops();
+    // One buffer comes free (and the pool stays low): only the one holding nothing.
+    io(&mut w).free = 1;
+    w.turn(Some(std::time::Duration::ZERO)).unwrap();
+    let ops = io(&mut w).take_ops();
+    assert!(
+        matches!(ops[..], [Op::Recv { token, .. }] if token == light),
+        "{ops:?}"
+    );
+    assert_eq!(w.parked(), 1, "the heavy one waits for the pool to recover");
+    assert_eq!(
+        w.next_timeout(std::time::Instant::now()),
+        None,
+        "nothing to retry while the pool is low"
+    );
+    io(&mut w).free = 1024;
+    w.turn(Some(std::time::Duration::ZERO)).unwrap();
+    assert!(
+        matches!(io(&mut w).take_ops()[..], [Op::Recv { token, .. }] if token == heavy),
+        "the pool recovered: the heavy one receives again"
+    );
 }
 
 fn io(w: &mut Worker<FakeIo>) -> &mut FakeIo {

@@ -63,7 +63,11 @@ fn start_hogs(addr: SocketAddr, kind: Hog, stop: Arc<AtomicBool>) -> Vec<thread:
                 let deadline = Instant::now() + Duration::from_secs(60);
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                     for s in &mut socks {
-                        let buf: &[u8] = if kind == Hog::Trickle { &chunk[..1] } else { &chunk };
+                        let buf: &[u8] = if kind == Hog::Trickle {
+                            &chunk[..1]
+                        } else {
+                            &chunk
+                        };
                         match s.write(buf) {
                             Ok(n) => written += n as u64,
                             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
@@ -76,7 +80,11 @@ fn start_hogs(addr: SocketAddr, kind: Hog, stop: Arc<AtomicBool>) -> Vec<thread:
                             let _ = s.read(&mut [0u8; 4096]);
                         }
                     }
-                    thread::sleep(Duration::from_millis(if kind == Hog::Trickle { 5 } else { 2 }));
+                    thread::sleep(Duration::from_millis(if kind == Hog::Trickle {
+                        5
+                    } else {
+                        2
+                    }));
                 }
                 written
             })
@@ -89,15 +97,18 @@ fn start_hogs(addr: SocketAddr, kind: Hog, stop: Arc<AtomicBool>) -> Vec<thread:
 fn good_client(addr: SocketAddr, id: usize) -> Result<Duration, String> {
     let mut worst = Duration::ZERO;
     for round in 0..ROUNDS {
-        let msg: Vec<u8> = (0..GOOD_LEN).map(|j| (id * 31 + round * 7 + j) as u8).collect();
+        let msg: Vec<u8> = (0..GOOD_LEN)
+            .map(|j| (id * 31 + round * 7 + j) as u8)
+            .collect();
         let t = Instant::now();
         let mut s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
         s.set_nodelay(true).unwrap();
         s.set_read_timeout(Some(ECHO_LIMIT)).unwrap();
         s.write_all(&msg).map_err(|e| format!("write: {e}"))?;
         let mut got = vec![0u8; GOOD_LEN];
-        s.read_exact(&mut got)
-            .map_err(|e| format!("client {id} round {round}: no echo within {ECHO_LIMIT:?}: {e}"))?;
+        s.read_exact(&mut got).map_err(|e| {
+            format!("client {id} round {round}: no echo within {ECHO_LIMIT:?}: {e}")
+        })?;
         if got != msg {
             return Err(format!("client {id} round {round}: echo differs"));
         }
@@ -161,7 +172,11 @@ fn good_clients_are_served_beside_hogs(config: &[&str], kind: Hog, idle_cpu_limi
     stop.store(true, Ordering::Relaxed);
     let written: u64 = hogs.into_iter().map(|h| h.join().unwrap()).sum();
     let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    let worst = results.iter().filter_map(|r| r.as_ref().ok()).max().copied();
+    let worst = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .max()
+        .copied();
     eprintln!(
         "{config:?} {kind:?}: {} of {GOOD} clients served, slowest echo {worst:?}, server CPU \
          with only hogs connected {:.1}% of a core, RSS {rss_before} -> {rss_after} KiB, hogs \
