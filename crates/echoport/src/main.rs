@@ -1,4 +1,5 @@
 //! `echoport`: a completion-based TCP echo server, its test client and its load generator.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 

@@ -6,6 +6,7 @@
 //! run, checking every byte; `CHURNERS` threads (default 4) open a connection, echo one
 //! message, and close it (every fourth by reset), over and over. Prints one line of totals
 //! and exits 1 if any byte differed or any connection failed unexpectedly.
+#![forbid(unsafe_code)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -7,6 +7,7 @@
 //! are no wake-ups, no context switches and no event loop, only the four system calls and the
 //! TCP stack behind them. Prints CPU µs per echo for the whole echo and for the server's half
 //! (its receive and send), measured with the thread's own CPU clock.
+#![forbid(unsafe_code)]
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

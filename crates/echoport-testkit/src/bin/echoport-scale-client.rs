@@ -8,6 +8,7 @@
 //! for HOLD_SECS seconds (default 10) or until its standard input closes, whichever comes
 //! first; then it checks every connection still echoes, prints `done N`, and exits 0.
 //! Any failure prints a reason and exits 1.
+#![forbid(unsafe_code)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
