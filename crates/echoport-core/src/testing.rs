@@ -42,6 +42,8 @@ pub struct FakeIo {
     pub total: usize,
     /// Small receives appended onto another buffer ([`Submit::copy`]), in order.
     pub copies: Vec<(BufId, u32, BufId, u32)>,
+    /// When set, the next [`Backend::wait`] fails with this OS error code.
+    pub wait_error: Option<i32>,
     next_buf: u32,
     listeners: u32,
 }
@@ -62,6 +64,7 @@ impl Default for FakeIo {
             free: 1024,
             total: 1024,
             copies: Vec::new(),
+            wait_error: None,
             next_buf: 0,
             listeners: 0,
         }
@@ -199,6 +202,9 @@ impl Backend for FakeIo {
     }
 
     fn wait(&mut self, out: &mut Vec<Completion>, _t: Option<Duration>) -> io::Result<()> {
+        if let Some(code) = self.wait_error.take() {
+            return Err(io::Error::from_raw_os_error(code));
+        }
         while let Some(c) = self.script.pop_front() {
             self.note_delivered(&c);
             out.push(c);

@@ -303,7 +303,10 @@ impl<B: Backend> Worker<B> {
                 }
             }
             let timeout = self.next_timeout(now);
-            self.turn(timeout)?;
+            if let Err(e) = self.turn(timeout) {
+                self.fail(&e);
+                return Err(e);
+            }
         }
         // Hand the last closes to the kernel.
         self.events.clear();
@@ -327,6 +330,25 @@ impl<B: Backend> Worker<B> {
         self.events = events;
         self.unpark();
         Ok(())
+    }
+
+    /// The backend failed for good (the transient errors of normal operation never get
+    /// here: backends retry them). Says so at once, and gives the connections' admission
+    /// places back so the server's budget does not shrink; the connections themselves end
+    /// with the backend.
+    fn fail(&mut self, e: &io::Error) {
+        tracing::error!(
+            error = %e,
+            connections = self.conns.len(),
+            "worker failed; its connections are lost, the other workers go on"
+        );
+        for token in self.conns.tokens() {
+            self.conns.remove(token);
+            self.cfg.admission.release();
+            if let Some(ip) = self.peers.remove(&token) {
+                self.cfg.admission.release_ip(ip);
+            }
+        }
     }
 
     /// Registers a connection that is already established (a socket the caller adopted into

@@ -642,6 +642,31 @@ fn a_parked_connection_holding_nothing_is_unparked_first() {
     );
 }
 
+#[test]
+fn a_worker_whose_backend_fails_gives_its_admission_places_back() {
+    let admission = echoport_core::worker::Admission::new(10);
+    let mut w = Worker::new(
+        FakeIo::new(),
+        &[],
+        Config {
+            admission: admission.clone(),
+            ..Config::default()
+        },
+        Arc::new(AtomicBool::new(false)),
+    );
+    for fd in 0..3 {
+        w.adopt(Socket(fd));
+    }
+    assert_eq!(admission.live(), 3);
+    io(&mut w).wait_error = Some(22); // EINVAL: nothing a backend retries
+    assert!(w.run().is_err(), "a fatal backend error ends the worker");
+    assert_eq!(
+        admission.live(),
+        0,
+        "the server's connection budget does not shrink by the dead worker's connections"
+    );
+}
+
 fn io(w: &mut Worker<FakeIo>) -> &mut FakeIo {
     w.backend_mut()
 }

@@ -9,7 +9,7 @@ use echoport_core::{
 use io_uring::{opcode, squeue, types};
 
 use super::buf_ring::BGID;
-use super::{with_fd, MsgSlot, RecvMode, Uring, NONE};
+use super::{with_fd, MsgSlot, RecvMode, Uring, FIXED, NONE};
 use crate::pool::Returned;
 
 /// Offset of `optlen` in a submission queue entry (`struct io_uring_sqe`): for a multishot
@@ -41,10 +41,7 @@ impl Submit for Uring {
             ),
             Op::CancelRecv { token, .. } => self.post_cancel(token, OpKind::Recv),
             Op::CancelSend { token, .. } => self.post_cancel(token, OpKind::Send),
-            Op::Shutdown { token, sock } => {
-                let e = with_fd!(sock, |fd| opcode::Shutdown::new(fd, libc::SHUT_WR).build());
-                self.enqueue(e.user_data(token.pack(OpKind::Shutdown)));
-            }
+            Op::Shutdown { token, sock } => self.post_shutdown(token, sock),
             Op::Close { token, sock } => {
                 let e = with_fd!(sock, |fd| opcode::Close::new(fd).build());
                 self.enqueue(e.user_data(token.pack(OpKind::Close)));
@@ -223,6 +220,25 @@ impl Uring {
             std::mem::forget(old); // the kernel may still read it
         }
         self.enqueue(e.user_data(token.pack(OpKind::Send)));
+    }
+
+    /// Shut down the write side. A direct descriptor goes through the ring (its slot cannot
+    /// be reused before the close that follows). A plain descriptor is shut down at once,
+    /// with `shutdown(2)`: on kernels 6.1-6.3 `IORING_OP_SHUTDOWN` is always punted to a
+    /// worker thread that looks the descriptor up late, after the close posted behind it may
+    /// have freed the number for another connection.
+    fn post_shutdown(&mut self, token: Token, sock: Socket) {
+        if sock.0 & FIXED != 0 {
+            let e = with_fd!(sock, |fd| opcode::Shutdown::new(fd, libc::SHUT_WR).build());
+            self.enqueue(e.user_data(token.pack(OpKind::Shutdown)));
+            return;
+        }
+        // SAFETY: a plain descriptor handed out by this backend's accept (or adopted) stays
+        // open until the state machine posts its close, which comes after this shutdown.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(sock.0 as std::os::fd::RawFd) };
+        if let Err(e) = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Write) {
+            tracing::debug!(error = %e, "shutdown failed");
+        }
     }
 
     /// A send naming a buffer the caller does not hold: nothing reaches the kernel, and the

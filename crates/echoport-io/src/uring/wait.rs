@@ -209,3 +209,31 @@ impl Uring {
         self.cqes = cqes;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::transient;
+    use std::io;
+
+    #[test]
+    fn what_the_kernel_returns_in_normal_operation_is_retried_not_fatal() {
+        for code in [
+            libc::EAGAIN,
+            libc::EBUSY,
+            libc::EINTR,
+            libc::ETIME,
+            libc::ENOMEM,
+        ] {
+            assert!(
+                transient(&io::Error::from_raw_os_error(code)),
+                "errno {code}"
+            );
+        }
+        for code in [libc::EINVAL, libc::EBADF, libc::EFAULT, libc::EBADR] {
+            assert!(
+                !transient(&io::Error::from_raw_os_error(code)),
+                "errno {code}"
+            );
+        }
+    }
+}
