@@ -22,12 +22,19 @@
 //! limit; a listener accepts at most [`Config::accept_batch`] connections per turn.
 //!
 //! # Buffers
-//! One pool of equally sized buffers, as on io_uring: receive buffers, lent to the state
-//! machine from a receive completion until released, and buffers for callers that send their
-//! own bytes ([`Backend::alloc_buf`]). The kernel touches a buffer only during a `recv` or
-//! `send` call, never in the background, so the pool is ordinary memory. When no receive
+//! The one pool of every backend (`pool.rs`): receive buffers, lent to the state machine from
+//! a receive completion until released, and buffers for callers that send their own bytes
+//! ([`Backend::alloc_buf`]). The kernel touches a buffer only during a `recv` or `send` call,
+//! never in the background: a read takes a free receive buffer (the pool records it as the
+//! kernel's for the call), then lends it on data or puts it back on `EAGAIN`, end of stream
+//! or an error. A release the pool refuses (twice, or a buffer never lent) is reported and
+//! changes nothing; a send naming a buffer not lent fails with `EFAULT`. When no receive
 //! buffer is free, a readable connection's receive completes with [`OpError::NoBuffers`] and
 //! the worker parks it, exactly as with io_uring's empty buffer ring.
+//!
+//! Each read asks for at most what is left of the receive's allowance ([`Op::Recv`]'s `max`),
+//! and the receive ends (`more == false`) when the allowance is used up: this backend never
+//! overshoots it.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -39,17 +46,14 @@ use echoport_core::{
     Waker, MAX_SEND_PARTS,
 };
 
+use crate::pool::{Misuse, Pool, PoolConfig};
 use crate::sys::{op_error, EventFd};
 
 /// Settings of one epoll loop.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Bytes per buffer.
-    pub buf_size: u32,
-    /// Receive buffers.
-    pub buffers: u32,
-    /// Buffers kept for callers that send their own bytes ([`Backend::alloc_buf`]).
-    pub send_buffers: u32,
+    /// The buffer pool.
+    pub pool: PoolConfig,
     /// Most readiness events taken from the kernel per wait.
     pub events: u32,
     /// Most connections one listener accepts per loop turn.
@@ -59,9 +63,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            buf_size: 8192,
-            buffers: 2048,
-            send_buffers: 256,
+            pool: PoolConfig::default(),
             events: 1024,
             accept_batch: 64,
         }
@@ -87,9 +89,44 @@ fn listener_key(i: u32) -> u64 {
 /// A send posted and not yet performed: one buffer, or several gathered.
 #[derive(Copy, Clone, Debug)]
 struct PendingSend {
+    /// The connection.
     token: Token,
+    /// The pieces, in the order their bytes go out; only the first `count` count.
     parts: [SendPart; MAX_SEND_PARTS],
+    /// How many of `parts` to send (1 to [`MAX_SEND_PARTS`]).
     count: u8,
+}
+
+impl PendingSend {
+    /// A plain send of one buffer's bytes ([`Op::Send`]).
+    fn one(token: Token, part: SendPart) -> PendingSend {
+        let mut parts = [SendPart::default(); MAX_SEND_PARTS];
+        parts[0] = part;
+        PendingSend {
+            token,
+            parts,
+            count: 1,
+        }
+    }
+
+    /// A gathered send ([`Op::SendParts`]) of the first `count` parts.
+    fn gathered(token: Token, parts: [SendPart; MAX_SEND_PARTS], count: u8) -> PendingSend {
+        PendingSend {
+            token,
+            parts,
+            count: count.clamp(1, MAX_SEND_PARTS as u8),
+        }
+    }
+}
+
+/// A posted receive: whom it completes for, and how many more bytes it may deliver before
+/// it ends (what is left of the connection's allowance, [`Op::Recv`]'s `max`).
+#[derive(Copy, Clone, Debug)]
+struct PostedRecv {
+    /// The connection.
+    token: Token,
+    /// Bytes it may still deliver (at least one while posted).
+    left: u32,
 }
 
 /// What the backend knows about one connected socket, indexed by its descriptor.
@@ -106,7 +143,7 @@ struct Slot {
     /// In the ready list for the next pass.
     queued: bool,
     /// The posted receive, if any.
-    recv: Option<Token>,
+    recv: Option<PostedRecv>,
     /// The posted send, if any.
     send: Option<PendingSend>,
 }
@@ -135,13 +172,8 @@ pub struct Epoll {
     ready_spare: Vec<u64>,
     /// Completions produced by posting (cancellations), handed out at the next wait.
     synthetic: Vec<Completion>,
-    pool: Vec<u8>,
-    buf_size: u32,
-    /// Receive buffers are `0..recv_count`, buffers for callers `recv_count..total`.
-    recv_count: u32,
-    total: u32,
-    recv_free: Vec<u32>,
-    send_free: Vec<u32>,
+    /// Every buffer, and who holds it.
+    pool: Pool,
     events: Vec<libc::epoll_event>,
     accept_batch: u32,
     /// The previous wait did its work without asking the kernel for readiness.
@@ -159,12 +191,6 @@ impl Epoll {
         }
         // SAFETY: `epfd` was just created and nothing else owns it.
         let epfd = unsafe { OwnedFd::from_raw_fd(epfd) };
-        let buf_size = cfg.buf_size.max(64);
-        let buffers = cfg.buffers.clamp(1, 1 << 20);
-        let total = buffers as usize + cfg.send_buffers.min(1 << 20) as usize;
-        let bytes = total
-            .checked_mul(buf_size as usize)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "buffer pool too large"))?;
         let ep = Epoll {
             epfd,
             waker: Arc::new(EventFd::new()?),
@@ -173,12 +199,7 @@ impl Epoll {
             ready: Vec::with_capacity(1024),
             ready_spare: Vec::with_capacity(1024),
             synthetic: Vec::new(),
-            pool: vec![0; bytes],
-            buf_size,
-            recv_count: buffers,
-            total: total as u32,
-            recv_free: (0..buffers).rev().collect(),
-            send_free: (buffers..total as u32).rev().collect(),
+            pool: Pool::new(&cfg.pool)?,
             events: vec![
                 libc::epoll_event { events: 0, u64: 0 };
                 cfg.events.clamp(16, 65536) as usize
@@ -250,23 +271,24 @@ impl Epoll {
         }
     }
 
-    /// The bytes `off..off + len` of buffer `buf` in the pool; panics when out of range (a
-    /// bug in the caller, never a network event).
-    fn buf_range(&self, buf: u32, off: u32, len: u32) -> std::ops::Range<usize> {
-        assert!(
-            buf < self.total && off as u64 + len as u64 <= self.buf_size as u64,
-            "buffer {buf} offset {off} length {len} out of range"
-        );
-        let start = buf as usize * self.buf_size as usize + off as usize;
-        start..start + len as usize
+    /// Reports a refused buffer hand-over: a bug in the caller, asserted in debug builds,
+    /// logged (the first few) and counted in release builds.
+    fn misuse(&self, m: Misuse) {
+        crate::pool::report(&m, self.pool.misuses());
     }
 
-    fn return_buf(&mut self, buf: u32) {
-        if buf < self.recv_count {
-            self.recv_free.push(buf);
-        } else {
-            self.send_free.push(buf);
+    /// Checks that every part of a send names bytes of a lent buffer.
+    fn check_send(&mut self, p: &PendingSend) -> Result<(), Misuse> {
+        for part in &p.parts[..p.count as usize] {
+            self.pool
+                .check_lent(part.buf.0, part.off, part.len, "sent while not lent")?;
         }
+        Ok(())
+    }
+
+    /// The bytes a send part names; the part was checked with [`Epoll::check_send`].
+    fn part_bytes(&self, part: &SendPart) -> &[u8] {
+        &self.pool.bytes(part.buf.0)[part.off as usize..(part.off + part.len) as usize]
     }
 
     /// Asks the kernel which sockets became ready, waiting up to `timeout`.
@@ -350,110 +372,163 @@ impl Epoll {
     }
 
     fn run_conn(&mut self, fd: u32, out: &mut Vec<Completion>) {
-        let raw = fd as RawFd;
         let i = fd as usize;
         if let (Some(p), true) = (self.slots[i].send, self.slots[i].writable) {
-            let n = if p.count == 1 {
-                let SendPart { buf, off, len } = p.parts[0];
-                let range = self.buf_range(buf.0, off, len);
-                sys_send(raw, &self.pool[range])
-            } else {
-                let mut iov = [libc::iovec {
-                    iov_base: std::ptr::null_mut(),
-                    iov_len: 0,
-                }; MAX_SEND_PARTS];
-                for (v, part) in iov.iter_mut().zip(&p.parts[..p.count as usize]) {
-                    let range = self.buf_range(part.buf.0, part.off, part.len);
-                    let bytes = &self.pool[range];
-                    *v = libc::iovec {
-                        iov_base: bytes.as_ptr() as *mut libc::c_void,
-                        iov_len: bytes.len(),
-                    };
-                }
-                sys_sendmsg(raw, &iov[..p.count as usize])
-            };
-            let s = &mut self.slots[i];
-            if n >= 0 {
-                s.send = None;
-                out.push(Completion::Send {
-                    token: p.token,
-                    result: Ok(n as u32),
-                });
-            } else {
-                match errno() {
-                    libc::EAGAIN => s.writable = false,
-                    libc::EINTR => {}
-                    e => {
-                        s.send = None;
-                        out.push(Completion::Send {
-                            token: p.token,
-                            result: Err(op_error(e)),
-                        });
-                    }
-                }
-            }
+            self.send_once(fd, p, out);
         }
-        if let (Some(token), true) = (self.slots[i].recv, self.slots[i].readable) {
-            self.recv_once(fd, token, out);
+        if let (Some(r), true) = (self.slots[i].recv, self.slots[i].readable) {
+            self.recv_once(fd, r, out);
         }
         self.queue_conn(fd);
     }
 
-    /// One read for a posted receive: at most one buffer per connection per loop turn.
-    fn recv_once(&mut self, fd: u32, token: Token, out: &mut Vec<Completion>) {
-        let i = fd as usize;
-        let Some(buf) = self.recv_free.pop() else {
-            self.slots[i].recv = None;
+    /// One attempt at a posted send: it completes with what the kernel took, or stays
+    /// posted until the socket is writable again.
+    fn send_once(&mut self, fd: u32, p: PendingSend, out: &mut Vec<Completion>) {
+        let raw = fd as RawFd;
+        if let Err(m) = self.check_send(&p) {
+            // Released while its send was posted: a bug in the caller; nothing is sent.
+            self.slots[fd as usize].send = None;
+            self.misuse(m);
+            out.push(send_refused(p.token));
+            return;
+        }
+        let n = if p.count == 1 {
+            sys_send(raw, self.part_bytes(&p.parts[0]))
+        } else {
+            let mut iov = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; MAX_SEND_PARTS];
+            for (v, part) in iov.iter_mut().zip(&p.parts[..p.count as usize]) {
+                let bytes = self.part_bytes(part);
+                *v = libc::iovec {
+                    iov_base: bytes.as_ptr() as *mut libc::c_void,
+                    iov_len: bytes.len(),
+                };
+            }
+            // SAFETY: every iovec was made from a slice of a lent buffer (checked above) in
+            // the pool's region, which lives across the call and which nothing writes during
+            // it (only this thread touches the pool, and it is in this call).
+            unsafe { sys_sendmsg(raw, &iov[..p.count as usize]) }
+        };
+        let s = &mut self.slots[fd as usize];
+        let result = if n >= 0 {
+            Ok(n as u32)
+        } else {
+            match errno() {
+                libc::EAGAIN => {
+                    s.writable = false;
+                    return;
+                }
+                libc::EINTR => return,
+                e => Err(op_error(e)),
+            }
+        };
+        s.send = None;
+        out.push(Completion::Send {
+            token: p.token,
+            result,
+        });
+    }
+
+    /// One read for a posted receive: at most one buffer per connection per loop turn, and
+    /// never more than what is left of the receive's allowance.
+    fn recv_once(&mut self, fd: u32, r: PostedRecv, out: &mut Vec<Completion>) {
+        let Some(buf) = self.pool.take_recv() else {
+            self.slots[fd as usize].recv = None;
             out.push(Completion::Recv {
-                token,
+                token: r.token,
                 result: Err(OpError::NoBuffers),
                 more: false,
             });
             return;
         };
-        let range = self.buf_range(buf, 0, self.buf_size);
-        // The buffer is free (just popped from the free list): nothing else reads it meanwhile.
-        let n = sys_recv(fd as RawFd, &mut self.pool[range]);
-        let err = (n < 0).then(errno);
-        let s = &mut self.slots[i];
-        match (n, err) {
-            (n, _) if n > 0 => {
-                // A short read drained the socket: the next byte raises a new edge. Not so
-                // after the peer's end of stream was signalled: its edge has been spent, and
-                // the next read must find the end of stream.
-                if (n as u32) < self.buf_size && !s.hup {
-                    s.readable = false;
-                }
-                out.push(Completion::Recv {
-                    token,
-                    result: Ok(Received::Data {
-                        buf: BufId(buf),
-                        len: n as u32,
-                    }),
-                    more: true,
-                });
+        let want = r.left.clamp(1, self.pool.buf_size());
+        let dst = self.pool.recv_ptr(buf);
+        // SAFETY: `buf` was just handed to the kernel for this read, so the pool makes no
+        // slice of it (it does so only for lent buffers); `dst..dst + want` lies inside it
+        // (`want` is at most the buffer size), and the region outlives the call.
+        let n = unsafe { sys_recv(fd as RawFd, dst, want as usize) };
+        if n > 0 {
+            self.received(fd, r, buf, n as u32, want, out);
+        } else {
+            let err = (n < 0).then(errno);
+            self.recv_ended(fd, r.token, buf, err, out);
+        }
+    }
+
+    /// A read brought `n` bytes into `buf`: lend it, and end the receive at its allowance.
+    fn received(
+        &mut self,
+        fd: u32,
+        r: PostedRecv,
+        buf: u32,
+        n: u32,
+        want: u32,
+        out: &mut Vec<Completion>,
+    ) {
+        let lent = self.pool.lend(buf);
+        let s = &mut self.slots[fd as usize];
+        // A short read drained the socket: the next byte raises a new edge. Not so after the
+        // peer's end of stream was signalled: its edge has been spent, and the next read
+        // must find the end of stream.
+        if n < want && !s.hup {
+            s.readable = false;
+        }
+        let left = r.left.saturating_sub(n);
+        s.recv = (left > 0).then_some(PostedRecv { left, ..r });
+        let (result, more) = match lent {
+            Ok(()) => (
+                Ok(Received::Data {
+                    buf: BufId(buf),
+                    len: n,
+                }),
+                left > 0,
+            ),
+            Err(m) => {
+                // Cannot happen (the buffer was taken for this read): never hand it on.
+                self.slots[fd as usize].recv = None;
+                self.misuse(m);
+                (Err(OpError::Os(libc::EFAULT)), false)
+            }
+        };
+        out.push(Completion::Recv {
+            token: r.token,
+            result,
+            more,
+        });
+    }
+
+    /// A read brought no bytes: the buffer goes back, and end of stream or an error ends the
+    /// receive (`EAGAIN`: it waits for the next edge).
+    fn recv_ended(
+        &mut self,
+        fd: u32,
+        token: Token,
+        buf: u32,
+        err: Option<i32>,
+        out: &mut Vec<Completion>,
+    ) {
+        if let Err(m) = self.pool.unpost(buf) {
+            self.misuse(m);
+        }
+        let s = &mut self.slots[fd as usize];
+        let result = match err {
+            None => Ok(Received::Eof),
+            Some(libc::EAGAIN) => {
+                s.readable = false;
                 return;
             }
-            (0, _) => {
-                s.recv = None;
-                out.push(Completion::Recv {
-                    token,
-                    result: Ok(Received::Eof),
-                    more: false,
-                });
-            }
-            (_, Some(libc::EAGAIN)) => s.readable = false,
-            (_, Some(libc::EINTR)) => {}
-            (_, e) => {
-                s.recv = None;
-                out.push(Completion::Recv {
-                    token,
-                    result: Err(op_error(e.unwrap_or(libc::EIO))),
-                    more: false,
-                });
-            }
-        }
-        self.return_buf(buf);
+            Some(libc::EINTR) => return,
+            Some(e) => Err(op_error(e)),
+        };
+        s.recv = None;
+        out.push(Completion::Recv {
+            token,
+            result,
+            more: false,
+        });
     }
 
     fn run_listener(&mut self, i: u32, out: &mut Vec<Completion>) {
@@ -564,10 +639,13 @@ fn sys_send(fd: RawFd, bytes: &[u8]) -> isize {
 }
 
 /// `sendmsg(fd, {iov}, MSG_NOSIGNAL)`: the gathered send.
-fn sys_sendmsg(fd: RawFd, iov: &[libc::iovec]) -> isize {
-    // SAFETY: every iovec points into the pool (checked by `buf_range`) and `iov` with them
-    // lives for the whole synchronous call; the kernel only reads the header, the vector and
-    // the bytes. A zeroed msghdr is valid (no address, no control data).
+///
+/// # Safety
+/// Every iovec must describe memory readable for its length for the whole call.
+unsafe fn sys_sendmsg(fd: RawFd, iov: &[libc::iovec]) -> isize {
+    // SAFETY: the iovecs describe readable memory (the caller's promise) and `iov` lives for
+    // the whole synchronous call; the kernel only reads the header, the vector and the
+    // bytes. A zeroed msghdr is valid (no address, no control data).
     unsafe {
         let mut msg: libc::msghdr = std::mem::zeroed();
         msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
@@ -581,17 +659,20 @@ fn sys_sendmsg(fd: RawFd, iov: &[libc::iovec]) -> isize {
     }
 }
 
-/// `recv(fd, dst, 0)`.
-fn sys_recv(fd: RawFd, dst: &mut [u8]) -> isize {
-    // SAFETY: `dst` is a live, exclusively borrowed slice valid for `dst.len()` bytes for the
-    // whole synchronous call; the kernel writes at most that many. Null address arguments are
-    // allowed for recvfrom.
+/// `recv(fd, dst, len, 0)`.
+///
+/// # Safety
+/// `dst..dst + len` must be writable, and neither read nor written by anything else, for the
+/// whole call.
+unsafe fn sys_recv(fd: RawFd, dst: *mut u8, len: usize) -> isize {
+    // SAFETY: the caller's promise; the kernel writes at most `len` bytes there. Null address
+    // arguments are allowed for recvfrom.
     unsafe {
         libc::syscall(
             libc::SYS_recvfrom,
             fd,
-            dst.as_mut_ptr(),
-            dst.len(),
+            dst,
+            len,
             0,
             std::ptr::null_mut::<libc::sockaddr>(),
             std::ptr::null_mut::<libc::socklen_t>(),
@@ -617,6 +698,15 @@ fn sys_epoll_wait(epfd: RawFd, events: &mut [libc::epoll_event], ms: i32) -> i32
     }
 }
 
+/// The completion of a send that named a buffer the caller does not hold: it fails with
+/// `EFAULT`, so its connection closes, and nothing reaches the kernel.
+fn send_refused(token: Token) -> Completion {
+    Completion::Send {
+        token,
+        result: Err(OpError::Os(libc::EFAULT)),
+    }
+}
+
 fn errno() -> i32 {
     io::Error::last_os_error()
         .raw_os_error()
@@ -626,110 +716,34 @@ fn errno() -> i32 {
 impl Submit for Epoll {
     fn push(&mut self, op: Op) {
         match op {
-            Op::Accept { listener } => {
-                let i = listener.0;
-                if let Some(l) = self.listeners.get_mut(i as usize) {
-                    if l.fd.is_some() {
-                        l.armed = true;
-                        self.queue_listener(i);
-                    }
-                }
-            }
-            Op::CloseListener { listener } => {
-                if let Some(l) = self.listeners.get_mut(listener.0 as usize) {
-                    // The posted accept ends with the listener; like io_uring's cancelled
-                    // accept on a closing listener, it reports nothing.
-                    l.armed = false;
-                    l.fd = None;
-                }
-            }
-            Op::Recv { token, sock, .. } => match self.slot(sock) {
-                Some(s) => {
-                    s.recv = Some(token);
-                    self.queue_conn(sock.0 as u32);
-                }
-                None => self.synthetic.push(Completion::Recv {
-                    token,
-                    result: Err(OpError::Os(libc::EBADF)),
-                    more: false,
-                }),
-            },
-            Op::Send { .. } | Op::SendParts { .. } => {
-                let (token, sock, parts, count) = match op {
-                    Op::Send {
-                        token,
-                        sock,
-                        buf,
-                        off,
-                        len,
-                    } => {
-                        let mut parts = [SendPart::default(); MAX_SEND_PARTS];
-                        parts[0] = SendPart { buf, off, len };
-                        (token, sock, parts, 1)
-                    }
-                    Op::SendParts {
-                        token,
-                        sock,
-                        parts,
-                        count,
-                    } => (token, sock, parts, count.clamp(1, MAX_SEND_PARTS as u8)),
-                    _ => unreachable!(),
-                };
-                for p in &parts[..count as usize] {
-                    let _ = self.buf_range(p.buf.0, p.off, p.len);
-                }
-                match self.slot(sock) {
-                    Some(s) => {
-                        debug_assert!(s.send.is_none(), "two sends in flight on {sock:?}");
-                        s.send = Some(PendingSend {
-                            token,
-                            parts,
-                            count,
-                        });
-                        self.queue_conn(sock.0 as u32);
-                    }
-                    None => self.synthetic.push(Completion::Send {
-                        token,
-                        result: Err(OpError::Os(libc::EBADF)),
-                    }),
-                }
-            }
-            Op::CancelRecv { token, sock } => {
-                if let Some(s) = self.slot(sock) {
-                    if s.recv == Some(token) {
-                        s.recv = None;
-                        self.synthetic.push(Completion::Recv {
-                            token,
-                            result: Err(OpError::Canceled),
-                            more: false,
-                        });
-                    }
-                }
-            }
-            Op::CancelSend { token, sock } => {
-                if let Some(s) = self.slot(sock) {
-                    if s.send.is_some_and(|p| p.token == token) {
-                        s.send = None;
-                        self.synthetic.push(Completion::Send {
-                            token,
-                            result: Err(OpError::Canceled),
-                        });
-                    }
-                }
-            }
-            Op::Shutdown { sock, .. } => {
-                if self.slot(sock).is_some() {
-                    // SAFETY: the slot is open, so `sock` is a descriptor this backend owns.
-                    // Failure (the peer already reset) changes nothing for the state machine.
-                    unsafe { libc::shutdown(sock.0 as RawFd, libc::SHUT_WR) };
-                }
-            }
+            Op::Accept { listener } => self.post_accept(listener),
+            Op::CloseListener { listener } => self.post_close_listener(listener),
+            Op::Recv { token, sock, max } => self.post_recv(token, sock, max),
+            Op::Send {
+                token,
+                sock,
+                buf,
+                off,
+                len,
+            } => self.post_send(sock, PendingSend::one(token, SendPart { buf, off, len })),
+            Op::SendParts {
+                token,
+                sock,
+                parts,
+                count,
+            } => self.post_send(sock, PendingSend::gathered(token, parts, count)),
+            Op::CancelRecv { token, sock } => self.post_cancel_recv(token, sock),
+            Op::CancelSend { token, sock } => self.post_cancel_send(token, sock),
+            Op::Shutdown { sock, .. } => self.post_shutdown(sock),
             Op::Close { sock, .. } => self.close_sock(sock),
         }
     }
 
     fn release(&mut self, buf: BufId) {
-        self.return_buf(buf.0);
+        // A receive buffer goes back to the free list: a read takes it at readiness.
+        if let Err(m) = self.pool.release(buf.0, false) {
+            self.misuse(m);
+        }
     }
 
     fn max_send_parts(&self) -> usize {
@@ -737,21 +751,113 @@ impl Submit for Epoll {
     }
 
     fn buf_size(&self) -> u32 {
-        self.buf_size
+        self.pool.buf_size()
     }
 
     fn copy(&mut self, dst: BufId, at: u32, src: BufId, len: u32) {
-        let from = self.buf_range(src.0, 0, len);
-        let to = self.buf_range(dst.0, at, len);
-        self.pool.copy_within(from, to.start);
+        if let Err(m) = self.pool.copy(dst.0, at, src.0, len) {
+            self.misuse(m);
+        }
     }
 
     fn free_buffers(&self) -> usize {
-        self.recv_free.len()
+        self.pool.free_recv()
     }
 
     fn total_buffers(&self) -> usize {
-        self.recv_count as usize
+        self.pool.recv_count() as usize
+    }
+}
+
+impl Epoll {
+    /// Accept on a listener: it stays posted (as a multishot accept) until an error.
+    fn post_accept(&mut self, listener: ListenerId) {
+        let i = listener.0;
+        if let Some(l) = self.listeners.get_mut(i as usize) {
+            if l.fd.is_some() {
+                l.armed = true;
+                self.queue_listener(i);
+            }
+        }
+    }
+
+    /// Stop accepting and close the listener. The posted accept ends with it; like
+    /// io_uring's cancelled accept on a closing listener, it reports nothing.
+    fn post_close_listener(&mut self, listener: ListenerId) {
+        if let Some(l) = self.listeners.get_mut(listener.0 as usize) {
+            l.armed = false;
+            l.fd = None;
+        }
+    }
+
+    /// Receive on a connection until `max` bytes have been delivered (or end of stream, an
+    /// error, a cancellation).
+    fn post_recv(&mut self, token: Token, sock: Socket, max: u32) {
+        let Some(s) = self.slot(sock) else {
+            return self.synthetic.push(Completion::Recv {
+                token,
+                result: Err(OpError::Os(libc::EBADF)),
+                more: false,
+            });
+        };
+        s.recv = Some(PostedRecv {
+            token,
+            left: max.max(1),
+        });
+        self.queue_conn(sock.0 as u32);
+    }
+
+    /// Send the bytes of lent buffers when the socket is writable; a part naming a buffer
+    /// the caller does not hold refuses the whole send (`EFAULT`).
+    fn post_send(&mut self, sock: Socket, p: PendingSend) {
+        if let Err(m) = self.check_send(&p) {
+            self.misuse(m);
+            return self.synthetic.push(send_refused(p.token));
+        }
+        let Some(s) = self.slot(sock) else {
+            return self.synthetic.push(Completion::Send {
+                token: p.token,
+                result: Err(OpError::Os(libc::EBADF)),
+            });
+        };
+        debug_assert!(s.send.is_none(), "two sends in flight on {sock:?}");
+        s.send = Some(p);
+        self.queue_conn(sock.0 as u32);
+    }
+
+    /// Cancel the posted receive: it ends at once, as cancelled (no read is in progress
+    /// between loop turns, so there is nothing to wait for).
+    fn post_cancel_recv(&mut self, token: Token, sock: Socket) {
+        let Some(s) = self.slot(sock) else { return };
+        if s.recv.is_some_and(|r| r.token == token) {
+            s.recv = None;
+            self.synthetic.push(Completion::Recv {
+                token,
+                result: Err(OpError::Canceled),
+                more: false,
+            });
+        }
+    }
+
+    /// Cancel the posted send: it ends at once, as cancelled, having sent nothing.
+    fn post_cancel_send(&mut self, token: Token, sock: Socket) {
+        let Some(s) = self.slot(sock) else { return };
+        if s.send.is_some_and(|p| p.token == token) {
+            s.send = None;
+            self.synthetic.push(Completion::Send {
+                token,
+                result: Err(OpError::Canceled),
+            });
+        }
+    }
+
+    /// Shut down the sending side at once (it reports nothing).
+    fn post_shutdown(&mut self, sock: Socket) {
+        if self.slot(sock).is_some() {
+            // SAFETY: the slot is open, so `sock` is a descriptor this backend owns.
+            // Failure (the peer already reset) changes nothing for the state machine.
+            unsafe { libc::shutdown(sock.0 as RawFd, libc::SHUT_WR) };
+        }
     }
 }
 
@@ -819,20 +925,15 @@ impl Backend for Epoll {
     }
 
     fn buf(&self, buf: BufId) -> &[u8] {
-        &self.pool[self.buf_range(buf.0, 0, self.buf_size)]
+        self.pool.bytes(buf.0)
     }
 
     fn alloc_buf(&mut self) -> Option<BufId> {
-        self.send_free.pop().map(BufId)
+        self.pool.alloc().map(BufId)
     }
 
     fn buf_mut(&mut self, buf: BufId) -> &mut [u8] {
-        assert!(
-            buf.0 >= self.recv_count,
-            "only allocated buffers may be written"
-        );
-        let range = self.buf_range(buf.0, 0, self.buf_size);
-        &mut self.pool[range]
+        self.pool.bytes_mut(buf.0)
     }
 
     fn peer_ip(&self, sock: Socket) -> Option<std::net::IpAddr> {
@@ -846,13 +947,14 @@ impl Backend for Epoll {
     }
 
     fn buffer_misuses(&self) -> u64 {
-        0
+        self.pool.misuses()
     }
 
     fn describe(&self) -> String {
         format!(
             "epoll (edge-triggered, {} buffers of {} B)",
-            self.recv_count, self.buf_size
+            self.pool.recv_count(),
+            self.pool.buf_size()
         )
     }
 }

@@ -35,9 +35,11 @@ fn new_uring(buffers: u32) -> Uring {
 #[cfg(target_os = "linux")]
 fn new_epoll(buffers: u32) -> Epoll {
     Epoll::new(&EpollConfig {
-        buffers,
-        buf_size: 4096,
-        send_buffers: 4,
+        pool: echoport_io::pool::PoolConfig {
+            buffers,
+            buf_size: 4096,
+            send_buffers: 4,
+        },
         ..Default::default()
     })
     .expect("epoll set")
