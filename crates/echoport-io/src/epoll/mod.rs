@@ -6,12 +6,16 @@
 //! they stay posted and deliver data (or connections) until end of stream, an error or a
 //! cancellation ends them.
 //!
-//! Every socket is registered once, edge-triggered, for input and output; the backend keeps
-//! whether each socket is known to be readable and writable, clears that only when the kernel
-//! says `EAGAIN` (or a read comes back short, which on a stream socket means its queue was
-//! drained, so the next byte raises a new edge; but never once the peer's end of stream has
-//! been signalled, whose edge is spent), and sets it again on the next edge. No `epoll_ctl`
-//! happens after registration, whatever is posted or cancelled.
+//! Every socket is registered once, edge-triggered, for input (urgent data included) and
+//! output; the backend keeps whether each socket is known to be readable and writable, clears
+//! that only when the kernel says `EAGAIN` (or a read comes back short, which on a stream
+//! socket means its queue was drained, so the next byte raises a new edge), and sets it again
+//! on the next edge. A short read is not taken as drained once the peer's end of stream has
+//! been signalled (its edge is spent), nor on a socket that has reported TCP urgent data
+//! (`EPOLLPRI`): a read stops short at the urgent mark with bytes still queued behind it, and
+//! no further edge would come for them. The urgent byte itself is not delivered (the kernel
+//! keeps it out of the stream without `SO_OOBINLINE`); the bytes around it are, in order.
+//! No `epoll_ctl` happens after registration, whatever is posted or cancelled.
 //!
 //! Per echo this costs what a hand-written epoll loop costs: one `epoll_wait`, one `recv`,
 //! one `send`. A wait that has work at hand (a send just posted) does it without asking the
@@ -156,6 +160,10 @@ struct Slot {
     /// The peer's end of stream (or an error) has been signalled: reads never block again,
     /// and no further edge will come to say so.
     hup: bool,
+    /// The peer has sent TCP urgent data (`EPOLLPRI`): a read may stop short at the urgent
+    /// mark with bytes still queued behind it, so from now on only `EAGAIN` says the queue
+    /// is empty.
+    urgent: bool,
     /// In the ready list for the next pass.
     queued: bool,
     /// The posted receive, if any.
@@ -264,7 +272,9 @@ impl Epoll {
             self.slots.resize_with(i + 1, Slot::default);
         }
         let gen = self.slots[i].gen.wrapping_add(1) & GEN_MASK;
-        let events = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+        let events =
+            (libc::EPOLLIN | libc::EPOLLPRI | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET)
+                as u32;
         self.ctl_add(fd, events, conn_key(fd as u32, gen))?;
         // Readable only once the kernel says so (registration reports data already queued);
         // a fresh socket has room to send.
@@ -274,6 +284,7 @@ impl Epoll {
             readable: false,
             writable: true,
             hup: false,
+            urgent: false,
             queued: false,
             recv: None,
             send: None,

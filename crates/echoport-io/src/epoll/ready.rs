@@ -72,7 +72,10 @@ impl Epoll {
         if flags & ((libc::EPOLLRDHUP as u32) | err) != 0 {
             s.hup = true;
         }
-        if flags & ((libc::EPOLLIN | libc::EPOLLRDHUP) as u32 | err) != 0 {
+        if flags & libc::EPOLLPRI as u32 != 0 {
+            s.urgent = true;
+        }
+        if flags & ((libc::EPOLLIN | libc::EPOLLPRI | libc::EPOLLRDHUP) as u32 | err) != 0 {
             s.readable = true;
         }
         if flags & (libc::EPOLLOUT as u32 | err) != 0 {
@@ -206,9 +209,10 @@ impl Epoll {
         let lent = self.pool.lend(buf);
         let s = &mut self.slots[fd as usize];
         // A short read drained the socket: the next byte raises a new edge. Not so after the
-        // peer's end of stream was signalled: its edge has been spent, and the next read
-        // must find the end of stream.
-        if n < want && !s.hup {
+        // peer's end of stream was signalled (its edge has been spent, and the next read
+        // must find the end of stream), nor once urgent data came (the read may have stopped
+        // at the urgent mark, bytes queued behind it).
+        if n < want && !s.hup && !s.urgent {
             s.readable = false;
         }
         let left = r.left.saturating_sub(n);
