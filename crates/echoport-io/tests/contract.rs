@@ -35,9 +35,11 @@ fn new_uring(buffers: u32) -> Uring {
 #[cfg(target_os = "linux")]
 fn new_epoll(buffers: u32) -> Epoll {
     Epoll::new(&EpollConfig {
-        buffers,
-        buf_size: 4096,
-        send_buffers: 4,
+        pool: echoport_io::pool::PoolConfig {
+            buffers,
+            buf_size: 4096,
+            send_buffers: 4,
+        },
         ..Default::default()
     })
     .expect("epoll set")
@@ -79,6 +81,7 @@ on_every_backend!(
     a_send_to_a_full_socket_completes_short_or_is_cancelled_once,
     a_wake_from_another_thread_ends_the_wait,
     a_gathered_send_delivers_its_parts_in_order,
+    urgent_data_is_left_out_and_the_stream_goes_on,
 );
 
 /// Reaps completions until `done` says so or `limit` passes; returns them all.
@@ -457,4 +460,78 @@ fn a_wake_from_another_thread_ends_the_wait<B: Backend>(new: fn(u32) -> B) {
         "{:?}",
         start.elapsed()
     );
+}
+
+// ---- epoll branch: urgent data, allowance, pool refusals, drop ----
+
+/// Reaps a connection's receive until `want` bytes have come (or `limit` passes), releasing
+/// each buffer and posting the receive again whenever one ends with data. `posted` says
+/// whether a receive is posted, before and after. End of stream or an error fails.
+fn read_stream<B: Backend>(
+    b: &mut B,
+    token: Token,
+    sock: Socket,
+    posted: &mut bool,
+    want: usize,
+    limit: Duration,
+) -> Vec<u8> {
+    let deadline = Instant::now() + limit;
+    let mut got = Vec::new();
+    while got.len() < want && Instant::now() < deadline {
+        if !*posted {
+            b.push(Op::Recv {
+                token,
+                sock,
+                max: u32::MAX,
+            });
+            *posted = true;
+        }
+        let mut out = Vec::new();
+        b.wait(&mut out, Some(Duration::from_millis(50))).unwrap();
+        for (result, more) in recvs(&out, token) {
+            *posted = more;
+            match result {
+                Ok(Received::Data { buf, len }) => {
+                    got.extend_from_slice(&b.buf(buf)[..len as usize]);
+                    b.release(buf);
+                }
+                other => panic!("the receive ended with {other:?} after {got:?}"),
+            }
+        }
+    }
+    got
+}
+
+/// TCP urgent data (`MSG_OOB`) without `SO_OOBINLINE`: the kernel takes the urgent byte out of
+/// the stream and a read stops short at its mark, with bytes still queued behind it. The
+/// backend must deliver the bytes around it in order (the urgent byte is not among them),
+/// and go on receiving afterwards.
+fn urgent_data_is_left_out_and_the_stream_goes_on<B: Backend>(new: fn(u32) -> B) {
+    let mut b = new(16);
+    let (mut client, sock) = connected_pair(&mut b);
+    client.set_nodelay(true).unwrap();
+    client.write_all(b"abc").unwrap();
+    let oob = socket2::SockRef::from(&client).send_out_of_band(b"X");
+    assert_eq!(oob.unwrap(), 1, "the urgent byte was sent");
+    client.write_all(b"def").unwrap();
+    // The whole burst lands before the receive is posted, so its first read meets the
+    // urgent mark with "def" queued behind it and no further edge to come.
+    std::thread::sleep(Duration::from_millis(100));
+    let token = Token::new(6, 1);
+    let mut posted = false;
+    let got = read_stream(&mut b, token, sock, &mut posted, 6, Duration::from_secs(3));
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "abcdef",
+        "the bytes around the urgent byte, in order, and nothing else"
+    );
+    client.write_all(b"ghi").unwrap();
+    let got = read_stream(&mut b, token, sock, &mut posted, 3, Duration::from_secs(3));
+    assert_eq!(String::from_utf8_lossy(&got), "ghi", "normal data goes on");
+    if posted {
+        b.push(Op::CancelRecv { token, sock });
+        reap(&mut b, Duration::from_millis(100), |_| false);
+    }
+    b.push(Op::Close { token, sock });
+    reap(&mut b, Duration::from_millis(50), |_| false);
 }

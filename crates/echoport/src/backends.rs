@@ -98,9 +98,7 @@ impl Options {
 
     fn epoll(&self) -> echoport_io::epoll::Config {
         echoport_io::epoll::Config {
-            buf_size: self.pool.buf_size,
-            buffers: self.pool.buffers,
-            send_buffers: self.pool.send_buffers,
+            pool: self.pool,
             ..Default::default()
         }
     }

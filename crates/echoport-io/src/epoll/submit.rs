@@ -1,0 +1,160 @@
+//! Posting: one function per [`Op`]. Nothing reaches the kernel here: an operation is
+//! recorded on its socket's slot and performed when the socket is ready (`ready.rs`);
+//! cancellations end their operation at once (no read or send is ever in progress between
+//! loop turns).
+
+use std::os::fd::RawFd;
+
+use echoport_core::{
+    BufId, Completion, ListenerId, Op, OpError, SendPart, Socket, Submit, Token, MAX_SEND_PARTS,
+};
+
+use super::{send_refused, Epoll, PendingSend, PostedRecv};
+
+impl Submit for Epoll {
+    fn push(&mut self, op: Op) {
+        match op {
+            Op::Accept { listener } => self.post_accept(listener),
+            Op::CloseListener { listener } => self.post_close_listener(listener),
+            Op::Recv { token, sock, max } => self.post_recv(token, sock, max),
+            Op::Send {
+                token,
+                sock,
+                buf,
+                off,
+                len,
+            } => self.post_send(sock, PendingSend::one(token, SendPart { buf, off, len })),
+            Op::SendParts {
+                token,
+                sock,
+                parts,
+                count,
+            } => self.post_send(sock, PendingSend::gathered(token, parts, count)),
+            Op::CancelRecv { token, sock } => self.post_cancel_recv(token, sock),
+            Op::CancelSend { token, sock } => self.post_cancel_send(token, sock),
+            Op::Shutdown { sock, .. } => self.post_shutdown(sock),
+            Op::Close { sock, .. } => self.close_sock(sock),
+        }
+    }
+
+    fn release(&mut self, buf: BufId) {
+        // A receive buffer goes back to the free list: a read takes it at readiness.
+        if let Err(m) = self.pool.release(buf.0, false) {
+            self.misuse(m);
+        }
+    }
+
+    fn max_send_parts(&self) -> usize {
+        MAX_SEND_PARTS
+    }
+
+    fn buf_size(&self) -> u32 {
+        self.pool.buf_size()
+    }
+
+    fn copy(&mut self, dst: BufId, at: u32, src: BufId, len: u32) {
+        if let Err(m) = self.pool.copy(dst.0, at, src.0, len) {
+            self.misuse(m);
+        }
+    }
+
+    fn free_buffers(&self) -> usize {
+        self.pool.free_recv()
+    }
+
+    fn total_buffers(&self) -> usize {
+        self.pool.recv_count() as usize
+    }
+}
+
+impl Epoll {
+    /// Accept on a listener: it stays posted (as a multishot accept) until an error.
+    fn post_accept(&mut self, listener: ListenerId) {
+        let i = listener.0;
+        if let Some(l) = self.listeners.get_mut(i as usize) {
+            if l.fd.is_some() {
+                l.armed = true;
+                self.queue_listener(i);
+            }
+        }
+    }
+
+    /// Stop accepting and close the listener. The posted accept ends with it; like
+    /// io_uring's cancelled accept on a closing listener, it reports nothing.
+    fn post_close_listener(&mut self, listener: ListenerId) {
+        if let Some(l) = self.listeners.get_mut(listener.0 as usize) {
+            l.armed = false;
+            l.fd = None;
+        }
+    }
+
+    /// Receive on a connection until `max` bytes have been delivered (or end of stream, an
+    /// error, a cancellation).
+    fn post_recv(&mut self, token: Token, sock: Socket, max: u32) {
+        let Some(s) = self.slot(sock) else {
+            return self.synthetic.push(Completion::Recv {
+                token,
+                result: Err(OpError::Os(libc::EBADF)),
+                more: false,
+            });
+        };
+        s.recv = Some(PostedRecv {
+            token,
+            left: max.max(1),
+        });
+        self.queue_conn(sock.0 as u32);
+    }
+
+    /// Send the bytes of lent buffers when the socket is writable; a part naming a buffer
+    /// the caller does not hold refuses the whole send (`EFAULT`).
+    fn post_send(&mut self, sock: Socket, p: PendingSend) {
+        if let Err(m) = self.check_send(&p) {
+            self.misuse(m);
+            return self.synthetic.push(send_refused(p.token));
+        }
+        let Some(s) = self.slot(sock) else {
+            return self.synthetic.push(Completion::Send {
+                token: p.token,
+                result: Err(OpError::Os(libc::EBADF)),
+            });
+        };
+        debug_assert!(s.send.is_none(), "two sends in flight on {sock:?}");
+        s.send = Some(p);
+        self.queue_conn(sock.0 as u32);
+    }
+
+    /// Cancel the posted receive: it ends at once, as cancelled (no read is in progress
+    /// between loop turns, so there is nothing to wait for).
+    fn post_cancel_recv(&mut self, token: Token, sock: Socket) {
+        let Some(s) = self.slot(sock) else { return };
+        if s.recv.is_some_and(|r| r.token == token) {
+            s.recv = None;
+            self.synthetic.push(Completion::Recv {
+                token,
+                result: Err(OpError::Canceled),
+                more: false,
+            });
+        }
+    }
+
+    /// Cancel the posted send: it ends at once, as cancelled, having sent nothing.
+    fn post_cancel_send(&mut self, token: Token, sock: Socket) {
+        let Some(s) = self.slot(sock) else { return };
+        if s.send.is_some_and(|p| p.token == token) {
+            s.send = None;
+            self.synthetic.push(Completion::Send {
+                token,
+                result: Err(OpError::Canceled),
+            });
+        }
+    }
+
+    /// Shut down the sending side at once (it reports nothing).
+    fn post_shutdown(&mut self, sock: Socket) {
+        if self.slot(sock).is_some() {
+            // SAFETY: the slot is open, so `sock` is a descriptor this backend owns.
+            // Failure (the peer already reset) changes nothing for the state machine.
+            unsafe { libc::shutdown(sock.0 as RawFd, libc::SHUT_WR) };
+        }
+    }
+}
