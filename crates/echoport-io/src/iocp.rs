@@ -36,10 +36,11 @@
 //! in [`Iocp::wait`], when its packet arrives. The state machine never closes a socket while
 //! an operation on it is pending, and listening sockets are closed before their accept slots'
 //! (cancelled) completions are awaited, so an `OVERLAPPED` is never freed while the kernel may
-//! write it. Buffers live in one region allocated at start; a buffer is owned by exactly one
-//! of: the free list, a posted receive, the state machine (received, not yet released), or a
-//! posted send. If dropping the backend cannot drain every pending operation, the slots and
-//! the region are leaked, never freed.
+//! write it. Buffers are the pool's (`pool.rs`): a posted `WSARecv` holds its buffer as the
+//! kernel's (`take_recv`); a completion with data lends it to the state machine, one
+//! without data returns it (`unpost`); a zero-byte receive holds none. A send reads a lent
+//! buffer, checked before it is posted. If dropping the backend cannot drain every pending
+//! operation, the slots and the pool's region are leaked, never freed.
 
 use std::io;
 use std::mem::{size_of, MaybeUninit};
@@ -63,8 +64,8 @@ use windows_sys::Win32::Networking::WinSock::{
     WSASend, WSASocketW, WSAStartup, AF_INET, AF_INET6, INVALID_SOCKET, IPPROTO_TCP, LPFN_ACCEPTEX,
     SD_SEND, SIO_GET_EXTENSION_FUNCTION_POINTER, SOCKADDR_STORAGE, SOCKET, SOCKET_ERROR,
     SOCK_STREAM, SOL_SOCKET, SO_UPDATE_ACCEPT_CONTEXT, TCP_NODELAY, WSABUF, WSADATA,
-    WSAECONNABORTED, WSAECONNRESET, WSAETIMEDOUT, WSAID_ACCEPTEX, WSA_FLAG_NO_HANDLE_INHERIT,
-    WSA_FLAG_OVERLAPPED, WSA_IO_PENDING,
+    WSAECONNABORTED, WSAECONNRESET, WSAEFAULT, WSAETIMEDOUT, WSAID_ACCEPTEX,
+    WSA_FLAG_NO_HANDLE_INHERIT, WSA_FLAG_OVERLAPPED, WSA_IO_PENDING,
 };
 use windows_sys::Win32::System::Threading::INFINITE;
 use windows_sys::Win32::System::IO::{
@@ -72,7 +73,7 @@ use windows_sys::Win32::System::IO::{
     OVERLAPPED, OVERLAPPED_ENTRY,
 };
 
-use crate::region::Region;
+use crate::pool::{Misuse, Pool, PoolConfig};
 use crate::sys::op_error;
 
 /// Completion key of connection sockets: the `OVERLAPPED` is the head of an [`OpSlot`].
@@ -92,27 +93,21 @@ const ACCEPT_ADDR_LEN: usize = size_of::<SOCKADDR_STORAGE>() + 16;
 /// Settings of one completion port.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Bytes per buffer.
-    pub buf_size: u32,
-    /// Receive buffers.
-    pub buffers: u32,
-    /// Buffers kept for callers that send their own bytes ([`Backend::alloc_buf`]).
-    pub send_buffers: u32,
+    /// The buffer pool.
+    pub pool: PoolConfig,
     /// `AcceptEx` calls kept posted on each listener.
     pub accepts_ahead: u32,
     /// Completions reaped by one `GetQueuedCompletionStatusEx` call.
     pub batch: u32,
     /// Post zero-byte receives (which hold no buffer while they wait) when fewer receive
-    /// buffers than this are free. `None`: a quarter of [`Config::buffers`].
+    /// buffers than this are free. `None`: a quarter of the pool's receive buffers.
     pub zero_byte_below: Option<u32>,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
-            buf_size: 8192,
-            buffers: 2048,
-            send_buffers: 256,
+            pool: PoolConfig::default(),
             accepts_ahead: 16,
             batch: 256,
             zero_byte_below: None,
@@ -306,8 +301,11 @@ struct OpSlot {
     /// `Token::pack(kind)` of the operation.
     user: u64,
     sock: SOCKET,
-    /// The receive buffer, or `NONE` for a zero-byte receive and for sends.
+    /// The receive buffer (the pool's `Owner::Kernel` while the receive is posted), or
+    /// `NONE` for a zero-byte receive and for sends.
     buf: u32,
+    /// Bytes a receive with a buffer asks for: the connection's allowance, at most a buffer.
+    want: u32,
     /// `WSARecv` flags (in and out).
     flags: u32,
     index: u32,
@@ -371,10 +369,8 @@ pub struct Iocp {
     waker: Arc<PortWaker>,
     cfg: Config,
     zero_below: u32,
-    region: Option<Region>,
-    recv_count: u32,
-    recv_free: Vec<u32>,
-    send_free: Vec<u32>,
+    /// Every buffer, and who holds it.
+    pool: Pool,
     ops: Vec<NonNull<OpSlot>>,
     free_ops: Vec<u32>,
     /// The slot of each connection's pending receive and send, by connection id.
@@ -392,8 +388,7 @@ impl Iocp {
     pub fn new(cfg: &Config) -> io::Result<Iocp> {
         winsock_init()?;
         let port = Arc::new(Port::new()?);
-        let buffers = cfg.buffers.max(1);
-        let region = Region::new(cfg.buf_size.max(64), buffers + cfg.send_buffers)?;
+        let pool = Pool::new(&cfg.pool)?;
         Ok(Iocp {
             id: NEXT_BACKEND.fetch_add(1, Ordering::Relaxed),
             waker: Arc::new(PortWaker {
@@ -401,16 +396,13 @@ impl Iocp {
                 posted: AtomicBool::new(false),
             }),
             port,
-            zero_below: cfg.zero_byte_below.unwrap_or(buffers / 4),
+            zero_below: cfg.zero_byte_below.unwrap_or(pool.recv_count() / 4),
             cfg: Config {
                 accepts_ahead: cfg.accepts_ahead.max(1),
                 batch: cfg.batch.max(1),
                 ..cfg.clone()
             },
-            region: Some(region),
-            recv_count: buffers,
-            recv_free: (0..buffers).rev().collect(),
-            send_free: (buffers..buffers + cfg.send_buffers).rev().collect(),
+            pool,
             ops: Vec::new(),
             free_ops: Vec::new(),
             recv_op: Vec::new(),
@@ -433,10 +425,10 @@ impl Iocp {
         self.inflight
     }
 
-    fn region(&self) -> &Region {
-        self.region
-            .as_ref()
-            .expect("region lives as long as the port")
+    /// Reports a refused buffer hand-over: a bug in the caller, asserted in debug builds,
+    /// logged (the first few) and counted in release builds.
+    fn misuse(&self, m: Misuse) {
+        crate::pool::report(&m, self.pool.misuses());
     }
 
     /// A free operation slot, tagged for `user` on socket `s`.
@@ -452,6 +444,7 @@ impl Iocp {
                     user: 0,
                     sock: INVALID_SOCKET,
                     buf: NONE,
+                    want: 0,
                     flags: 0,
                     index: i,
                     busy: false,
@@ -482,21 +475,23 @@ impl Iocp {
         self.free_ops.push(i);
     }
 
-    /// Issues `WSARecv` on slot `i`: into buffer `buf`, or a zero-byte receive.
+    /// Issues `WSARecv` on slot `i`: into buffer `buf` (which the pool has just handed to the
+    /// kernel), or a zero-byte receive.
     fn start_recv(&mut self, i: u32, buf: Option<u32>) -> Result<(), i32> {
-        let (ptr, len) = match buf {
-            Some(b) => (self.region().addr(b, 0), self.region().size),
-            // A zero-length buffer still needs a valid address; nothing is written to it.
-            None => (self.region().addr(0, 0), 0),
-        };
         let p = self.ops[i as usize].as_ptr();
+        let (ptr, len) = match buf {
+            // SAFETY: reads a field the kernel never writes.
+            Some(b) => (self.pool.recv_ptr(b), unsafe { (*p).want }),
+            // A zero-length buffer still needs a valid address; nothing is written to it.
+            None => (self.pool.addr(0, 0), 0),
+        };
         let wsabuf = WSABUF { len, buf: ptr };
         // SAFETY: slot `i` is not pending (taken from the free list, or its previous operation
         // just completed), and from here it belongs to the kernel until its completion is
         // reaped in `wait`: the slot is a separate allocation that is neither moved nor freed
-        // before then (see `Drop`). The buffer is taken off the free list by the caller and is
-        // owned by this receive until the same completion. The WSABUF array is captured by
-        // Winsock during the call.
+        // before then (see `Drop`). The buffer is the kernel's in the pool (`recv_ptr`
+        // checked it), taken for this receive alone until the same completion, and `len` is
+        // at most a buffer. The WSABUF array is captured by Winsock during the call.
         let rc = unsafe {
             ptr::write(addr_of_mut!((*p).ov), std::mem::zeroed());
             (*p).buf = buf.unwrap_or(NONE);
@@ -528,16 +523,21 @@ impl Iocp {
         Ok(())
     }
 
-    fn post_recv(&mut self, token: Token, sock: Socket) {
-        let zero = self.recv_free.len() as u32 <= self.zero_below;
-        let buf = if zero { None } else { self.recv_free.pop() };
+    /// Receives at most `max` bytes (one buffer) on a connection: into a buffer while
+    /// buffers are plentiful, else a zero-byte receive that holds none while it waits.
+    fn post_recv(&mut self, token: Token, sock: Socket, max: u32) {
+        let zero = self.pool.free_recv() as u32 <= self.zero_below;
+        let buf = if zero { None } else { self.pool.take_recv() };
         let i = self.take_op(token.pack(OpKind::Recv), sock.0 as SOCKET);
+        let p = self.ops[i as usize].as_ptr();
+        // SAFETY: slot `i` was just taken from the free list: the kernel holds no reference.
+        unsafe { (*p).want = max.clamp(1, self.pool.buf_size()) };
         match self.start_recv(i, buf) {
             Ok(()) => set_slot(&mut self.recv_op, token.id, i),
             Err(e) => {
                 self.free_op(i);
                 if let Some(b) = buf {
-                    self.recv_free.push(b);
+                    self.unpost(b);
                 }
                 self.synthetic.push(Completion::Recv {
                     token,
@@ -548,18 +548,19 @@ impl Iocp {
         }
     }
 
+    /// Sends `len` bytes of a lent buffer; a buffer not lent is refused (the send fails).
     fn post_send(&mut self, token: Token, sock: Socket, buf: BufId, off: u32, len: u32) {
-        assert!(
-            off as u64 + len as u64 <= self.region().size as u64,
-            "send past the buffer"
-        );
-        let ptr = self.region().addr(buf.0, off);
+        let ptr = match self.pool.send_ptr(buf.0, off, len) {
+            Ok(p) => p as *mut u8,
+            Err(m) => return self.refuse_send(token, m),
+        };
         let i = self.take_op(token.pack(OpKind::Send), sock.0 as SOCKET);
         let p = self.ops[i as usize].as_ptr();
         let wsabuf = WSABUF { len, buf: ptr };
         // SAFETY: as in `start_recv`: the slot belongs to the kernel until its completion is
-        // reaped; the buffer is named by this pending send and the state machine releases it
-        // only after the send's completion (the backend contract).
+        // reaped. The bytes lie in a buffer the pool has lent (checked by `send_ptr`, with the
+        // range inside it), which the state machine releases only after the send's
+        // completion (the backend contract); WSASend only reads them.
         let rc = unsafe {
             ptr::write(addr_of_mut!((*p).ov), std::mem::zeroed());
             (*p).busy = true;
@@ -586,6 +587,23 @@ impl Iocp {
         }
         self.inflight += 1;
         set_slot(&mut self.send_op, token.id, i);
+    }
+
+    /// A send naming a buffer the caller does not hold: nothing reaches the kernel, and the
+    /// send completes with `WSAEFAULT` so its connection closes.
+    fn refuse_send(&mut self, token: Token, m: Misuse) {
+        self.misuse(m);
+        self.synthetic.push(Completion::Send {
+            token,
+            result: Err(OpError::Os(WSAEFAULT)),
+        });
+    }
+
+    /// A receive that named `buf` ended without data: the buffer is free again.
+    fn unpost(&mut self, buf: u32) {
+        if let Err(m) = self.pool.unpost(buf) {
+            self.misuse(m);
+        }
     }
 
     /// Requests cancellation of the connection's pending operation of `kind`, if any.
@@ -871,11 +889,11 @@ impl Iocp {
                 // A zero-byte receive: data (or the end of the stream) is waiting.
                 let result = match status {
                     Ok(_) if cancel => Err(OpError::Canceled),
-                    Ok(_) => match self.recv_free.pop() {
+                    Ok(_) => match self.pool.take_recv() {
                         Some(b) => match self.start_recv(i, Some(b)) {
                             Ok(()) => return, // the real receive is now pending
                             Err(code) => {
-                                self.recv_free.push(b);
+                                self.unpost(b);
                                 Err(op_error(code))
                             }
                         },
@@ -887,16 +905,22 @@ impl Iocp {
             }
             OpKind::Recv => {
                 let result = match status {
-                    Ok(n) if n > 0 => Ok(Received::Data {
-                        buf: BufId(buf),
-                        len: n,
-                    }),
+                    Ok(n) if n > 0 => match self.pool.lend(buf) {
+                        Ok(()) => Ok(Received::Data {
+                            buf: BufId(buf),
+                            len: n,
+                        }),
+                        Err(m) => {
+                            self.misuse(m);
+                            Err(OpError::Os(WSAEFAULT))
+                        }
+                    },
                     Ok(_) => {
-                        self.recv_free.push(buf);
+                        self.unpost(buf);
                         Ok(Received::Eof)
                     }
                     Err(code) => {
-                        self.recv_free.push(buf);
+                        self.unpost(buf);
                         Err(op_error(code))
                     }
                 };
@@ -1009,7 +1033,7 @@ impl Submit for Iocp {
                     self.close_listener(listener.0 as usize);
                 }
             }
-            Op::Recv { token, sock, .. } => self.post_recv(token, sock),
+            Op::Recv { token, sock, max } => self.post_recv(token, sock, max),
             Op::Send {
                 token,
                 sock,
@@ -1039,32 +1063,29 @@ impl Submit for Iocp {
     }
 
     fn release(&mut self, buf: BufId) {
-        if buf.0 < self.recv_count {
-            self.recv_free.push(buf.0);
-        } else {
-            self.send_free.push(buf.0);
+        // Receives here are posted one at a time, each with a buffer taken when posted: a
+        // released buffer goes back to the free list, never straight to the kernel.
+        if let Err(m) = self.pool.release(buf.0, false) {
+            self.misuse(m);
         }
     }
 
     fn buf_size(&self) -> u32 {
-        self.region().size
+        self.pool.buf_size()
     }
 
     fn copy(&mut self, dst: BufId, at: u32, src: BufId, len: u32) {
-        assert!(src != dst && at as u64 + len as u64 <= self.region().size as u64);
-        let (from, to) = (self.region().addr(src.0, 0), self.region().addr(dst.0, at));
-        // SAFETY: both buffers are lent to the caller (the state machine's promise), distinct,
-        // and the ranges lie inside them, so they do not overlap and no posted receive writes
-        // them; no posted send names `dst`'s bytes `at..at + len` (the caller's promise).
-        unsafe { std::ptr::copy_nonoverlapping(from as *const u8, to, len as usize) };
+        if let Err(m) = self.pool.copy(dst.0, at, src.0, len) {
+            self.misuse(m);
+        }
     }
 
     fn free_buffers(&self) -> usize {
-        self.recv_free.len()
+        self.pool.free_recv()
     }
 
     fn total_buffers(&self) -> usize {
-        self.recv_count as usize
+        self.pool.recv_count() as usize
     }
 }
 
@@ -1157,27 +1178,15 @@ impl Backend for Iocp {
     }
 
     fn buf(&self, buf: BufId) -> &[u8] {
-        // SAFETY: the buffer is lent to the caller (received, not yet released) or was
-        // allocated to it: no posted receive writes it until it is released.
-        unsafe { self.region().bytes(buf.0) }
+        self.pool.bytes(buf.0)
     }
 
     fn alloc_buf(&mut self) -> Option<BufId> {
-        self.send_free.pop().map(BufId)
+        self.pool.alloc().map(BufId)
     }
 
     fn buf_mut(&mut self, buf: BufId) -> &mut [u8] {
-        assert!(
-            buf.0 >= self.recv_count,
-            "only allocated buffers may be written"
-        );
-        let r = self
-            .region
-            .as_mut()
-            .expect("region lives as long as the port");
-        // SAFETY: allocated buffers are never posted to a receive; the caller owns it until
-        // it releases it, and `&mut self` keeps this the only live reference.
-        unsafe { r.bytes_mut(buf.0) }
+        self.pool.bytes_mut(buf.0)
     }
 
     fn peer_ip(&self, sock: Socket) -> Option<std::net::IpAddr> {
@@ -1189,7 +1198,7 @@ impl Backend for Iocp {
     }
 
     fn buffer_misuses(&self) -> u64 {
-        0
+        self.pool.misuses()
     }
 
     fn describe(&self) -> String {
@@ -1245,9 +1254,10 @@ impl Drop for Iocp {
         if self.inflight > 0 {
             tracing::warn!(
                 inflight = self.inflight,
+                receive_buffers = self.pool.in_kernel(),
                 "IOCP operations did not finish; leaking their memory"
             );
-            std::mem::forget(self.region.take());
+            self.pool.leak();
             return;
         }
         for p in self.ops.drain(..) {

@@ -15,6 +15,7 @@ use echoport_core::stats::Stats;
 use echoport_core::worker::{Config as WorkerConfig, Worker};
 use echoport_core::{Backend, Completion, OpError, Received, Submit, Token, Waker};
 use echoport_io::iocp::{Config, Iocp, IocpStats};
+use echoport_io::pool::PoolConfig;
 
 /// Bytes that differ per client and per position, so a misplaced or foreign byte shows.
 fn pattern(seed: u32, len: usize) -> Vec<u8> {
@@ -140,7 +141,10 @@ fn zero_byte_receives_and_parking_serve_when_buffers_are_scarce() {
     // Four buffers for eight busy clients: every receive is a zero-byte one, and some find
     // no buffer when their data arrives (the worker parks and retries them).
     let cfg = Config {
-        buffers: 4,
+        pool: PoolConfig {
+            buffers: 4,
+            ..PoolConfig::default()
+        },
         zero_byte_below: Some(u32::MAX),
         ..Config::default()
     };
