@@ -378,6 +378,7 @@ impl Iocp {
 
     /// Gives an accepted socket, tied to this port, to the state machine.
     fn deliver(&mut self, l: usize, s: SOCKET, out: &mut Vec<Completion>) {
+        self.conns.insert(s);
         out.push(Completion::Accept {
             listener: ListenerId(l as u32),
             result: Ok(Socket(s as u64)),

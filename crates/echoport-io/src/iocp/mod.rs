@@ -43,6 +43,13 @@
 //! buffer, checked before it is posted. If dropping the backend cannot drain every pending
 //! operation, the slots and the pool's region are leaked, never freed.
 //!
+//! # Socket ownership
+//! A connection socket given to the state machine (accepted here, handed in by the group's
+//! acceptor, adopted) is recorded until `Op::Close` closes it; only such sockets are shut
+//! down, closed or asked for their peer, so no call can land on a reused handle. Dropping the
+//! backend closes those still open (the worker gave up on them), and every socket handed over
+//! and still queued on the port, however many.
+//!
 //! The files: `port.rs` (the port, its keys, the waker), `group.rs` (accept groups),
 //! `slots.rs` (operation slots and the tables that find them), `accept.rs` (`AcceptEx` and
 //! its completions), `recv_send.rs` (`WSARecv`/`WSASend` and theirs), `drop.rs` (cancel,
@@ -55,6 +62,7 @@ mod port;
 mod recv_send;
 mod slots;
 
+use std::collections::HashSet;
 use std::io;
 use std::os::windows::io::{BorrowedSocket, IntoRawSocket, RawSocket};
 use std::ptr::NonNull;
@@ -133,6 +141,11 @@ pub struct Iocp {
     send_op: Vec<u32>,
     /// Registered listeners, by [`ListenerId`].
     listeners: Vec<ListenerSlot>,
+    /// Connection sockets given to the state machine (accepted, handed in, adopted) and not
+    /// yet closed: open and ours. `Op::Close` and `Op::Shutdown` act only on these (a socket
+    /// not here may be a reused handle), `peer_ip` asks only these, and drop closes those
+    /// still here.
+    conns: HashSet<SOCKET>,
     /// Completions made at post time (a call that failed at once), handed out at the next
     /// wait.
     synthetic: Vec<Completion>,
@@ -167,6 +180,7 @@ impl Iocp {
             recv_op: Vec::new(),
             send_op: Vec::new(),
             listeners: Vec::new(),
+            conns: HashSet::new(),
             synthetic: Vec::new(),
             entries: vec![OVERLAPPED_ENTRY::default(); batch as usize],
             inflight: 0,
@@ -297,6 +311,7 @@ impl Backend for Iocp {
             port::close_socket(s);
             return Err(e);
         }
+        self.conns.insert(s);
         Ok(Socket(s as u64))
     }
 
@@ -330,9 +345,14 @@ impl Backend for Iocp {
     }
 
     fn peer_ip(&self, sock: Socket) -> Option<std::net::IpAddr> {
-        // SAFETY: the socket is open for the duration of the borrow: the worker asks about a
-        // socket it has just been handed and has not closed.
-        let b = unsafe { BorrowedSocket::borrow_raw(sock.0 as RawSocket) };
+        let s = sock.0 as SOCKET;
+        if !self.conns.contains(&s) {
+            return None;
+        }
+        // SAFETY: `s` is in `conns`, so it is an open socket this backend owns; only
+        // `Op::Close` (through `&mut self`) or the drop closes it, so it stays open while
+        // `&self`, and with it the borrow, lives.
+        let b = unsafe { BorrowedSocket::borrow_raw(s as RawSocket) };
         let addr = socket2::SockRef::from(&b).peer_addr().ok()?;
         addr.as_socket().map(|a| a.ip())
     }

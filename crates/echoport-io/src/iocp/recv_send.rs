@@ -163,7 +163,7 @@ impl Iocp {
     }
 
     /// A receive that named `buf` ended without data: the buffer is free again.
-    fn unpost(&mut self, buf: u32) {
+    pub(super) fn unpost(&mut self, buf: u32) {
         if let Err(m) = self.pool.unpost(buf) {
             self.misuse(m);
         }
@@ -194,15 +194,30 @@ impl Iocp {
 
     /// `Op::Shutdown`: the write side, synchronously (reports nothing).
     pub(super) fn shutdown(&mut self, sock: Socket) {
-        // SAFETY: shuts down the write side of a socket the state machine holds open.
-        if unsafe { shutdown(sock.0 as SOCKET, SD_SEND) } != 0 {
+        let s = sock.0 as SOCKET;
+        if !self.conns.contains(&s) {
+            tracing::warn!(
+                sock = s,
+                "shutdown of a socket that is not an open connection"
+            );
+            return;
+        }
+        // SAFETY: `s` is an open connection socket of ours (in `conns`); no memory is passed.
+        if unsafe { shutdown(s, SD_SEND) } != 0 {
             tracing::debug!(code = last_wsa_error(), "shutdown failed");
         }
     }
 
     /// `Op::Close`: synchronously (reports nothing); nothing of the connection is pending.
+    /// Only an open connection socket is closed, once: closing any other handle could close
+    /// a socket someone else has been given since.
     pub(super) fn close(&mut self, sock: Socket) {
-        close_socket(sock.0 as SOCKET);
+        let s = sock.0 as SOCKET;
+        if self.conns.remove(&s) {
+            close_socket(s);
+        } else {
+            tracing::warn!(sock = s, "close of a socket that is not an open connection");
+        }
     }
 
     /// The error of a failed overlapped operation on `s`, as a Winsock/Win32 code.
