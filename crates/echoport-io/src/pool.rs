@@ -260,6 +260,7 @@ impl Pool {
 
     /// Moves every free receive buffer to the kernel (filling io_uring's ring at start) and
     /// returns them.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))] // io_uring's ring only
     pub(crate) fn all_free_to_kernel(&mut self) -> Vec<u32> {
         let mut out = Vec::with_capacity(self.recv_free.len());
         while let Some(b) = self.take_recv() {

@@ -1,8 +1,10 @@
 //! Windows glue shared by the backends, with the same names as the Unix `sys` module so that
-//! `echoport serve` calls one API: error mapping, Ctrl-C handling, CPU pinning.
+//! `echoport serve` calls one API: error mapping, Ctrl-C handling, CPU pinning,
+//! `SO_EXCLUSIVEADDRUSE` for listeners, and the descriptor limit (which Windows does not
+//! have).
 //!
 //! The waker of the IOCP backend is a `PostQueuedCompletionStatus` on its port and lives in
-//! [`crate::iocp`].
+//! [`crate::iocp`] (`iocp/port.rs`).
 
 use std::io;
 use std::os::windows::io::AsRawSocket;
@@ -47,6 +49,14 @@ static PRESSES: AtomicU32 = AtomicU32::new(0);
 /// The console control handler: the first Ctrl-C (or Ctrl-Break, or closing the console) sets
 /// the stop flag and wakes every loop; the second exits at once with status 130, as a second
 /// SIGINT does on Unix.
+///
+/// # Safety
+///
+/// `unsafe` only because `SetConsoleCtrlHandler` takes a `PHANDLER_ROUTINE`, an
+/// `unsafe extern "system" fn(u32) -> BOOL`: the body does nothing unsafe, and any caller
+/// may call it with any `kind`. Windows calls it on a thread of its own, concurrently with the
+/// workers; it only reads `STOP` (set once before the handler is installed) and uses atomics
+/// and `Waker`s, which are `Sync`.
 unsafe extern "system" fn on_console_ctrl(kind: u32) -> BOOL {
     if !matches!(kind, CTRL_C_EVENT | CTRL_BREAK_EVENT | CTRL_CLOSE_EVENT) {
         return 0;

@@ -48,9 +48,11 @@ fn new_epoll(buffers: u32) -> Epoll {
 #[cfg(windows)]
 fn new_iocp(buffers: u32) -> Iocp {
     Iocp::new(&IocpConfig {
-        buffers,
-        buf_size: 4096,
-        send_buffers: 4,
+        pool: echoport_io::pool::PoolConfig {
+            buffers,
+            buf_size: 4096,
+            send_buffers: 4,
+        },
         ..Default::default()
     })
     .expect("completion port")

@@ -15,6 +15,7 @@ use echoport_core::stats::Stats;
 use echoport_core::worker::{Config as WorkerConfig, Worker};
 use echoport_core::{Backend, Completion, OpError, Received, Submit, Token, Waker};
 use echoport_io::iocp::{Config, Iocp, IocpStats};
+use echoport_io::pool::PoolConfig;
 
 /// Bytes that differ per client and per position, so a misplaced or foreign byte shows.
 fn pattern(seed: u32, len: usize) -> Vec<u8> {
@@ -140,7 +141,10 @@ fn zero_byte_receives_and_parking_serve_when_buffers_are_scarce() {
     // Four buffers for eight busy clients: every receive is a zero-byte one, and some find
     // no buffer when their data arrives (the worker parks and retries them).
     let cfg = Config {
-        buffers: 4,
+        pool: PoolConfig {
+            buffers: 4,
+            ..PoolConfig::default()
+        },
         zero_byte_below: Some(u32::MAX),
         ..Config::default()
     };
@@ -475,4 +479,122 @@ fn dropping_the_port_with_operations_pending_cancels_and_drains_them() {
         Ok(_) => panic!("the listener was closed with the port"),
     }
     drop(client);
+}
+
+/// Reads from each client without blocking; returns how many now see their connection
+/// closed (end of stream or a reset). A client that receives bytes is a failure: nobody sent
+/// any.
+fn closed_peers(clients: &[TcpStream], closed: &mut [bool]) -> usize {
+    for (c, done) in clients.iter().zip(closed.iter_mut()).filter(|(_, d)| !**d) {
+        match (&*c).read(&mut [0u8; 16]) {
+            Ok(0) => *done = true,
+            Ok(n) => panic!("{n} bytes from a server that was sent nothing"),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+                ) =>
+            {
+                *done = true
+            }
+            Err(e) => panic!("unexpected read error: {e}"),
+        }
+    }
+    closed.iter().filter(|d| **d).count()
+}
+
+/// Polls `closed_peers` until `want` are closed or `limit` passes; returns the count.
+fn await_closed(clients: &[TcpStream], closed: &mut [bool], want: usize, limit: Duration) -> usize {
+    let deadline = Instant::now() + limit;
+    loop {
+        let n = closed_peers(clients, closed);
+        if n >= want || Instant::now() >= deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn dropping_a_member_closes_every_socket_dealt_to_it() {
+    // 600 clients over a group of two: 300 handed to the member, more than one reap takes
+    // (256). The member reaps once, takes those connections and never closes them, and is
+    // dropped with the rest still queued on its port. Its 300 peers must all see the close;
+    // the acceptor's must not, until the acceptor is dropped too.
+    const CLIENTS: usize = 600;
+    let listener = loopback_listener();
+    let addr = listener.local_addr().unwrap();
+    let clone = listener.try_clone().unwrap();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let (dealt_tx, dealt_rx) = mpsc::channel();
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    // The acceptor, on its own thread: it accepts for both, keeps its own connections open.
+    let acceptor = std::thread::spawn(move || {
+        let mut b = Iocp::new(&Config::default()).expect("completion port");
+        let id = b.add_listener(listener).expect("listener");
+        b.push(echoport_core::Op::Accept { listener: id });
+        ready_tx.send(()).unwrap();
+        let (mut own, mut told) = (0u64, false);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while stop_rx.try_recv().is_err() && Instant::now() < deadline {
+            let mut out = Vec::new();
+            b.wait(&mut out, Some(Duration::from_millis(20))).unwrap();
+            own += out
+                .iter()
+                .filter(|c| matches!(c, Completion::Accept { result: Ok(_), .. }))
+                .count() as u64;
+            let io = b.iocp_stats();
+            if own + io.handed_over == CLIENTS as u64 && !told {
+                told = true;
+                dealt_tx.send((own, io)).unwrap();
+            }
+        }
+        // Dropped here with its own connections still open.
+    });
+    ready_rx.recv().unwrap();
+    let mut member = Iocp::new(&Config::default()).expect("completion port");
+    member.add_listener(clone).expect("joins the group");
+    let clients: Vec<TcpStream> = (0..CLIENTS)
+        .map(|_| TcpStream::connect(addr).expect("connect"))
+        .collect();
+    for c in &clients {
+        c.set_nonblocking(true).unwrap();
+    }
+    let (own, io) = dealt_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("every client accepted and dealt");
+    assert_eq!(own, 300, "round-robin over two: {io:?}");
+    assert_eq!(io.handed_over, 300, "{io:?}");
+
+    // One reap: at most a batch of the handed-over sockets reaches the member's state
+    // machine (which never closes them); the rest stay queued.
+    let mut out = Vec::new();
+    member.wait(&mut out, Some(Duration::from_secs(5))).unwrap();
+    let taken = member.iocp_stats().handed_in;
+    assert!(taken > 0 && taken < 300, "handed in {taken} of 300");
+    assert_eq!(out.len() as u64, taken);
+
+    let mut closed = vec![false; CLIENTS];
+    assert_eq!(closed_peers(&clients, &mut closed), 0, "nothing closed yet");
+    drop(member);
+    let n = await_closed(&clients, &mut closed, 300, Duration::from_secs(10));
+    assert_eq!(
+        n, 300,
+        "every peer dealt to the dropped member sees the close"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        closed_peers(&clients, &mut closed),
+        300,
+        "the acceptor's connections stay open"
+    );
+
+    stop_tx.send(()).unwrap();
+    acceptor.join().expect("acceptor thread");
+    let n = await_closed(&clients, &mut closed, CLIENTS, Duration::from_secs(10));
+    assert_eq!(
+        n, CLIENTS,
+        "the acceptor's drop closed its open connections"
+    );
 }

@@ -44,9 +44,7 @@ impl Options {
 
     fn iocp(&self) -> echoport_io::iocp::Config {
         echoport_io::iocp::Config {
-            buf_size: self.pool.buf_size,
-            buffers: self.pool.buffers,
-            send_buffers: self.pool.send_buffers,
+            pool: self.pool,
             ..Default::default()
         }
     }
