@@ -1,4 +1,7 @@
-//! Unix glue shared by the backends: error mapping, the eventfd waker, and the signal thread.
+//! Unix glue that needs `unsafe` and is shared by the backends and the binary: error mapping,
+//! the eventfd waker, the signal thread, CPU pinning, descriptor limits, a socket's peer
+//! address, full-length UDP receives, `IP_BIND_ADDRESS_NO_PORT` for the load generator, and
+//! process CPU time.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
