@@ -157,7 +157,7 @@ clippy() {
 }
 
 # The crates' own tests under wine (cargo's runner): the echo state machine, and the IOCP
-# backend driven in-process (accepts, cancels, zero-byte receives, accept dealing, drop).
+# backend driven in-process (zero-byte receives, allowances, pool checks, accept dealing, drop).
 unit_tests() {
     wcargo test -p echoport-core -p echoport-io
     # The binary's own unit tests (argument parsing, binding); its integration tests drive

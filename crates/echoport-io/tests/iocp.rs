@@ -1,11 +1,15 @@
-//! The IOCP backend driven in-process: by the echo worker, and directly op by op.
+//! What only the IOCP backend does, driven in-process: zero-byte receives, accept groups
+//! over several completion ports, receives one-shot at the connection's allowance, the
+//! pool's checks as IOCP wires them, and dropping a port (drain, and every socket closed).
 //!
-//! Windows only; CI runs these under wine (`ci/windows.sh test`). Clients are plain blocking
-//! `std::net` sockets on 127.0.0.1.
+//! What every backend must do is `contract.rs`, which runs on IOCP too. Windows only; CI runs
+//! these under wine (`ci/windows.sh test`). Clients are plain `std::net` sockets on
+//! 127.0.0.1.
 #![cfg(windows)]
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -13,23 +17,19 @@ use std::time::{Duration, Instant};
 
 use echoport_core::stats::Stats;
 use echoport_core::worker::{Config as WorkerConfig, Worker};
-use echoport_core::{Backend, Completion, OpError, Received, Submit, Token, Waker};
+use echoport_core::{Backend, Completion, Op, OpError, Received, Submit, Token, Waker};
 use echoport_io::iocp::{Config, Iocp, IocpStats};
 use echoport_io::pool::PoolConfig;
 
-/// Bytes that differ per client and per position, so a misplaced or foreign byte shows.
-fn pattern(seed: u32, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
+/// The contract's payload bytes, shifted per client (`seed`), so that a byte from another
+/// client's stream or from the wrong position shows.
+fn payload(seed: u32, len: usize) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(7) + i / 300 + seed.wrapping_mul(31)) as u8)
         .collect()
 }
 
+/// Sends `data` (writing from a second thread), half-closes, and reads the echo to the end.
 /// Sends `data` (writing from a second thread), half-closes, and reads the echo to the end.
 fn echo_all(addr: SocketAddr, data: Vec<u8>) -> Vec<u8> {
     let mut s = TcpStream::connect(addr).expect("connect");
@@ -101,42 +101,6 @@ fn loopback_listener() -> TcpListener {
 }
 
 #[test]
-fn concurrent_clients_get_exactly_their_bytes_back() {
-    let srv = start(Config::default(), loopback_listener());
-    let addr = srv.addr;
-    let clients: Vec<_> = (0..16u32)
-        .map(|i| {
-            std::thread::spawn(move || {
-                let data = pattern(i, 64 * 1024 + i as usize * 97);
-                let got = echo_all(addr, data.clone());
-                assert!(
-                    got == data,
-                    "client {i}: echo differs ({} bytes back)",
-                    got.len()
-                );
-                data.len() as u64
-            })
-        })
-        .collect();
-    let sent: u64 = clients.into_iter().map(|c| c.join().unwrap()).sum();
-    let (stats, _) = srv.stop();
-    assert_eq!(stats.accepted, 16);
-    assert_eq!(stats.bytes_echoed, sent);
-    assert_eq!(stats.errors, 0);
-}
-
-#[test]
-fn one_mebibyte_round_trips() {
-    let srv = start(Config::default(), loopback_listener());
-    let data = pattern(7, 1 << 20);
-    let got = echo_all(srv.addr, data.clone());
-    assert_eq!(got.len(), data.len());
-    assert!(got == data, "1 MiB echo differs");
-    let (stats, _) = srv.stop();
-    assert_eq!(stats.bytes_echoed, 1 << 20);
-}
-
-#[test]
 fn zero_byte_receives_and_parking_serve_when_buffers_are_scarce() {
     // Four buffers for eight busy clients: every receive is a zero-byte one, and some find
     // no buffer when their data arrives (the worker parks and retries them).
@@ -153,7 +117,7 @@ fn zero_byte_receives_and_parking_serve_when_buffers_are_scarce() {
     let clients: Vec<_> = (0..8u32)
         .map(|i| {
             std::thread::spawn(move || {
-                let data = pattern(100 + i, 48 * 1024);
+                let data = payload(100 + i, 48 * 1024);
                 assert!(echo_all(addr, data.clone()) == data, "client {i}");
             })
         })
@@ -175,7 +139,7 @@ fn accepts_are_dealt_round_robin_over_the_group() {
     let b = start(Config::default(), clone);
     let addr = a.addr;
     for i in 0..8u32 {
-        let data = pattern(200 + i, 1000);
+        let data = payload(200 + i, 1000);
         assert!(echo_all(addr, data.clone()) == data, "client {i}");
     }
     let (sa, ia) = a.stop();
@@ -186,52 +150,6 @@ fn accepts_are_dealt_round_robin_over_the_group() {
     // Whichever registered first accepts for both and hands the other its half.
     assert_eq!(ia.handed_over + ib.handed_over, 4, "{ia:?} {ib:?}");
     assert_eq!(ia.handed_in + ib.handed_in, 4, "{ia:?} {ib:?}");
-}
-
-#[test]
-fn a_reset_client_does_not_disturb_the_next_ones() {
-    let srv = start(Config::default(), loopback_listener());
-    {
-        let s = TcpStream::connect(srv.addr).unwrap();
-        (&s).write_all(b"about to vanish").unwrap();
-        socket2::SockRef::from(&s)
-            .set_linger(Some(Duration::ZERO))
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(100));
-        drop(s); // linger 0: an RST, not a FIN
-    }
-    std::thread::sleep(Duration::from_millis(200));
-    for i in 0..4u32 {
-        let data = pattern(300 + i, 20_000);
-        assert!(echo_all(srv.addr, data.clone()) == data, "client {i}");
-    }
-    let (stats, _) = srv.stop();
-    assert_eq!(stats.accepted, 5);
-    assert_eq!(stats.closed, 5);
-}
-
-#[test]
-fn stopping_echoes_what_was_received_then_closes() {
-    let srv = start(Config::default(), loopback_listener());
-    let mut s = TcpStream::connect(srv.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"ping").unwrap();
-    let mut buf = [0u8; 4];
-    s.read_exact(&mut buf).unwrap();
-    assert_eq!(&buf, b"ping");
-    let addr = srv.addr;
-    let stopper = std::thread::spawn(move || srv.stop());
-    // The server shuts down its side: we read end of stream, then close ours.
-    let mut rest = Vec::new();
-    s.read_to_end(&mut rest).unwrap();
-    assert!(rest.is_empty());
-    drop(s);
-    let (stats, _) = stopper.join().unwrap();
-    assert_eq!(stats.closed, 1);
-    assert!(
-        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err(),
-        "the listener is closed after a stop"
-    );
 }
 
 /// A connected pair: the client side, and the server side adopted into `b`.
@@ -252,61 +170,6 @@ fn wait_for(b: &mut Iocp, ms: u64) -> Vec<Completion> {
 }
 
 #[test]
-fn a_cancelled_receive_completes_once_as_cancelled_and_the_next_one_works() {
-    let mut b = Iocp::new(&Config::default()).unwrap();
-    let (mut client, sock) = adopted_pair(&mut b);
-    let token = Token::new(3, 1);
-    b.push(echoport_core::Op::Recv {
-        token,
-        sock,
-        max: u32::MAX,
-    });
-    assert!(wait_for(&mut b, 100).is_empty(), "nothing was sent yet");
-    assert_eq!(b.inflight(), 1);
-    b.push(echoport_core::Op::CancelRecv { token, sock });
-    let got = wait_for(&mut b, 2000);
-    assert_eq!(
-        got,
-        vec![Completion::Recv {
-            token,
-            result: Err(OpError::Canceled),
-            more: false
-        }]
-    );
-    assert_eq!(b.inflight(), 0);
-    assert!(
-        wait_for(&mut b, 100).is_empty(),
-        "exactly one final completion"
-    );
-
-    b.push(echoport_core::Op::Recv {
-        token,
-        sock,
-        max: u32::MAX,
-    });
-    client.write_all(b"x").unwrap();
-    let got = wait_for(&mut b, 2000);
-    let [Completion::Recv {
-        token: t,
-        result: Ok(Received::Data { buf, len: 1 }),
-        more: false,
-    }] = got[..]
-    else {
-        panic!("expected one byte, got {got:?}");
-    };
-    assert_eq!(t, token);
-    assert_eq!(b.buf(buf)[0], b'x');
-    b.release(buf);
-    b.push(echoport_core::Op::Close { token, sock });
-    let mut rest = Vec::new();
-    client
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    client.read_to_end(&mut rest).unwrap();
-    assert!(rest.is_empty(), "closed by the server");
-}
-
-#[test]
 fn a_cancel_that_races_a_zero_byte_receive_still_ends_it_as_cancelled() {
     let cfg = Config {
         zero_byte_below: Some(u32::MAX),
@@ -315,7 +178,7 @@ fn a_cancel_that_races_a_zero_byte_receive_still_ends_it_as_cancelled() {
     let mut b = Iocp::new(&cfg).unwrap();
     let (mut client, sock) = adopted_pair(&mut b);
     let token = Token::new(5, 2);
-    b.push(echoport_core::Op::Recv {
+    b.push(Op::Recv {
         token,
         sock,
         max: u32::MAX,
@@ -323,7 +186,7 @@ fn a_cancel_that_races_a_zero_byte_receive_still_ends_it_as_cancelled() {
     client.write_all(b"abc").unwrap();
     // Let the zero-byte receive complete (data is waiting) before the cancel is requested.
     std::thread::sleep(Duration::from_millis(200));
-    b.push(echoport_core::Op::CancelRecv { token, sock });
+    b.push(Op::CancelRecv { token, sock });
     let got = wait_for(&mut b, 2000);
     assert_eq!(
         got,
@@ -336,7 +199,7 @@ fn a_cancel_that_races_a_zero_byte_receive_still_ends_it_as_cancelled() {
     );
     assert_eq!(b.inflight(), 0);
     // The bytes stayed in the socket for the next receive.
-    b.push(echoport_core::Op::Recv {
+    b.push(Op::Recv {
         token,
         sock,
         max: u32::MAX,
@@ -351,7 +214,7 @@ fn a_cancel_that_races_a_zero_byte_receive_still_ends_it_as_cancelled() {
                 seen.extend_from_slice(&b.buf(buf)[..len as usize]);
                 b.release(buf);
                 if seen.len() < 3 {
-                    b.push(echoport_core::Op::Recv {
+                    b.push(Op::Recv {
                         token,
                         sock,
                         max: u32::MAX,
@@ -363,94 +226,135 @@ fn a_cancel_that_races_a_zero_byte_receive_still_ends_it_as_cancelled() {
     }
     assert_eq!(seen, b"abc");
     assert!(b.iocp_stats().zero_byte_recvs >= 2);
-    b.push(echoport_core::Op::Close { token, sock });
+    b.push(Op::Close { token, sock });
 }
 
 #[test]
-fn a_send_from_an_allocated_buffer_arrives_and_completes_with_its_length() {
-    let mut b = Iocp::new(&Config::default()).unwrap();
+fn a_receive_delivers_at_most_its_allowance_with_or_without_a_zero_byte_wait() {
+    for zero_byte_below in [Some(0), Some(u32::MAX)] {
+        let mut b = Iocp::new(&Config {
+            zero_byte_below,
+            ..Config::default()
+        })
+        .unwrap();
+        let (mut client, sock) = adopted_pair(&mut b);
+        let token = Token::new(4, 1);
+        client.write_all(b"0123456789").unwrap();
+        std::thread::sleep(Duration::from_millis(100)); // all ten bytes are waiting
+        let mut seen = Vec::new();
+        for max in [3, u32::MAX] {
+            b.push(Op::Recv { token, sock, max });
+            match wait_for(&mut b, 2000)[..] {
+                [Completion::Recv {
+                    result: Ok(Received::Data { buf, len }),
+                    more: false,
+                    ..
+                }] => {
+                    if max == 3 {
+                        assert_eq!(len, 3, "{zero_byte_below:?}: the allowance was 3 bytes");
+                    }
+                    seen.extend_from_slice(&b.buf(buf)[..len as usize]);
+                    b.release(buf);
+                }
+                ref other => panic!("{zero_byte_below:?}: unexpected {other:?}"),
+            }
+        }
+        assert_eq!(seen, b"0123456789", "{zero_byte_below:?}");
+        assert_eq!(
+            b.iocp_stats().zero_byte_recvs > 0,
+            zero_byte_below == Some(u32::MAX)
+        );
+        assert_eq!(
+            b.free_buffers(),
+            b.total_buffers(),
+            "every buffer came back"
+        );
+        b.push(Op::Close { token, sock });
+    }
+}
+
+/// Runs `f`, which hands the pool a buffer the caller does not hold: a debug build stops on
+/// the pool's assertion, a release build only logs (the counter says it happened).
+fn refused(f: impl FnOnce()) {
+    let r = std::panic::catch_unwind(AssertUnwindSafe(f));
+    if cfg!(debug_assertions) {
+        let e = r.expect_err("a debug build asserts on a refused hand-over");
+        let msg = e
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| e.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        assert!(msg.contains("buffer pool"), "{msg}");
+    } else {
+        assert!(r.is_ok());
+    }
+}
+
+#[test]
+fn a_double_release_and_a_send_of_a_buffer_not_lent_are_refused() {
+    let mut b = Iocp::new(&Config {
+        pool: PoolConfig {
+            buffers: 4,
+            buf_size: 4096,
+            send_buffers: 2,
+        },
+        zero_byte_below: Some(0),
+        ..Config::default()
+    })
+    .unwrap();
     let (mut client, sock) = adopted_pair(&mut b);
-    let token = Token::new(0, 0);
-    let buf = b.alloc_buf().expect("a send buffer");
-    b.buf_mut(buf)[..5].copy_from_slice(b"hello");
-    b.push(echoport_core::Op::Send {
+    let token = Token::new(2, 1);
+    b.push(Op::Recv {
         token,
         sock,
-        buf,
-        off: 1,
-        len: 4,
+        max: u32::MAX,
     });
-    let got = wait_for(&mut b, 2000);
-    assert_eq!(
-        got,
-        vec![Completion::Send {
-            token,
-            result: Ok(4)
-        }]
-    );
+    assert_eq!(b.free_buffers(), 3, "the posted receive holds one");
+    client.write_all(b"abc").unwrap();
+    let [Completion::Recv {
+        result: Ok(Received::Data { buf, len: 3 }),
+        ..
+    }] = wait_for(&mut b, 2000)[..]
+    else {
+        panic!("expected the three bytes");
+    };
     b.release(buf);
-    let mut four = [0u8; 4];
-    client.read_exact(&mut four).unwrap();
-    assert_eq!(&four, b"ello");
-    b.push(echoport_core::Op::Close { token, sock });
-}
+    assert_eq!(b.buffer_misuses(), 0);
+    refused(|| b.release(buf));
+    assert_eq!(b.buffer_misuses(), 1);
+    assert_eq!(b.free_buffers(), 4, "the buffer is free once, not twice");
 
-#[test]
-fn end_of_stream_is_reported_after_the_data() {
-    let mut b = Iocp::new(&Config::default()).unwrap();
-    let (mut client, sock) = adopted_pair(&mut b);
-    let token = Token::new(1, 0);
-    client.write_all(b"tail").unwrap();
-    client.shutdown(Shutdown::Write).unwrap();
-    let mut seen = Vec::new();
-    let mut eof = false;
-    for _ in 0..10 {
-        b.push(echoport_core::Op::Recv {
+    // A send naming the free buffer reaches no kernel: it ends with an error (a release
+    // build) or stops at the assertion (a debug build), and the client receives nothing.
+    refused(|| {
+        b.push(Op::Send {
             token,
             sock,
-            max: u32::MAX,
-        });
-        match wait_for(&mut b, 2000)[..] {
-            [Completion::Recv {
-                result: Ok(Received::Data { buf, len }),
-                ..
-            }] => {
-                seen.extend_from_slice(&b.buf(buf)[..len as usize]);
-                b.release(buf);
-            }
-            [Completion::Recv {
-                result: Ok(Received::Eof),
-                ..
-            }] => {
-                eof = true;
-                break;
-            }
-            ref other => panic!("unexpected {other:?}"),
-        }
-    }
-    assert_eq!(seen, b"tail");
-    assert!(eof);
-    b.push(echoport_core::Op::Close { token, sock });
-}
-
-#[test]
-fn the_waker_ends_a_blocked_wait() {
-    let mut b = Iocp::new(&Config::default()).unwrap();
-    let w = b.waker();
-    let t = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(100));
-        w.wake();
-        w.wake(); // coalesced with the first
+            buf,
+            off: 0,
+            len: 3,
+        })
     });
-    let start = Instant::now();
-    let mut out = Vec::new();
-    b.wait(&mut out, None).unwrap();
-    t.join().unwrap();
-    assert_eq!(out, vec![Completion::Wake]);
-    assert!(start.elapsed() >= Duration::from_millis(50));
-    let mut more = Vec::new();
-    b.wait(&mut more, Some(Duration::from_millis(50))).unwrap();
-    assert!(more.len() <= 1, "at most one more wake-up: {more:?}");
+    assert_eq!(b.buffer_misuses(), 2);
+    assert_eq!(b.inflight(), 0, "nothing was posted");
+    let got = wait_for(&mut b, 200);
+    if cfg!(debug_assertions) {
+        assert!(got.is_empty(), "{got:?}");
+    } else {
+        assert!(
+            matches!(got[..], [Completion::Send { result: Err(_), .. }]),
+            "{got:?}"
+        );
+    }
+    client
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let err = client.read(&mut [0u8; 8]).expect_err("no bytes were sent");
+    assert!(
+        matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+        "{err}"
+    );
+    b.push(Op::Close { token, sock });
 }
 
 #[test]
@@ -459,9 +363,9 @@ fn dropping_the_port_with_operations_pending_cancels_and_drains_them() {
     let addr = l.local_addr().unwrap();
     let mut b = Iocp::new(&Config::default()).unwrap();
     let id = b.add_listener(l).unwrap();
-    b.push(echoport_core::Op::Accept { listener: id });
+    b.push(Op::Accept { listener: id });
     let (client, sock) = adopted_pair(&mut b);
-    b.push(echoport_core::Op::Recv {
+    b.push(Op::Recv {
         token: Token::new(0, 0),
         sock,
         max: u32::MAX,
@@ -533,7 +437,7 @@ fn dropping_a_member_closes_every_socket_dealt_to_it() {
     let acceptor = std::thread::spawn(move || {
         let mut b = Iocp::new(&Config::default()).expect("completion port");
         let id = b.add_listener(listener).expect("listener");
-        b.push(echoport_core::Op::Accept { listener: id });
+        b.push(Op::Accept { listener: id });
         ready_tx.send(()).unwrap();
         let (mut own, mut told) = (0u64, false);
         let deadline = Instant::now() + Duration::from_secs(60);
