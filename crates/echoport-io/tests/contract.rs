@@ -84,6 +84,9 @@ on_every_backend!(
     a_wake_from_another_thread_ends_the_wait,
     a_gathered_send_delivers_its_parts_in_order,
     urgent_data_is_left_out_and_the_stream_goes_on,
+    a_double_release_is_refused_by_the_pool,
+    a_foreign_release_is_refused_by_the_pool,
+    a_receive_ends_at_its_allowance,
 );
 
 /// Reaps completions until `done` says so or `limit` passes; returns them all.
@@ -536,4 +539,262 @@ fn urgent_data_is_left_out_and_the_stream_goes_on<B: Backend>(new: fn(u32) -> B)
     }
     b.push(Op::Close { token, sock });
     reap(&mut b, Duration::from_millis(50), |_| false);
+}
+
+/// Releases `buf`, which the caller does not hold, and checks the pool refused it: a debug
+/// build stops on it (a panic naming the buffer pool), a release build goes on; both count it.
+fn release_is_refused<B: Backend>(b: &mut B, buf: BufId) {
+    let before = b.buffer_misuses();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.release(buf)));
+    if cfg!(debug_assertions) {
+        let err = r.expect_err("a debug build stops on a refused release");
+        let msg = err
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| err.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        assert!(msg.contains("buffer pool"), "panicked with {msg:?}");
+    } else {
+        assert!(r.is_ok(), "a release build reports and goes on");
+    }
+    assert_eq!(b.buffer_misuses(), before + 1, "the refusal is counted");
+}
+
+/// Two connections receive at once while holding what they received: no buffer may be lent
+/// to both (which is what a buffer put back twice would do), and each gets its own bytes.
+fn two_receives_get_distinct_buffers<B: Backend>(b: &mut B) {
+    let (mut c1, s1) = connected_pair(b);
+    let (mut c2, s2) = connected_pair(b);
+    let (t1, t2) = (Token::new(11, 1), Token::new(12, 1));
+    for (token, sock) in [(t1, s1), (t2, s2)] {
+        b.push(Op::Recv {
+            token,
+            sock,
+            max: u32::MAX,
+        });
+    }
+    c1.write_all(b"AAAA").unwrap();
+    c2.write_all(b"BBBB").unwrap();
+    let all = reap(b, Duration::from_secs(5), |c| {
+        [t1, t2].iter().all(|&t| {
+            let got: u32 = recvs(c, t)
+                .iter()
+                .map(|r| match r.0 {
+                    Ok(Received::Data { len, .. }) => len,
+                    _ => 0,
+                })
+                .sum();
+            got >= 4
+        })
+    });
+    let mut lent = Vec::new();
+    for (token, want) in [(t1, b"AAAA"), (t2, b"BBBB")] {
+        let mut got = Vec::new();
+        for (result, _) in recvs(&all, token) {
+            let Ok(Received::Data { buf, len }) = result else {
+                panic!("{token:?}: {result:?}");
+            };
+            got.extend_from_slice(&b.buf(buf)[..len as usize]);
+            lent.push(buf);
+        }
+        assert_eq!(got, want, "{token:?} got another connection's bytes");
+    }
+    let mut unique = lent.clone();
+    unique.sort_by_key(|b| b.0);
+    unique.dedup();
+    assert_eq!(unique.len(), lent.len(), "one buffer lent twice: {lent:?}");
+    for buf in lent {
+        b.release(buf);
+    }
+    for (token, sock) in [(t1, s1), (t2, s2)] {
+        b.push(Op::CancelRecv { token, sock });
+    }
+    reap(b, Duration::from_millis(100), |_| false);
+    for (token, sock) in [(t1, s1), (t2, s2)] {
+        b.push(Op::Close { token, sock });
+    }
+    reap(b, Duration::from_millis(50), |_| false);
+}
+
+fn a_double_release_is_refused_by_the_pool<B: Backend>(new: fn(u32) -> B) {
+    let mut b = new(4);
+    let (mut client, sock) = connected_pair(&mut b);
+    let token = Token::new(10, 1);
+    b.push(Op::Recv {
+        token,
+        sock,
+        max: u32::MAX,
+    });
+    client.write_all(b"one").unwrap();
+    let all = reap(&mut b, Duration::from_secs(5), |c| {
+        !recvs(c, token).is_empty()
+    });
+    let Some((Ok(Received::Data { buf, len: 3 }), more)) = recvs(&all, token).first().copied()
+    else {
+        panic!("no data: {all:?}");
+    };
+    b.release(buf);
+    assert_eq!(b.buffer_misuses(), 0, "the first release is fine");
+    release_is_refused(&mut b, buf);
+    if more {
+        b.push(Op::CancelRecv { token, sock });
+    }
+    reap(&mut b, Duration::from_millis(100), |_| false);
+    b.push(Op::Close { token, sock });
+    two_receives_get_distinct_buffers(&mut b);
+    assert_eq!(b.buffer_misuses(), 1);
+}
+
+fn a_foreign_release_is_refused_by_the_pool<B: Backend>(new: fn(u32) -> B) {
+    let mut b = new(4);
+    // The last receive buffer, never lent: the kernel's (io_uring's ring) or free (epoll).
+    let last = BufId(b.total_buffers() as u32 - 1);
+    release_is_refused(&mut b, last);
+    // A buffer that does not exist.
+    release_is_refused(&mut b, BufId(1 << 20));
+    assert_eq!(b.free_buffers(), b.total_buffers(), "nothing was added");
+    two_receives_get_distinct_buffers(&mut b);
+    assert_eq!(b.buffer_misuses(), 2);
+}
+
+fn a_receive_ends_at_its_allowance<B: Backend>(new: fn(u32) -> B) {
+    const MAX: u32 = 10;
+    let mut b = new(16);
+    let (mut client, sock) = connected_pair(&mut b);
+    let size = b.buf_size() as usize;
+    let token = Token::new(13, 1);
+    b.push(Op::Recv {
+        token,
+        sock,
+        max: MAX,
+    });
+    let payload: Vec<u8> = (0..100u8).collect();
+    let chunks = payload.clone();
+    let writer = std::thread::spawn(move || {
+        for c in chunks.chunks(10) {
+            client.write_all(c).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        client
+    });
+    let all = reap(&mut b, Duration::from_secs(5), |c| {
+        recvs(c, token).iter().any(|r| !r.1)
+    });
+    let first = recvs(&all, token);
+    let mut got = Vec::new();
+    for (i, (result, more)) in first.iter().enumerate() {
+        let Ok(Received::Data { buf, len }) = *result else {
+            panic!("completion {i}: {result:?} ({first:?})");
+        };
+        assert_eq!(
+            *more,
+            i + 1 < first.len(),
+            "only the last ends it: {first:?}"
+        );
+        got.extend_from_slice(&b.buf(buf)[..len as usize]);
+        b.release(buf);
+    }
+    assert!(
+        first.last().is_some_and(|r| !r.1),
+        "the receive never ended: {first:?}"
+    );
+    assert!(
+        got.len() >= MAX as usize && got.len() <= MAX as usize + size,
+        "delivered {} bytes on an allowance of {MAX} (buffers of {size})",
+        got.len()
+    );
+    // Ended: the rest of the writes bring nothing until a new receive is posted.
+    let quiet = reap(&mut b, Duration::from_millis(400), |_| false);
+    assert!(recvs(&quiet, token).is_empty(), "{quiet:?}");
+    // Kept open to the end: its end of stream would end a receive posted below.
+    let client = writer.join().unwrap();
+    let mut posted = false;
+    let rest = payload.len() - got.len();
+    got.extend(read_stream(
+        &mut b,
+        token,
+        sock,
+        &mut posted,
+        rest,
+        Duration::from_secs(5),
+    ));
+    assert_eq!(got, payload, "every byte, once, in order");
+    if posted {
+        b.push(Op::CancelRecv { token, sock });
+        reap(&mut b, Duration::from_millis(100), |_| false);
+    }
+    b.push(Op::Close { token, sock });
+    reap(&mut b, Duration::from_millis(50), |_| false);
+    drop(client);
+}
+
+#[cfg(target_os = "linux")]
+mod dropping {
+    #[test]
+    fn epoll() {
+        super::dropping_with_a_receive_and_a_send_pending_closes_cleanly(super::new_epoll)
+    }
+    #[test]
+    fn io_uring() {
+        super::dropping_with_a_receive_and_a_send_pending_closes_cleanly(super::new_uring)
+    }
+}
+
+/// A backend dropped while a receive and a stalled send are posted closes the connection:
+/// the peer reads every byte the backend reported sent (and possibly the tail a cancelled
+/// send had already handed to the kernel), then end of stream.
+#[cfg(target_os = "linux")]
+fn dropping_with_a_receive_and_a_send_pending_closes_cleanly<B: Backend>(new: fn(u32) -> B) {
+    let mut b = new(4);
+    let (mut client, sock) = connected_pair(&mut b);
+    let token = Token::new(14, 1);
+    b.push(Op::Recv {
+        token,
+        sock,
+        max: u32::MAX,
+    });
+    let buf = b.alloc_buf().expect("a send buffer");
+    b.buf_mut(buf).fill(0xCD);
+    let len = b.buf_size();
+    let mut sent = 0u64;
+    loop {
+        b.push(Op::Send {
+            token,
+            sock,
+            buf,
+            off: 0,
+            len,
+        });
+        let all = reap(&mut b, Duration::from_millis(300), |c| {
+            c.iter().any(|c| matches!(c, Completion::Send { .. }))
+        });
+        match all.iter().find_map(|c| match c {
+            Completion::Send { result, .. } => Some(*result),
+            _ => None,
+        }) {
+            Some(Ok(n)) => sent += n as u64,
+            Some(Err(e)) => panic!("send failed: {e}"),
+            None => break, // stalled: the send stays posted
+        }
+        assert!(sent < 256 << 20, "never stalled");
+    }
+    drop(b);
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut read = 0u64;
+    let mut chunk = vec![0u8; 1 << 16];
+    loop {
+        match client.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                assert!(chunk[..n].iter().all(|&x| x == 0xCD), "bytes altered");
+                read += n as u64;
+            }
+            // The ring's teardown may run as task work on this thread and interrupt a read.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => panic!("after {read} of {sent} bytes: {e} (no end of stream)"),
+        }
+    }
+    assert!(read >= sent, "read {read} of {sent} bytes reported sent");
 }

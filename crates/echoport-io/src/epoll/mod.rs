@@ -17,6 +17,12 @@
 //! keeps it out of the stream without `SO_OOBINLINE`); the bytes around it are, in order.
 //! No `epoll_ctl` happens after registration, whatever is posted or cancelled.
 //!
+//! Connections live in a slab of the worker's own, sized by the connections it holds at once
+//! (not by descriptor numbers, which are the process's and would make every worker's table
+//! as large as the largest descriptor any thread had accepted). A [`Socket`] names a slot and
+//! its generation, so a late operation on a closed connection cannot reach the slot's next
+//! tenant, and the kernel reports readiness with the same two numbers.
+//!
 //! Per echo this costs what a hand-written epoll loop costs: one `epoll_wait`, one `recv`,
 //! one `send`. A wait that has work at hand (a send just posted) does it without asking the
 //! kernel for readiness first, at most every other time, so no socket waits more than a turn.
@@ -47,6 +53,8 @@
 mod ready;
 mod submit;
 mod syscalls;
+#[cfg(test)]
+mod tests;
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -89,12 +97,23 @@ const TAG_CONN: u64 = 0;
 const TAG_LISTENER: u64 = 1;
 /// Tag of the waker's data word.
 const TAG_WAKER: u64 = 2;
-/// Generations kept in a connection's data word (between the tag and the descriptor).
+/// Generations kept in a connection's data word (between the tag and the slot).
 const GEN_MASK: u32 = (1 << 30) - 1;
 
-/// The data word a connection is registered (and queued) with.
-fn conn_key(fd: u32, gen: u32) -> u64 {
-    (TAG_CONN << TAG_SHIFT) | (((gen & GEN_MASK) as u64) << 32) | fd as u64
+/// The data word a connection is registered (and queued) with: its slot and generation.
+fn conn_key(idx: u32, gen: u32) -> u64 {
+    (TAG_CONN << TAG_SHIFT) | (((gen & GEN_MASK) as u64) << 32) | idx as u64
+}
+
+/// The [`Socket`] the state machine knows a connection by: its slot and generation (not the
+/// descriptor, so a late operation on a closed connection cannot reach its slot's next one).
+fn sock_name(idx: u32, gen: u32) -> Socket {
+    Socket(((gen & GEN_MASK) as u64) << 32 | idx as u64)
+}
+
+/// The slot and generation a [`Socket`] names.
+fn sock_parts(sock: Socket) -> (u32, u32) {
+    (sock.0 as u32, (sock.0 >> 32) as u32)
 }
 
 /// The data word listener `i` is registered (and queued) with.
@@ -145,10 +164,13 @@ struct PostedRecv {
     left: u32,
 }
 
-/// What the backend knows about one connected socket, indexed by its descriptor.
-#[derive(Debug, Default)]
+/// What the backend knows about one connected socket: an entry of the worker's slab.
+#[derive(Debug)]
 struct Slot {
-    /// Changes every time the descriptor number is reused, so stale readiness is ignored.
+    /// The socket's descriptor (owned by this backend while the slot is open).
+    fd: RawFd,
+    /// Changes every time the slot is reused, so stale readiness and stale names of an
+    /// earlier connection are ignored.
     gen: u32,
     /// The backend owns the descriptor and the state machine may name it.
     open: bool,
@@ -173,6 +195,22 @@ struct Slot {
 }
 
 impl Slot {
+    /// A slot no connection holds.
+    fn vacant() -> Slot {
+        Slot {
+            fd: -1,
+            gen: 0,
+            open: false,
+            readable: false,
+            writable: false,
+            hup: false,
+            urgent: false,
+            queued: false,
+            recv: None,
+            send: None,
+        }
+    }
+
     /// A posted operation can make progress now.
     fn actionable(&self) -> bool {
         (self.recv.is_some() && self.readable) || (self.send.is_some() && self.writable)
@@ -197,8 +235,11 @@ pub struct Epoll {
     epfd: OwnedFd,
     /// The waker's eventfd, registered in the set.
     waker: Arc<EventFd>,
-    /// Connected sockets.
+    /// Connected sockets: a slab indexed by [`Socket`] (slot and generation), sized by the
+    /// connections this worker holds at once.
     slots: Vec<Slot>,
+    /// Slots no connection holds, for the next one.
+    vacant: Vec<u32>,
     /// Listening sockets, by [`ListenerId`].
     listeners: Vec<ListenerSlot>,
     /// Sockets (data words as registered) with work possible now.
@@ -232,6 +273,7 @@ impl Epoll {
             epfd,
             waker: Arc::new(EventFd::new()?),
             slots: Vec::new(),
+            vacant: Vec::new(),
             listeners: Vec::new(),
             ready: Vec::with_capacity(1024),
             ready_spare: Vec::with_capacity(1024),
@@ -265,44 +307,68 @@ impl Epoll {
         Ok(())
     }
 
-    /// Registers a connected, non-blocking socket and opens its slot.
+    /// Registers a connected, non-blocking socket and opens a slot for it: a vacant one
+    /// when there is one, else a new one at the end. The slab grows with the connections
+    /// this worker holds at once, whatever their descriptor numbers (which are the process's,
+    /// shared by every worker).
     fn register(&mut self, fd: RawFd) -> io::Result<Socket> {
-        let i = fd as usize;
-        if self.slots.len() <= i {
-            self.slots.resize_with(i + 1, Slot::default);
-        }
-        let gen = self.slots[i].gen.wrapping_add(1) & GEN_MASK;
+        let idx = match self.vacant.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(Slot::vacant());
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let gen = self.slots[idx as usize].gen.wrapping_add(1) & GEN_MASK;
         let events =
             (libc::EPOLLIN | libc::EPOLLPRI | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET)
                 as u32;
-        self.ctl_add(fd, events, conn_key(fd as u32, gen))?;
+        if let Err(e) = self.ctl_add(fd, events, conn_key(idx, gen)) {
+            self.vacant.push(idx);
+            return Err(e);
+        }
         // Readable only once the kernel says so (registration reports data already queued);
         // a fresh socket has room to send.
-        self.slots[i] = Slot {
+        self.slots[idx as usize] = Slot {
+            fd,
             gen,
             open: true,
             readable: false,
             writable: true,
-            hup: false,
-            urgent: false,
-            queued: false,
-            recv: None,
-            send: None,
+            ..Slot::vacant()
         };
-        Ok(Socket(fd as u64))
+        Ok(sock_name(idx, gen))
     }
 
-    /// The open slot `sock` names, if any.
+    /// The open slot `sock` names, if any (a closed or reused slot's old name finds none).
     fn slot(&mut self, sock: Socket) -> Option<&mut Slot> {
-        self.slots.get_mut(sock.0 as usize).filter(|s| s.open)
+        let (idx, gen) = sock_parts(sock);
+        self.slots
+            .get_mut(idx as usize)
+            .filter(|s| s.open && s.gen == gen)
+    }
+
+    /// The open slot `sock` names, to read.
+    fn slot_ref(&self, sock: Socket) -> Option<&Slot> {
+        let (idx, gen) = sock_parts(sock);
+        self.slots
+            .get(idx as usize)
+            .filter(|s| s.open && s.gen == gen)
+    }
+
+    /// Slots allocated (open or vacant): what this worker's connection table costs. For
+    /// tests: it follows the connections held at once, not the descriptor numbers.
+    #[doc(hidden)]
+    pub fn slot_capacity(&self) -> usize {
+        self.slots.capacity()
     }
 
     /// Queues a connection for the next pass when a posted operation can make progress.
-    fn queue_conn(&mut self, fd: u32) {
-        let s = &mut self.slots[fd as usize];
+    fn queue_conn(&mut self, idx: u32) {
+        let s = &mut self.slots[idx as usize];
         if s.open && !s.queued && s.actionable() {
             s.queued = true;
-            self.ready.push(conn_key(fd, s.gen));
+            self.ready.push(conn_key(idx, s.gen));
         }
     }
 
@@ -335,20 +401,19 @@ impl Epoll {
         &self.pool.bytes(part.buf.0)[part.off as usize..(part.off + part.len) as usize]
     }
 
-    /// Closes a connection's socket (once) and forgets what was posted on it.
+    /// Closes a connection's socket (once), forgets what was posted on it and frees its
+    /// slot for the next connection.
     fn close_sock(&mut self, sock: Socket) {
-        let fd = sock.0 as RawFd;
-        match self.slots.get_mut(fd as usize) {
-            Some(s) if s.open => {
-                s.open = false;
-                s.queued = false;
-                s.recv = None;
-                s.send = None;
-            }
-            // Not a socket of ours (never registered, or already closed): leave it alone.
-            _ => return,
-        }
-        // SAFETY: the slot was open, so this backend owns `fd`; marking it closed first means
+        let (idx, _) = sock_parts(sock);
+        // Not a socket of ours (never registered, or already closed): leave it alone.
+        let Some(s) = self.slot(sock) else { return };
+        let fd = s.fd;
+        *s = Slot {
+            gen: s.gen,
+            ..Slot::vacant()
+        };
+        self.vacant.push(idx);
+        // SAFETY: the slot was open, so this backend owns `fd`; marking it vacant first means
         // it is closed exactly once. Closing also removes it from the epoll set.
         drop(unsafe { OwnedFd::from_raw_fd(fd) });
     }
@@ -439,12 +504,11 @@ impl Backend for Epoll {
     }
 
     fn peer_ip(&self, sock: Socket) -> Option<std::net::IpAddr> {
-        if !self.slots.get(sock.0 as usize).is_some_and(|s| s.open) {
-            return None;
-        }
-        // SAFETY: the descriptor is one of this backend's open connections (checked above);
-        // it is closed only by `close_sock`, which needs `&mut self`, so not during the borrow.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(sock.0 as RawFd) };
+        let raw = self.slot_ref(sock)?.fd;
+        // SAFETY: the descriptor is one of this backend's open connections (its slot is
+        // open); it is closed only by `close_sock`, which needs `&mut self`, so not during
+        // the borrow.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
         crate::sys::peer_ip(fd)
     }
 
@@ -463,8 +527,11 @@ impl Backend for Epoll {
 
 impl Drop for Epoll {
     fn drop(&mut self) {
-        for fd in 0..self.slots.len() {
-            self.close_sock(Socket(fd as u64));
+        for idx in 0..self.slots.len() {
+            let s = &self.slots[idx];
+            if s.open {
+                self.close_sock(sock_name(idx as u32, s.gen));
+            }
         }
     }
 }

@@ -3,7 +3,7 @@
 //! receive. Each step reports the completion io_uring would have.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use echoport_core::{BufId, Completion, ListenerId, OpError, Received, Token, MAX_SEND_PARTS};
@@ -60,9 +60,9 @@ impl Epoll {
     /// An edge on a connection (its data word `data`): note what it allows now. Readiness of
     /// a slot since closed, or reused, is ignored.
     fn conn_ready(&mut self, data: u64, flags: u32) {
-        let fd = data as u32;
+        let idx = data as u32;
         let gen = ((data >> 32) as u32) & GEN_MASK;
-        let Some(s) = self.slots.get_mut(fd as usize) else {
+        let Some(s) = self.slots.get_mut(idx as usize) else {
             return;
         };
         if !s.open || s.gen != gen {
@@ -81,7 +81,7 @@ impl Epoll {
         if flags & (libc::EPOLLOUT as u32 | err) != 0 {
             s.writable = true;
         }
-        self.queue_conn(fd);
+        self.queue_conn(idx);
     }
 
     /// Performs what the ready sockets allow, one step each, and queues again those that can
@@ -92,12 +92,12 @@ impl Epoll {
             match key >> TAG_SHIFT {
                 TAG_LISTENER => self.run_listener(key as u32, out),
                 _ => {
-                    let fd = key as u32;
+                    let idx = key as u32;
                     let gen = ((key >> 32) as u32) & GEN_MASK;
-                    match self.slots.get_mut(fd as usize) {
+                    match self.slots.get_mut(idx as usize) {
                         Some(s) if s.open && s.gen == gen => {
                             s.queued = false;
-                            self.run_conn(fd, out);
+                            self.run_conn(idx, out);
                         }
                         _ => {}
                     }
@@ -109,24 +109,24 @@ impl Epoll {
     }
 
     /// One step for a ready connection: its posted send, then its posted receive.
-    fn run_conn(&mut self, fd: u32, out: &mut Vec<Completion>) {
-        let i = fd as usize;
+    fn run_conn(&mut self, idx: u32, out: &mut Vec<Completion>) {
+        let i = idx as usize;
         if let (Some(p), true) = (self.slots[i].send, self.slots[i].writable) {
-            self.send_once(fd, p, out);
+            self.send_once(idx, p, out);
         }
         if let (Some(r), true) = (self.slots[i].recv, self.slots[i].readable) {
-            self.recv_once(fd, r, out);
+            self.recv_once(idx, r, out);
         }
-        self.queue_conn(fd);
+        self.queue_conn(idx);
     }
 
     /// One attempt at a posted send: it completes with what the kernel took, or stays
     /// posted until the socket is writable again.
-    fn send_once(&mut self, fd: u32, p: PendingSend, out: &mut Vec<Completion>) {
-        let raw = fd as RawFd;
+    fn send_once(&mut self, idx: u32, p: PendingSend, out: &mut Vec<Completion>) {
+        let raw = self.slots[idx as usize].fd;
         if let Err(m) = self.check_send(&p) {
             // Released while its send was posted: a bug in the caller; nothing is sent.
-            self.slots[fd as usize].send = None;
+            self.slots[idx as usize].send = None;
             self.misuse(m);
             out.push(send_refused(p.token));
             return;
@@ -150,7 +150,7 @@ impl Epoll {
             // it (only this thread touches the pool, and it is in this call).
             unsafe { sys_sendmsg(raw, &iov[..p.count as usize]) }
         };
-        let s = &mut self.slots[fd as usize];
+        let s = &mut self.slots[idx as usize];
         let result = if n >= 0 {
             Ok(n as u32)
         } else {
@@ -172,9 +172,9 @@ impl Epoll {
 
     /// One read for a posted receive: at most one buffer per connection per loop turn, and
     /// never more than what is left of the receive's allowance.
-    fn recv_once(&mut self, fd: u32, r: PostedRecv, out: &mut Vec<Completion>) {
+    fn recv_once(&mut self, idx: u32, r: PostedRecv, out: &mut Vec<Completion>) {
         let Some(buf) = self.pool.take_recv() else {
-            self.slots[fd as usize].recv = None;
+            self.slots[idx as usize].recv = None;
             out.push(Completion::Recv {
                 token: r.token,
                 result: Err(OpError::NoBuffers),
@@ -187,19 +187,19 @@ impl Epoll {
         // SAFETY: `buf` was just handed to the kernel for this read, so the pool makes no
         // slice of it (it does so only for lent buffers); `dst..dst + want` lies inside it
         // (`want` is at most the buffer size), and the region outlives the call.
-        let n = unsafe { sys_recv(fd as RawFd, dst, want as usize) };
+        let n = unsafe { sys_recv(self.slots[idx as usize].fd, dst, want as usize) };
         if n > 0 {
-            self.received(fd, r, buf, n as u32, want, out);
+            self.received(idx, r, buf, n as u32, want, out);
         } else {
             let err = (n < 0).then(errno);
-            self.recv_ended(fd, r.token, buf, err, out);
+            self.recv_ended(idx, r.token, buf, err, out);
         }
     }
 
     /// A read brought `n` bytes into `buf`: lend it, and end the receive at its allowance.
     fn received(
         &mut self,
-        fd: u32,
+        idx: u32,
         r: PostedRecv,
         buf: u32,
         n: u32,
@@ -207,7 +207,7 @@ impl Epoll {
         out: &mut Vec<Completion>,
     ) {
         let lent = self.pool.lend(buf);
-        let s = &mut self.slots[fd as usize];
+        let s = &mut self.slots[idx as usize];
         // A short read drained the socket: the next byte raises a new edge. Not so after the
         // peer's end of stream was signalled (its edge has been spent, and the next read
         // must find the end of stream), nor once urgent data came (the read may have stopped
@@ -227,7 +227,7 @@ impl Epoll {
             ),
             Err(m) => {
                 // Cannot happen (the buffer was taken for this read): never hand it on.
-                self.slots[fd as usize].recv = None;
+                self.slots[idx as usize].recv = None;
                 self.misuse(m);
                 (Err(OpError::Os(libc::EFAULT)), false)
             }
@@ -243,7 +243,7 @@ impl Epoll {
     /// receive (`EAGAIN`: it waits for the next edge).
     fn recv_ended(
         &mut self,
-        fd: u32,
+        idx: u32,
         token: Token,
         buf: u32,
         err: Option<i32>,
@@ -252,7 +252,7 @@ impl Epoll {
         if let Err(m) = self.pool.unpost(buf) {
             self.misuse(m);
         }
-        let s = &mut self.slots[fd as usize];
+        let s = &mut self.slots[idx as usize];
         let result = match err {
             None => Ok(Received::Eof),
             Some(libc::EAGAIN) => {

@@ -3,13 +3,11 @@
 //! cancellations end their operation at once (no read or send is ever in progress between
 //! loop turns).
 
-use std::os::fd::RawFd;
-
 use echoport_core::{
     BufId, Completion, ListenerId, Op, OpError, SendPart, Socket, Submit, Token, MAX_SEND_PARTS,
 };
 
-use super::{send_refused, Epoll, PendingSend, PostedRecv};
+use super::{send_refused, sock_parts, Epoll, PendingSend, PostedRecv};
 
 impl Submit for Epoll {
     fn push(&mut self, op: Op) {
@@ -102,7 +100,7 @@ impl Epoll {
             token,
             left: max.max(1),
         });
-        self.queue_conn(sock.0 as u32);
+        self.queue_conn(sock_parts(sock).0);
     }
 
     /// Send the bytes of lent buffers when the socket is writable; a part naming a buffer
@@ -120,7 +118,7 @@ impl Epoll {
         };
         debug_assert!(s.send.is_none(), "two sends in flight on {sock:?}");
         s.send = Some(p);
-        self.queue_conn(sock.0 as u32);
+        self.queue_conn(sock_parts(sock).0);
     }
 
     /// Cancel the posted receive: it ends at once, as cancelled (no read is in progress
@@ -151,10 +149,10 @@ impl Epoll {
 
     /// Shut down the sending side at once (it reports nothing).
     fn post_shutdown(&mut self, sock: Socket) {
-        if self.slot(sock).is_some() {
-            // SAFETY: the slot is open, so `sock` is a descriptor this backend owns.
-            // Failure (the peer already reset) changes nothing for the state machine.
-            unsafe { libc::shutdown(sock.0 as RawFd, libc::SHUT_WR) };
+        if let Some(s) = self.slot(sock) {
+            // SAFETY: the slot is open, so its descriptor is one this backend owns. Failure
+            // (the peer already reset) changes nothing for the state machine.
+            unsafe { libc::shutdown(s.fd, libc::SHUT_WR) };
         }
     }
 }
