@@ -11,11 +11,11 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+pub use crate::admission::Admission;
 use crate::backend::Backend;
 use crate::conn::{Budget, Conn, Cx, Limits, RecvState, Segments, Status};
 use crate::op::{Completion, ListenerId, Op, OpError, Received, Socket};
@@ -36,92 +36,6 @@ const PARK_RETRY: Duration = Duration::from_millis(10);
 const ACCEPT_ERRORS_BEFORE_BACKOFF: u32 = 16;
 /// Resolution of the idle and write timeouts.
 pub const TICK: Duration = Duration::from_millis(100);
-
-/// The connection budget shared by every worker of a server: admission at accept.
-#[derive(Debug)]
-pub struct Admission {
-    max: AtomicUsize,
-    live: AtomicUsize,
-    per_ip: Option<(u32, Mutex<HashMap<IpAddr, u32>>)>,
-}
-
-impl Admission {
-    /// A budget of `max` connections.
-    pub fn new(max: usize) -> Arc<Admission> {
-        Admission::with_per_ip(max, None)
-    }
-
-    /// A budget of `max` connections, and of `per_ip` from any one address.
-    pub fn with_per_ip(max: usize, per_ip: Option<u32>) -> Arc<Admission> {
-        Arc::new(Admission {
-            max: AtomicUsize::new(max),
-            live: AtomicUsize::new(0),
-            per_ip: per_ip.map(|n| (n, Mutex::new(HashMap::new()))),
-        })
-    }
-
-    /// True when connections are also limited per source address.
-    pub fn limits_per_ip(&self) -> bool {
-        self.per_ip.is_some()
-    }
-
-    /// Takes one place for `ip` if its budget allows.
-    pub fn try_acquire_ip(&self, ip: IpAddr) -> bool {
-        let Some((max, map)) = &self.per_ip else {
-            return true;
-        };
-        let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(ip).or_insert(0);
-        if *n >= *max {
-            return false;
-        }
-        *n += 1;
-        true
-    }
-
-    /// Gives `ip`'s place back.
-    pub fn release_ip(&self, ip: IpAddr) {
-        if let Some((_, map)) = &self.per_ip {
-            let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(n) = map.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    map.remove(&ip);
-                }
-            }
-        }
-    }
-
-    /// Changes the budget (connections already admitted stay).
-    pub fn set_max(&self, max: usize) {
-        self.max.store(max, Ordering::Relaxed);
-    }
-
-    /// The budget.
-    pub fn max(&self) -> usize {
-        self.max.load(Ordering::Relaxed)
-    }
-
-    /// Connections admitted and not yet released.
-    pub fn live(&self) -> usize {
-        self.live.load(Ordering::Relaxed)
-    }
-
-    /// Takes one place if one is free.
-    pub fn try_acquire(&self) -> bool {
-        let max = self.max.load(Ordering::Relaxed);
-        self.live
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .is_ok()
-    }
-
-    /// Gives a place back.
-    pub fn release(&self) {
-        self.live.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 /// How a worker behaves.
 #[derive(Clone, Debug)]
@@ -354,7 +268,7 @@ impl<B: Backend> Worker<B> {
     /// Registers a connection that is already established (a socket the caller adopted into
     /// the backend) and starts echoing on it.
     pub fn adopt(&mut self, sock: Socket) -> Token {
-        self.cfg.admission.live.fetch_add(1, Ordering::AcqRel);
+        self.cfg.admission.admit_unchecked();
         self.insert_conn(sock)
     }
 
@@ -527,22 +441,21 @@ impl<B: Backend> Worker<B> {
         } else {
             None
         };
-        let admitted = self.stopping.is_none()
-            && adm.try_acquire()
-            && (ip.is_none_or(|ip| adm.try_acquire_ip(ip)) || {
-                adm.release();
-                false
-            });
-        if !admitted {
+        let admitted = if self.stopping.is_none() {
+            adm.try_admit(ip)
+        } else {
+            None
+        };
+        let Some(admitted) = admitted else {
             self.stats.refused += 1;
             self.backend.push(Op::Close {
                 token: Token::NONE,
                 sock,
             });
             return;
-        }
+        };
         let token = self.insert_conn(sock);
-        if let Some(ip) = ip {
+        if let Some(ip) = admitted.ip {
             if self.conns.get_mut(token).is_some() {
                 self.peers.insert(token, ip);
             } else {
