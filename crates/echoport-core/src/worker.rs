@@ -104,6 +104,8 @@ pub struct Worker<B: Backend> {
     events: Vec<Completion>,
     /// The instant tick 0 stands for.
     epoch: Instant,
+    /// The clock as the current turn read it.
+    clock: Instant,
     /// The current tick (of [`TICK`]) since `epoch`.
     now: u32,
     /// Connections filed by the tick their timeout may fall due.
@@ -131,6 +133,7 @@ impl<B: Backend> Worker<B> {
         Worker {
             budget,
             epoch: Instant::now(),
+            clock: Instant::now(),
             now: 0,
             wheel: Wheel::new(0),
             idle_ticks,
@@ -230,7 +233,13 @@ impl<B: Backend> Worker<B> {
 
     /// One pass: submit, wait up to `timeout`, dispatch every completion reaped.
     pub fn turn(&mut self, timeout: Option<Duration>) -> io::Result<()> {
-        let now = Instant::now();
+        self.turn_at(Instant::now(), timeout)
+    }
+
+    /// [`Worker::turn`] with the clock read as `now`: tests drive timers (accept back-off,
+    /// timeouts, the shutdown deadline) without sleeping.
+    pub fn turn_at(&mut self, now: Instant, timeout: Option<Duration>) -> io::Result<()> {
+        self.clock = now;
         self.now = (now.saturating_duration_since(self.epoch).as_nanos() / TICK.as_nanos()) as u32;
         self.on_timers(now);
         self.expire_connections();
@@ -420,7 +429,7 @@ impl<B: Backend> Worker<B> {
                 let exhausted = matches!(e, OpError::TooManyFiles | OpError::NoBuffers);
                 if exhausted || l.errors_in_row >= ACCEPT_ERRORS_BEFORE_BACKOFF {
                     let pause = l.backoff;
-                    l.retry_at = Some(Instant::now() + pause);
+                    l.retry_at = Some(self.clock + pause);
                     l.backoff = (l.backoff * 2).min(BACKOFF_MAX);
                     self.stats.accept_backoffs += 1;
                     if pause == BACKOFF_MIN || pause == BACKOFF_MAX {

@@ -512,8 +512,9 @@ fn worker_backs_off_when_descriptors_run_out() {
         "accept is not re-posted at once after EMFILE"
     );
     assert_eq!(w.stats().accept_backoffs, 1);
-    std::thread::sleep(echoport_core::worker::BACKOFF_MIN * 2);
-    w.turn(Some(std::time::Duration::ZERO)).unwrap();
+    // No sleeping: the next turn reads a clock past the pause.
+    let later = std::time::Instant::now() + echoport_core::worker::BACKOFF_MIN * 2;
+    w.turn_at(later, Some(std::time::Duration::ZERO)).unwrap();
     assert_eq!(
         io(&mut w).take_ops(),
         vec![Op::Accept {
@@ -665,6 +666,57 @@ fn a_worker_whose_backend_fails_gives_its_admission_places_back() {
         0,
         "the server's connection budget does not shrink by the dead worker's connections"
     );
+}
+
+#[test]
+fn an_idle_connection_is_closed_by_its_timeout_without_the_test_sleeping() {
+    let mut w = Worker::new(
+        FakeIo::new(),
+        &[],
+        Config {
+            idle_timeout: Some(std::time::Duration::from_secs(1)),
+            ..Config::default()
+        },
+        Arc::new(AtomicBool::new(false)),
+    );
+    let t0 = std::time::Instant::now();
+    let t = w.adopt(Socket(5));
+    w.turn_at(t0, Some(std::time::Duration::ZERO)).unwrap();
+    io(&mut w).take_ops();
+    w.turn_at(
+        t0 + std::time::Duration::from_millis(500),
+        Some(std::time::Duration::ZERO),
+    )
+    .unwrap();
+    assert!(io(&mut w).take_ops().is_empty(), "not idle long enough yet");
+    w.turn_at(
+        t0 + std::time::Duration::from_secs(2),
+        Some(std::time::Duration::ZERO),
+    )
+    .unwrap();
+    assert_eq!(
+        io(&mut w).take_ops(),
+        vec![Op::CancelRecv {
+            token: t,
+            sock: Socket(5)
+        }],
+        "silent past its idle timeout: its receive is cancelled"
+    );
+    push(
+        &mut w,
+        Completion::Recv {
+            token: t,
+            result: Err(OpError::Canceled),
+            more: false,
+        },
+    );
+    w.turn_at(
+        t0 + std::time::Duration::from_secs(2),
+        Some(std::time::Duration::ZERO),
+    )
+    .unwrap();
+    assert_eq!(w.connections(), 0);
+    assert_eq!(w.stats().timeouts, 1);
 }
 
 fn io(w: &mut Worker<FakeIo>) -> &mut FakeIo {
