@@ -28,6 +28,8 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(1);
 const PARK_RETRY: Duration = Duration::from_millis(10);
 /// Consecutive unexplained accept errors tolerated before backing off anyway.
 const ACCEPT_ERRORS_BEFORE_BACKOFF: u32 = 16;
+/// How long past the shutdown deadline cancellations may take before the loop gives up.
+const ABORT_GRACE: Duration = Duration::from_secs(2);
 /// Resolution of the idle and write timeouts.
 pub const TICK: Duration = Duration::from_millis(100);
 
@@ -251,15 +253,13 @@ impl<B: Backend> Worker<B> {
             if self.stopping.is_some() && self.conns.is_empty() {
                 break;
             }
-            if let Some(start) = self.stopping {
-                // Cancellations could not finish (a wedged backend): give up on them.
-                if now > start + self.cfg.shutdown_timeout + Duration::from_secs(2) {
-                    tracing::warn!(
-                        left = self.conns.len(),
-                        "connections did not finish closing"
-                    );
-                    break;
-                }
+            // Cancellations could not finish (a wedged backend): give up on them.
+            if self.stop_deadline(ABORT_GRACE).is_some_and(|t| now > t) {
+                tracing::warn!(
+                    left = self.conns.len(),
+                    "connections did not finish closing"
+                );
+                break;
             }
             let timeout = self.next_timeout(now);
             self.turn(timeout)?;
@@ -512,18 +512,26 @@ impl<B: Backend> Worker<B> {
                 l.retry_at = None;
             }
         }
-        if let Some(start) = self.stopping {
-            if !self.aborted && now >= start + self.cfg.shutdown_timeout {
-                self.aborted = true;
-                tracing::warn!(
-                    left = self.conns.len(),
-                    "shutdown deadline passed; closing connections"
-                );
-                for token in self.conns.tokens() {
-                    self.with_conn(token, |c, cx| c.abort(cx));
-                }
+        // No deadline when not stopping, or when the timeout is too long for the clock.
+        if !self.aborted && self.stop_deadline(Duration::ZERO).is_some_and(|t| now >= t) {
+            self.aborted = true;
+            tracing::warn!(
+                left = self.conns.len(),
+                "shutdown deadline passed; closing connections"
+            );
+            for token in self.conns.tokens() {
+                self.with_conn(token, |c, cx| c.abort(cx));
             }
         }
+    }
+
+    /// When the graceful stop's deadline (plus `grace`) passes; None when not stopping, or
+    /// when the shutdown timeout is too long for the clock (`inf`, `1e300`): no deadline.
+    fn stop_deadline(&self, grace: Duration) -> Option<Instant> {
+        let start = self.stopping?;
+        start
+            .checked_add(self.cfg.shutdown_timeout)?
+            .checked_add(grace)
     }
 
     fn next_timeout(&self, now: Instant) -> Option<Duration> {
@@ -534,12 +542,12 @@ impl<B: Backend> Worker<B> {
                 consider(t);
             }
         }
-        if let Some(start) = self.stopping {
-            let limit = if self.aborted {
-                start + self.cfg.shutdown_timeout + Duration::from_secs(2)
-            } else {
-                start + self.cfg.shutdown_timeout
-            };
+        let grace = if self.aborted {
+            ABORT_GRACE
+        } else {
+            Duration::ZERO
+        };
+        if let Some(limit) = self.stop_deadline(grace) {
             consider(limit);
         }
         if !self.parked.is_empty() {

@@ -169,6 +169,39 @@ pub fn nofile_limit() -> u64 {
     lim.rlim_cur
 }
 
+/// Raises the soft limit on open descriptors to the hard limit (as nginx and Go do at
+/// start-up: the soft limit exists for old `select` users, which a server is not). An
+/// unlimited hard limit is capped at the kernel's `fs.nr_open`, the most a process may ask.
+/// Returns (soft limit before, soft limit now).
+pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the local struct we pass, nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let before = lim.rlim_cur;
+    let mut target = lim.rlim_max;
+    if target == libc::RLIM_INFINITY {
+        target = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1 << 20);
+    }
+    if target <= before {
+        return Ok((before, before));
+    }
+    lim.rlim_cur = target;
+    // SAFETY: setrlimit only reads the local struct we pass; a soft limit at most the hard
+    // limit is always allowed for an unprivileged process.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((before, target))
+}
+
 /// The peer's IP address of a connected socket descriptor.
 pub fn peer_ip(fd: RawFd) -> Option<std::net::IpAddr> {
     // SAFETY: the caller passes a descriptor it owns and keeps open for this call; the
