@@ -12,6 +12,7 @@
 
 pub mod backend;
 pub mod conn;
+pub mod live;
 pub mod op;
 pub mod slab;
 pub mod stats;

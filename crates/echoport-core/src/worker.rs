@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
 use crate::conn::{Conn, Cx, Limits, Segments, Status};
+use crate::live::LiveSlot;
 use crate::op::{Completion, ListenerId, Op, OpError, Received, Socket};
 use crate::slab::Slab;
 use crate::stats::Stats;
@@ -133,6 +134,8 @@ pub struct Config {
     /// Close a connection whose pending echo has made no send progress for this long
     /// (its peer stopped reading).
     pub write_timeout: Option<Duration>,
+    /// Where to publish this worker's counters for the metrics endpoint (None: nowhere).
+    pub live: Option<LiveSlot>,
 }
 
 impl Default for Config {
@@ -143,6 +146,7 @@ impl Default for Config {
             admission: Admission::new(usize::MAX),
             idle_timeout: None,
             write_timeout: None,
+            live: None,
         }
     }
 }
@@ -177,6 +181,8 @@ pub struct Worker<B: Backend> {
     expired: Vec<Token>,
     /// Source address of each connection, kept only when limiting per address.
     peers: HashMap<Token, IpAddr>,
+    /// What was last published to `cfg.live`, and in which tick.
+    live_last: (Stats, usize, u32),
 }
 
 fn ticks(d: Option<Duration>) -> Option<u32> {
@@ -196,6 +202,7 @@ impl<B: Backend> Worker<B> {
             write_ticks,
             expired: Vec::new(),
             peers: HashMap::new(),
+            live_last: (Stats::default(), 0, u32::MAX),
             backend,
             cfg,
             conns: Slab::with_capacity(1024),
@@ -277,6 +284,7 @@ impl<B: Backend> Worker<B> {
         self.on_timers(now);
         self.expire_connections();
         self.arm_listeners();
+        let timeout = self.publish_live(timeout);
         let mut events = std::mem::take(&mut self.events);
         events.clear();
         self.backend.wait(&mut events, timeout)?;
@@ -523,6 +531,28 @@ impl<B: Backend> Worker<B> {
                 self.with_conn(token, |c, cx| c.abort(cx));
             }
         }
+    }
+
+    /// Copies the counters to `cfg.live` (relaxed stores) when they changed, at most once
+    /// per tick. A change within the tick already published shortens the wait to the next
+    /// tick, so the last changes before a quiet spell are published too; an idle loop that
+    /// published everything waits as long as it likes.
+    fn publish_live(&mut self, timeout: Option<Duration>) -> Option<Duration> {
+        let Some(slot) = &self.cfg.live else {
+            return timeout;
+        };
+        let (stats, conns) = (self.stats(), self.conns.len());
+        let (last, last_conns, tick) = self.live_last;
+        if stats == last && conns == last_conns {
+            return timeout;
+        }
+        if tick != self.now {
+            slot.publish(&stats, conns);
+            self.live_last = (stats, conns, self.now);
+            return timeout;
+        }
+        let next = (self.epoch + TICK * (self.now + 1)).saturating_duration_since(Instant::now());
+        Some(timeout.map_or(next, |t| t.min(next)))
     }
 
     /// When the graceful stop's deadline (plus `grace`) passes; None when not stopping, or

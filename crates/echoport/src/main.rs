@@ -16,6 +16,7 @@ mod bench;
 #[path = "bench_unsupported.rs"]
 mod bench;
 mod client;
+mod metrics;
 mod serve;
 mod udp;
 

@@ -20,6 +20,17 @@ pub struct Args {
     #[arg(short, long = "listen", value_name = "ADDR")]
     pub listen: Vec<String>,
 
+    /// Serve the live counters in Prometheus text format on http://ADDR/metrics (e.g.
+    /// 127.0.0.1:9100): connections, bytes echoed, refusals, timeouts, UDP drops, per worker.
+    /// Off by default; a loopback address unless --metrics-public.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+
+    /// Allow --metrics on a non-loopback address (the counters describe the server's
+    /// traffic to anyone who can reach them).
+    #[arg(long, requires = "metrics")]
+    pub metrics_public: bool,
+
     /// Event-loop threads (1 to 1024), each with its own ring (or epoll set) and listener; on
     /// Windows each with its own completion port, one of them accepting for all.
     /// Default: the number of CPUs.

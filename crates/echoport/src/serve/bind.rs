@@ -1,18 +1,60 @@
 //! Binding the listening sockets: every listen address, one socket per worker thread
 //! (`SO_REUSEPORT`) or one socket duplicated for all of them (shared).
 
-use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs, UdpSocket};
 
 use anyhow::{bail, Context};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::args::ListenerMode;
+use super::args::{Args, ListenerMode, DEFAULT_LISTEN};
 
 /// Winsock's codes for the two errors `bind_all` forgives on default addresses.
 #[cfg(windows)]
 mod libc {
     pub const EAFNOSUPPORT: i32 = 10047;
     pub const EADDRNOTAVAIL: i32 = 10049;
+}
+
+/// Every socket the server serves on.
+pub struct Sockets {
+    /// TCP listeners, grouped by worker thread (one per address each).
+    pub tcp: Vec<Vec<TcpListener>>,
+    /// The TCP listeners' addresses.
+    pub addrs: Vec<SocketAddr>,
+    /// UDP sockets (with `--udp`: one per TCP address, on the same port).
+    pub udp: Vec<UdpSocket>,
+    /// How the threads share each TCP address.
+    pub mode: ListenerMode,
+}
+
+/// Binds what the flags ask for.
+pub fn open(args: &Args, threads: usize) -> anyhow::Result<Sockets> {
+    let explicit = !args.listen.is_empty();
+    let specs: Vec<String> = if explicit {
+        args.listen.clone()
+    } else {
+        DEFAULT_LISTEN.iter().map(|s| s.to_string()).collect()
+    };
+    let mode = args.listener.unwrap_or_else(ListenerMode::platform_default);
+    if cfg!(windows) && mode == ListenerMode::Reuseport {
+        bail!("--listener reuseport: Windows has no SO_REUSEPORT; its threads always share one listening socket");
+    }
+    let tcp = bind_all(&specs, threads, explicit, mode)?;
+    let addrs: Vec<SocketAddr> = tcp[0]
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<std::io::Result<_>>()?;
+    let udp = if args.udp {
+        crate::udp::bind(&addrs)?
+    } else {
+        Vec::new()
+    };
+    Ok(Sockets {
+        tcp,
+        addrs,
+        udp,
+        mode,
+    })
 }
 
 /// Resolves every listen spec and binds `threads` sockets to each (one per worker thread).

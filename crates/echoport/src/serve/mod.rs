@@ -16,35 +16,33 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
+use echoport_core::live::LiveStats;
 use echoport_core::stats::Stats;
 use echoport_core::udp::UdpStats;
 use echoport_core::worker::{Admission, Config, Worker};
 use echoport_core::{Backend, Waker};
 
-pub use args::{parse_cpu_list, Args, BackendChoice, ListenerMode, TaskRunChoice, DEFAULT_LISTEN};
+pub use args::{parse_cpu_list, Args, BackendChoice, ListenerMode, TaskRunChoice};
 use settings::Settings;
 
 /// Runs the server until stopped; exit code 0 after a graceful stop.
 pub fn run(mut args: Args) -> anyhow::Result<ExitCode> {
     let settings = Settings::check(&mut args)?;
     let nofile = raise_nofile_limit();
-    let explicit = !args.listen.is_empty();
-    let specs: Vec<String> = if explicit {
-        args.listen.clone()
-    } else {
-        DEFAULT_LISTEN.iter().map(|s| s.to_string()).collect()
+    let bind::Sockets {
+        tcp,
+        addrs,
+        udp,
+        mode,
+    } = bind::open(&args, settings.threads)?;
+    let metrics = match &args.metrics {
+        Some(spec) => Some(crate::metrics::bind(spec, args.metrics_public)?),
+        None => None,
     };
-    let mode = args.listener.unwrap_or_else(ListenerMode::platform_default);
-    if cfg!(windows) && mode == ListenerMode::Reuseport {
-        bail!("--listener reuseport: Windows has no SO_REUSEPORT; its threads always share one listening socket");
-    }
-    let listeners = bind::bind_all(&specs, settings.threads, explicit, mode)?;
-    let addrs: Vec<SocketAddr> = listeners[0]
-        .iter()
-        .map(|l| l.local_addr().expect("bound socket has an address"))
-        .collect();
-
+    let live = metrics
+        .as_ref()
+        .map(|_| LiveStats::new(settings.threads, udp.len()));
     let cfg = worker_config(&args, &settings);
     let admission = cfg.admission.clone();
     let opts = crate::backends::Options::from_serve(&args);
@@ -52,7 +50,7 @@ pub fn run(mut args: Args) -> anyhow::Result<ExitCode> {
     let stop = Arc::new(AtomicBool::new(false));
     echoport_io::sys::block_stop_signals()?;
 
-    let workers = spawn_workers(listeners, &cfg, &settings, &opts, &chosen, &stop)?;
+    let workers = spawn_workers(tcp, &cfg, live.as_ref(), &settings, &opts, &chosen, &stop)?;
     let started = wait_ready(&workers.ready, settings.threads);
     let capacity = Capacity::derive(&args, started.tables, nofile);
     admission.set_max(capacity.max);
@@ -66,29 +64,76 @@ pub fn run(mut args: Args) -> anyhow::Result<ExitCode> {
     if let Some(e) = started.failure {
         return abort(e);
     }
-    let udp = match start_udp(&args, &addrs, &stop) {
+    let udp_addrs: Vec<SocketAddr> = udp.iter().filter_map(|u| u.local_addr().ok()).collect();
+    let udp = match start_udp(&args, udp, &stop, live.as_ref()) {
         Ok(h) => h,
         Err(e) => return abort(e),
     };
     echoport_io::sys::handle_stop_signals(stop.clone(), started.wakers.clone())?;
-    log_start(&args, &settings, &chosen, &started, &capacity, mode, &addrs);
-
-    let (total, per_thread, error) = join_workers(workers.handles);
-    let mut udp_total = UdpStats::default();
-    for h in udp {
-        if let Ok(s) = h.join() {
-            udp_total.merge(&s);
+    if let (Some(listener), Some(live)) = (metrics, live) {
+        let src = crate::metrics::Source {
+            live,
+            admission: admission.clone(),
+            stop: stop.clone(),
+            backend: started.kinds.clone(),
+            udp_addrs,
+            started: std::time::SystemTime::now(),
+        };
+        let at = listener.local_addr()?;
+        if let Err(e) = crate::metrics::spawn(listener, src) {
+            return abort(e);
         }
+        tracing::info!("metrics on http://{at}/metrics");
     }
-    if args.udp {
-        tracing::info!(%total, udp = %udp_total, accepted_per_thread = %per_thread, "stopped");
-    } else {
-        tracing::info!(%total, accepted_per_thread = %per_thread, "stopped");
-    }
+    log_start(&args, &settings, &chosen, &started, &capacity, mode, &addrs);
+    finish(workers.handles, udp)
+}
+
+/// Waits for every thread, logs the final counters, and says how the run ended.
+fn finish(
+    workers: Vec<JoinHandle<anyhow::Result<Stats>>>,
+    udp: Vec<JoinHandle<UdpStats>>,
+) -> anyhow::Result<ExitCode> {
+    let (total, per_thread, error) = join_workers(workers);
+    let udp_total = (!udp.is_empty()).then(|| {
+        let mut t = UdpStats::default();
+        for h in udp {
+            if let Ok(s) = h.join() {
+                t.merge(&s);
+            }
+        }
+        t
+    });
+    log_stopped(&total, udp_total.as_ref(), &per_thread);
     match error {
         Some(e) => Err(e),
         None => Ok(ExitCode::SUCCESS),
     }
+}
+
+/// The final counters, one field each (so JSON logs carry them as numbers).
+fn log_stopped(t: &Stats, udp: Option<&UdpStats>, per_thread: &str) {
+    tracing::info!(
+        accepted = t.accepted,
+        closed = t.closed,
+        errors = t.errors,
+        refused = t.refused,
+        bytes_echoed = t.bytes_echoed,
+        short_sends = t.short_sends,
+        gathered_sends = t.gathered_sends,
+        parked = t.parked,
+        paused = t.paused,
+        accept_backoffs = t.accept_backoffs,
+        cq_overflows = t.cq_overflows,
+        timeouts = t.timeouts,
+        udp_echoed = udp.map(|u| u.echoed),
+        udp_refused = udp.map(|u| u.refused),
+        udp_rate_limited = udp.map(|u| u.rate_limited),
+        udp_truncated = udp.map(|u| u.truncated),
+        udp_dropped = udp.map(|u| u.dropped),
+        accepted_per_thread = %per_thread,
+        "stopped"
+    );
 }
 
 /// The descriptor limit the server runs with, after raising the soft limit to the hard one.
@@ -127,6 +172,7 @@ fn worker_config(args: &Args, s: &Settings) -> Config {
         ),
         idle_timeout: s.idle_timeout,
         write_timeout: s.write_timeout,
+        live: None,
     }
 }
 
@@ -138,8 +184,14 @@ struct Capacity {
 
 impl Capacity {
     fn derive(args: &Args, tables: Option<usize>, nofile: u64) -> Capacity {
-        // Listeners, rings, eventfds, logs and the UDP sockets need a few descriptors.
-        const RESERVE: u64 = 64;
+        // Listeners, rings, eventfds, logs and the UDP sockets need a few descriptors, and
+        // the metrics endpoint its connections.
+        let metrics = if args.metrics.is_some() {
+            crate::metrics::MAX_CONNS as u64
+        } else {
+            0
+        };
+        let reserve = 64 + metrics;
         if let Some(n) = args.max_connections {
             return Capacity {
                 max: n,
@@ -152,8 +204,8 @@ impl Capacity {
                 from: "io_uring direct-descriptor tables".into(),
             },
             None => Capacity {
-                max: (nofile.saturating_sub(RESERVE) as usize).max(1),
-                from: format!("descriptor limit {nofile} less {RESERVE} in reserve"),
+                max: (nofile.saturating_sub(reserve) as usize).max(1),
+                from: format!("descriptor limit {nofile} less {reserve} in reserve"),
             },
         }
     }
@@ -168,6 +220,7 @@ struct Workers {
 fn spawn_workers(
     listeners: Vec<Vec<TcpListener>>,
     cfg: &Config,
+    live: Option<&Arc<LiveStats>>,
     s: &Settings,
     opts: &crate::backends::Options,
     chosen: &crate::backends::Chosen,
@@ -177,7 +230,10 @@ fn spawn_workers(
     let mut handles = Vec::new();
     for (i, socks) in listeners.into_iter().enumerate() {
         let ready = ready_tx.clone();
-        let cfg = cfg.clone();
+        let cfg = Config {
+            live: live.map(|l| l.worker_slot(i)),
+            ..cfg.clone()
+        };
         let stop = stop.clone();
         let cpu = (!s.cpus.is_empty()).then(|| s.cpus[i % s.cpus.len()]);
         let opts = opts.clone();
@@ -235,6 +291,8 @@ struct Started {
     wakers: Vec<Arc<dyn Waker>>,
     /// The distinct backend descriptions ("io_uring (...)", "epoll (...)").
     describe: String,
+    /// Their short names, for the metrics ("io_uring", "io_uring+epoll").
+    kinds: String,
     /// Connections every backend can hold, summed (None: one of them has no fixed table).
     tables: Option<usize>,
     failure: Option<anyhow::Error>,
@@ -244,6 +302,7 @@ fn wait_ready(rx: &mpsc::Receiver<anyhow::Result<Ready>>, threads: usize) -> Sta
     let mut s = Started {
         wakers: Vec::new(),
         describe: String::new(),
+        kinds: String::new(),
         tables: Some(0),
         failure: None,
     };
@@ -261,6 +320,11 @@ fn wait_ready(rx: &mpsc::Receiver<anyhow::Result<Ready>>, threads: usize) -> Sta
         }
     }
     s.describe = describes.join(" + ");
+    s.kinds = describes
+        .iter()
+        .map(|d| d.split(' ').next().unwrap_or(d))
+        .collect::<Vec<_>>()
+        .join("+");
     s
 }
 
@@ -293,10 +357,11 @@ fn serve_on<B: Backend>(
 
 fn start_udp(
     args: &Args,
-    addrs: &[SocketAddr],
+    socks: Vec<std::net::UdpSocket>,
     stop: &Arc<AtomicBool>,
+    live: Option<&Arc<LiveStats>>,
 ) -> anyhow::Result<Vec<JoinHandle<UdpStats>>> {
-    if !args.udp {
+    if socks.is_empty() {
         return Ok(Vec::new());
     }
     let limits = echoport_core::udp::UdpLimits {
@@ -305,7 +370,7 @@ fn start_udp(
         global_rate: args.udp_global_rate,
         ..Default::default()
     };
-    crate::udp::spawn(addrs, limits, stop.clone())
+    crate::udp::spawn(socks, limits, stop.clone(), live)
 }
 
 /// The start-up line: which backend serves (and why not io_uring when it is not), and every
