@@ -57,7 +57,7 @@ pub fn spawn(
                 .name(format!("echoport-udp-{addr}"))
                 .spawn(move || serve(sock, addr, limits, &stop, slot))?,
         );
-        tracing::info!("UDP echo on {addr}");
+        tracing::info!(addr = %addr, "UDP echo on {addr}");
     }
     Ok(handles)
 }

@@ -83,7 +83,7 @@ pub fn run(mut args: Args) -> anyhow::Result<ExitCode> {
         if let Err(e) = crate::metrics::spawn(listener, src) {
             return abort(e);
         }
-        tracing::info!("metrics on http://{at}/metrics");
+        tracing::info!(addr = %at, "metrics on http://{at}/metrics");
     }
     log_start(&args, &settings, &chosen, &started, &capacity, mode, &addrs);
     finish(workers.handles, udp)
@@ -410,6 +410,7 @@ fn log_start(
         "echoport serving"
     );
     for a in addrs {
+        // Exactly "listening on ADDR": scripts read the address from the end of the line.
         tracing::info!("listening on {a}");
     }
 }
