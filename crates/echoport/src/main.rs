@@ -19,6 +19,8 @@ mod client;
 mod logging;
 mod metrics;
 mod serve;
+#[cfg(unix)]
+mod systemd;
 mod udp;
 
 /// A completion-based TCP echo server (io_uring, epoll or IOCP), its test client, and a

@@ -27,8 +27,12 @@ pub struct Sockets {
     pub mode: ListenerMode,
 }
 
-/// Binds what the flags ask for.
+/// Binds what the flags ask for, or takes the sockets systemd passed in.
 pub fn open(args: &Args, threads: usize) -> anyhow::Result<Sockets> {
+    #[cfg(unix)]
+    if let Some(passed) = crate::systemd::passed_sockets()? {
+        return adopt(args, threads, passed);
+    }
     let explicit = !args.listen.is_empty();
     let specs: Vec<String> = if explicit {
         args.listen.clone()
@@ -54,6 +58,47 @@ pub fn open(args: &Args, threads: usize) -> anyhow::Result<Sockets> {
         addrs,
         udp,
         mode,
+    })
+}
+
+/// Serves the sockets systemd passed in as if bound by `--listen`: each TCP socket shared by
+/// every thread (duplicated per thread: one accept queue), each UDP socket echoed (with
+/// `--udp`'s guards, whether or not `--udp` was given: the unit asked for it).
+#[cfg(unix)]
+fn adopt(args: &Args, threads: usize, passed: crate::systemd::Passed) -> anyhow::Result<Sockets> {
+    let n = passed.tcp.len() + passed.udp.len();
+    if !args.listen.is_empty() {
+        bail!(
+            "--listen: systemd passed {n} socket(s) in (socket activation); name the addresses \
+             in the .socket unit (ListenStream=, ListenDatagram=) instead"
+        );
+    }
+    if args.listener == Some(ListenerMode::Reuseport) {
+        bail!(
+            "--listener reuseport: a socket passed in by systemd is one socket, which the \
+             threads share (--listener shared)"
+        );
+    }
+    let mut tcp: Vec<Vec<TcpListener>> = (0..threads).map(|_| Vec::new()).collect();
+    let mut addrs = Vec::new();
+    for (l, label) in passed.tcp {
+        let addr = l.local_addr()?;
+        tracing::info!(%addr, socket = %label, "TCP socket passed in by systemd");
+        for (t, s) in shared_group(l, threads)?.into_iter().enumerate() {
+            tcp[t].push(s);
+        }
+        addrs.push(addr);
+    }
+    let mut udp = Vec::new();
+    for (u, label) in passed.udp {
+        tracing::info!(addr = %u.local_addr()?, socket = %label, "UDP socket passed in by systemd");
+        udp.push(u);
+    }
+    Ok(Sockets {
+        tcp,
+        addrs,
+        udp,
+        mode: ListenerMode::Shared,
     })
 }
 

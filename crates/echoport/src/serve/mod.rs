@@ -29,6 +29,7 @@ use settings::Settings;
 /// Runs the server until stopped; exit code 0 after a graceful stop.
 pub fn run(mut args: Args) -> anyhow::Result<ExitCode> {
     let settings = Settings::check(&mut args)?;
+    let notifier = Notifier::from_env()?.map(Arc::new);
     let nofile = raise_nofile_limit();
     let bind::Sockets {
         tcp,
@@ -65,18 +66,23 @@ pub fn run(mut args: Args) -> anyhow::Result<ExitCode> {
         return abort(e);
     }
     let udp_addrs: Vec<SocketAddr> = udp.iter().filter_map(|u| u.local_addr().ok()).collect();
+    let metrics_udp = udp_addrs.clone();
     let udp = match start_udp(&args, udp, &stop, live.as_ref()) {
         Ok(h) => h,
         Err(e) => return abort(e),
     };
-    echoport_io::sys::handle_stop_signals(stop.clone(), started.wakers.clone())?;
+    let mut wakers = started.wakers.clone();
+    if let Some(n) = &notifier {
+        wakers.push(n.clone());
+    }
+    echoport_io::sys::handle_stop_signals(stop.clone(), wakers)?;
     if let (Some(listener), Some(live)) = (metrics, live) {
         let src = crate::metrics::Source {
             live,
             admission: admission.clone(),
             stop: stop.clone(),
             backend: started.kinds.clone(),
-            udp_addrs,
+            udp_addrs: metrics_udp,
             started: std::time::SystemTime::now(),
         };
         let at = listener.local_addr()?;
@@ -86,7 +92,53 @@ pub fn run(mut args: Args) -> anyhow::Result<ExitCode> {
         tracing::info!(addr = %at, "metrics on http://{at}/metrics");
     }
     log_start(&args, &settings, &chosen, &started, &capacity, mode, &addrs);
+    if let Some(n) = &notifier {
+        n.send(&ready_message(
+            &addrs,
+            &udp_addrs,
+            &started.kinds,
+            settings.threads,
+        ));
+    }
     finish(workers.handles, udp)
+}
+
+/// systemd's readiness message: `READY=1` and a status line.
+fn ready_message(tcp: &[SocketAddr], udp: &[SocketAddr], backend: &str, threads: usize) -> String {
+    let list = |v: &[SocketAddr]| {
+        v.iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut status = format!(
+        "Serving TCP on {} ({backend}, {threads} threads)",
+        list(tcp)
+    );
+    if !udp.is_empty() {
+        status.push_str(&format!("; UDP on {}", list(udp)));
+    }
+    format!("READY=1\nSTATUS={status}\nMAINPID={}", std::process::id())
+}
+
+#[cfg(unix)]
+use crate::systemd::Notifier;
+
+/// No service manager to notify on this platform.
+#[cfg(not(unix))]
+struct Notifier;
+
+#[cfg(not(unix))]
+impl Notifier {
+    fn from_env() -> anyhow::Result<Option<Notifier>> {
+        Ok(None)
+    }
+    fn send(&self, _msg: &str) {}
+}
+
+#[cfg(not(unix))]
+impl Waker for Notifier {
+    fn wake(&self) {}
 }
 
 /// Waits for every thread, logs the final counters, and says how the run ended.
