@@ -13,6 +13,7 @@
 pub mod admission;
 pub mod backend;
 pub mod conn;
+pub mod live;
 pub mod op;
 pub mod slab;
 pub mod stats;

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 pub use crate::admission::Admission;
 use crate::backend::Backend;
 use crate::conn::{Budget, Conn, Cx, Limits, RecvState, Segments, Status};
+use crate::live::LiveSlot;
 use crate::op::{Completion, ListenerId, Op, OpError, Received, Socket};
 use crate::slab::Slab;
 use crate::stats::Stats;
@@ -34,6 +35,8 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(1);
 const PARK_RETRY: Duration = Duration::from_millis(10);
 /// Consecutive unexplained accept errors tolerated before backing off anyway.
 const ACCEPT_ERRORS_BEFORE_BACKOFF: u32 = 16;
+/// How long past the shutdown deadline cancellations may take before the loop gives up.
+const ABORT_GRACE: Duration = Duration::from_secs(2);
 /// Resolution of the idle and write timeouts.
 pub const TICK: Duration = Duration::from_millis(100);
 
@@ -51,6 +54,8 @@ pub struct Config {
     /// Close a connection whose pending echo has made no send progress for this long
     /// (its peer stopped reading).
     pub write_timeout: Option<Duration>,
+    /// Where to publish this worker's counters for the metrics endpoint (None: nowhere).
+    pub live: Option<LiveSlot>,
 }
 
 impl Default for Config {
@@ -61,6 +66,7 @@ impl Default for Config {
             admission: Admission::new(usize::MAX),
             idle_timeout: None,
             write_timeout: None,
+            live: None,
         }
     }
 }
@@ -118,6 +124,8 @@ pub struct Worker<B: Backend> {
     expired: Vec<Token>,
     /// Source address of each connection, kept only when limiting per address.
     peers: HashMap<Token, IpAddr>,
+    /// What was last published to `cfg.live`, and in which tick.
+    live_last: (Stats, usize, u32),
 }
 
 fn ticks(d: Option<Duration>) -> Option<u32> {
@@ -140,6 +148,7 @@ impl<B: Backend> Worker<B> {
             write_ticks,
             expired: Vec::new(),
             peers: HashMap::new(),
+            live_last: (Stats::default(), 0, u32::MAX),
             backend,
             cfg,
             conns: Slab::with_capacity(1024),
@@ -209,15 +218,13 @@ impl<B: Backend> Worker<B> {
             if self.stopping.is_some() && self.conns.is_empty() {
                 break;
             }
-            if let Some(start) = self.stopping {
-                // Cancellations could not finish (a wedged backend): give up on them.
-                if now > start + self.cfg.shutdown_timeout + Duration::from_secs(2) {
-                    tracing::warn!(
-                        left = self.conns.len(),
-                        "connections did not finish closing"
-                    );
-                    break;
-                }
+            // Cancellations could not finish (a wedged backend): give up on them.
+            if self.stop_deadline(ABORT_GRACE).is_some_and(|t| now > t) {
+                tracing::warn!(
+                    left = self.conns.len(),
+                    "connections did not finish closing"
+                );
+                break;
             }
             let timeout = self.next_timeout(now);
             if let Err(e) = self.turn(timeout) {
@@ -244,6 +251,7 @@ impl<B: Backend> Worker<B> {
         self.on_timers(now);
         self.expire_connections();
         self.arm_listeners();
+        let timeout = self.publish_live(timeout);
         let mut events = std::mem::take(&mut self.events);
         events.clear();
         self.backend.wait(&mut events, timeout)?;
@@ -517,18 +525,48 @@ impl<B: Backend> Worker<B> {
                 l.retry_at = None;
             }
         }
-        if let Some(start) = self.stopping {
-            if !self.aborted && now >= start + self.cfg.shutdown_timeout {
-                self.aborted = true;
-                tracing::warn!(
-                    left = self.conns.len(),
-                    "shutdown deadline passed; closing connections"
-                );
-                for token in self.conns.tokens() {
-                    self.with_conn(token, |c, cx| c.abort(cx));
-                }
+        // No deadline when not stopping, or when the timeout is too long for the clock.
+        if !self.aborted && self.stop_deadline(Duration::ZERO).is_some_and(|t| now >= t) {
+            self.aborted = true;
+            tracing::warn!(
+                left = self.conns.len(),
+                "shutdown deadline passed; closing connections"
+            );
+            for token in self.conns.tokens() {
+                self.with_conn(token, |c, cx| c.abort(cx));
             }
         }
+    }
+
+    /// Copies the counters to `cfg.live` (relaxed stores) when they changed, at most once
+    /// per tick. A change within the tick already published shortens the wait to the next
+    /// tick, so the last changes before a quiet spell are published too; an idle loop that
+    /// published everything waits as long as it likes.
+    fn publish_live(&mut self, timeout: Option<Duration>) -> Option<Duration> {
+        let Some(slot) = &self.cfg.live else {
+            return timeout;
+        };
+        let (stats, conns) = (self.stats(), self.conns.len());
+        let (last, last_conns, tick) = self.live_last;
+        if stats == last && conns == last_conns {
+            return timeout;
+        }
+        if tick != self.now {
+            slot.publish(&stats, conns);
+            self.live_last = (stats, conns, self.now);
+            return timeout;
+        }
+        let next = (self.epoch + TICK * (self.now + 1)).saturating_duration_since(self.clock);
+        Some(timeout.map_or(next, |t| t.min(next)))
+    }
+
+    /// When the graceful stop's deadline (plus `grace`) passes; None when not stopping, or
+    /// when the shutdown timeout is too long for the clock (`inf`, `1e300`): no deadline.
+    fn stop_deadline(&self, grace: Duration) -> Option<Instant> {
+        let start = self.stopping?;
+        start
+            .checked_add(self.cfg.shutdown_timeout)?
+            .checked_add(grace)
     }
 
     /// How long the wait at `now` may sleep before a timer of this worker falls due (`None`:
@@ -542,12 +580,12 @@ impl<B: Backend> Worker<B> {
                 consider(t);
             }
         }
-        if let Some(start) = self.stopping {
-            let limit = if self.aborted {
-                start + self.cfg.shutdown_timeout + Duration::from_secs(2)
-            } else {
-                start + self.cfg.shutdown_timeout
-            };
+        let grace = if self.aborted {
+            ABORT_GRACE
+        } else {
+            Duration::ZERO
+        };
+        if let Some(limit) = self.stop_deadline(grace) {
             consider(limit);
         }
         if self.can_unpark() {

@@ -47,8 +47,8 @@ impl PoolConfig {
     pub const DEFAULT_SEND_BUFFERS: u32 = 256;
     /// Smallest buffer: smaller ones make every message a handful of receives.
     pub const MIN_BUF_SIZE: u32 = 64;
-    /// Largest buffer (1 MiB).
-    pub const MAX_BUF_SIZE: u32 = 1 << 20;
+    /// Largest buffer (16 MiB).
+    pub const MAX_BUF_SIZE: u32 = 1 << 24;
     /// Most receive buffers (io_uring's provided-buffer ring holds at most 32,768).
     pub const MAX_BUFFERS: u32 = 32768;
 
@@ -496,7 +496,7 @@ mod tests {
             send_buffers: 0,
         }
         .effective();
-        assert_eq!((c.buf_size, c.buffers), (1 << 20, 1));
+        assert_eq!((c.buf_size, c.buffers), (1 << 24, 1));
         assert_eq!(PoolConfig::default().effective(), PoolConfig::default());
     }
 

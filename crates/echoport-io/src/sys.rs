@@ -171,6 +171,102 @@ pub fn nofile_limit() -> u64 {
     lim.rlim_cur
 }
 
+/// Raises the soft limit on open descriptors to the hard limit (as nginx and Go do at
+/// start-up: the soft limit exists for old `select` users, which a server is not). An
+/// unlimited hard limit is capped at the kernel's `fs.nr_open`, the most a process may ask.
+/// Returns (soft limit before, soft limit now).
+pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the local struct we pass, nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let before = lim.rlim_cur;
+    let mut target = lim.rlim_max;
+    if target == libc::RLIM_INFINITY {
+        target = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1 << 20);
+    }
+    if target <= before {
+        return Ok((before, before));
+    }
+    lim.rlim_cur = target;
+    // SAFETY: setrlimit only reads the local struct we pass; a soft limit at most the hard
+    // limit is always allowed for an unprivileged process.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((before, target))
+}
+
+/// A descriptor passed in by a service manager (systemd's socket activation), with the
+/// name the manager gave it (`FileDescriptorName=`, `LISTEN_FDNAMES`).
+#[derive(Debug)]
+pub struct ListenFd {
+    /// The descriptor, now owned by the caller (and close-on-exec).
+    pub fd: OwnedFd,
+    /// Its name, when the manager gave one.
+    pub name: Option<String>,
+}
+
+/// Takes the descriptors systemd passed to this process (`LISTEN_PID`, `LISTEN_FDS`,
+/// `LISTEN_FDNAMES`; descriptors from 3 up), as `sd_listen_fds_with_names` does, and unsets
+/// those variables so that nothing takes them twice. Empty when none were passed or when they
+/// were meant for another process (`LISTEN_PID` is not ours). Only the first call in a
+/// process can return descriptors; call it before starting threads (it changes the
+/// environment).
+pub fn take_listen_fds() -> io::Result<Vec<ListenFd>> {
+    static TAKEN: AtomicBool = AtomicBool::new(false);
+    const FIRST: RawFd = 3;
+    let pid = std::env::var("LISTEN_PID").ok();
+    let count = std::env::var("LISTEN_FDS").ok();
+    let names = std::env::var("LISTEN_FDNAMES").ok();
+    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(var);
+    }
+    let ours = pid.and_then(|p| p.trim().parse::<u32>().ok()) == Some(std::process::id());
+    if !ours || TAKEN.swap(true, Ordering::AcqRel) {
+        return Ok(Vec::new());
+    }
+    let bad = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
+    let n: RawFd = match count.as_deref().map(str::trim).map(str::parse) {
+        Some(Ok(n)) if (0..=4096).contains(&n) => n,
+        _ => {
+            return Err(bad(format!(
+                "LISTEN_FDS={count:?} is not a descriptor count"
+            )))
+        }
+    };
+    let mut names = names.as_deref().unwrap_or("").split(':');
+    let mut out = Vec::with_capacity(n as usize);
+    for fd in FIRST..FIRST + n {
+        // SAFETY: F_GETFD only queries this process's descriptor table; a number that is not
+        // open fails with EBADF, which is reported.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        // SAFETY: the descriptor is open (checked just above); F_SETFD only sets its flags.
+        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(
+                e.kind(),
+                format!("LISTEN_FDS: descriptor {fd}: {e}"),
+            ));
+        }
+        let name = names.next().filter(|s| !s.is_empty()).map(str::to_string);
+        // SAFETY: the protocol hands descriptors 3..3+LISTEN_FDS to this process, which is
+        // named by LISTEN_PID (checked); TAKEN makes this the only place that ever takes
+        // them, and nothing in the process opened them (they were open before it started),
+        // so this OwnedFd is their one owner.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        out.push(ListenFd { fd, name });
+    }
+    Ok(out)
+}
+
 /// The peer's IP address of a connected socket.
 pub fn peer_ip(fd: std::os::fd::BorrowedFd<'_>) -> Option<std::net::IpAddr> {
     let addr = socket2::SockRef::from(&fd).peer_addr().ok()?;

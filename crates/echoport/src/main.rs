@@ -17,7 +17,11 @@ mod bench;
 #[path = "bench_unsupported.rs"]
 mod bench;
 mod client;
+mod logging;
+mod metrics;
 mod serve;
+#[cfg(unix)]
+mod systemd;
 mod udp;
 
 /// A completion-based TCP echo server (io_uring, epoll or IOCP), its test client, and a
@@ -29,6 +33,11 @@ struct Cli {
     /// (RUST_LOG is used when this is not given).
     #[arg(long, global = true, value_name = "FILTER")]
     log: Option<String>,
+
+    /// Log line format on stderr: `text` (for people) or `json` (one JSON object a line,
+    /// {"timestamp", "level", "message", fields...}, for log collectors).
+    #[arg(long, global = true, value_enum, value_name = "FORMAT", default_value_t = logging::LogFormat::Text)]
+    log_format: logging::LogFormat,
 
     #[command(subcommand)]
     cmd: Cmd,
@@ -47,7 +56,7 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log.as_deref());
+    logging::init(cli.log.as_deref(), cli.log_format);
     let result = match cli.cmd {
         Cmd::Serve(args) => serve::run(args),
         Cmd::Client(args) => client::run(args),
@@ -56,22 +65,8 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("echoport: error: {e:#}");
+            logging::print_error(cli.log_format, &e);
             ExitCode::from(1)
         }
     }
-}
-
-fn init_logging(filter: Option<&str>) {
-    use tracing_subscriber::EnvFilter;
-    let filter = match filter {
-        Some(f) => EnvFilter::new(f),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
 }

@@ -13,19 +13,19 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use echoport_core::live::LiveUdpSlot;
 use echoport_core::udp::{Refusal, UdpGuard, UdpLimits, UdpStats};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Largest datagram payload over IPv4 (65,535 - 8 - 20); IPv6 allows 20 bytes more.
 const MAX_DATAGRAM: usize = 65_527;
 
-/// Binds a UDP socket on each address and starts its echo loop.
-pub fn spawn(
-    addrs: &[SocketAddr],
-    limits: UdpLimits,
-    stop: Arc<AtomicBool>,
-) -> anyhow::Result<Vec<JoinHandle<UdpStats>>> {
-    let mut handles = Vec::new();
+/// How often a loop publishes its counters to the metrics (when it has a slot).
+const PUBLISH_EVERY: Duration = echoport_core::worker::TICK;
+
+/// Binds a UDP socket on each address.
+pub fn bind(addrs: &[SocketAddr]) -> anyhow::Result<Vec<UdpSocket>> {
+    let mut socks = Vec::new();
     for &addr in addrs {
         let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
         if addr.is_ipv6() {
@@ -33,26 +33,54 @@ pub fn spawn(
         }
         sock.bind(&addr.into())
             .with_context(|| format!("cannot listen for UDP on {addr}"))?;
-        let sock: UdpSocket = sock.into();
+        socks.push(sock.into());
+    }
+    Ok(socks)
+}
+
+/// Starts an echo loop on each bound socket; `live` gets one slot per socket, in order.
+pub fn spawn(
+    socks: Vec<UdpSocket>,
+    limits: UdpLimits,
+    stop: Arc<AtomicBool>,
+    live: Option<&Arc<echoport_core::live::LiveStats>>,
+) -> anyhow::Result<Vec<JoinHandle<UdpStats>>> {
+    let mut handles = Vec::new();
+    for (i, sock) in socks.into_iter().enumerate() {
+        let addr = sock.local_addr()?;
         // The loop looks at the stop flag at least this often.
         sock.set_read_timeout(Some(Duration::from_millis(250)))?;
         let stop = stop.clone();
+        let slot = live.map(|l| l.udp_slot(i));
         handles.push(
             std::thread::Builder::new()
                 .name(format!("echoport-udp-{addr}"))
-                .spawn(move || serve(sock, addr, limits, &stop))?,
+                .spawn(move || serve(sock, addr, limits, &stop, slot))?,
         );
-        tracing::info!("UDP echo on {addr}");
+        tracing::info!(addr = %addr, "UDP echo on {addr}");
     }
     Ok(handles)
 }
 
-fn serve(sock: UdpSocket, addr: SocketAddr, limits: UdpLimits, stop: &AtomicBool) -> UdpStats {
+fn serve(
+    sock: UdpSocket,
+    addr: SocketAddr,
+    limits: UdpLimits,
+    stop: &AtomicBool,
+    live: Option<LiveUdpSlot>,
+) -> UdpStats {
     let mut guard = UdpGuard::new(addr.port(), limits, Instant::now());
     // One byte more than the largest datagram, so a fit is never mistaken for a cut.
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
     let mut log = RefusalLog::default();
+    let mut published = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        if let Some(slot) = &live {
+            if published.elapsed() >= PUBLISH_EVERY {
+                slot.publish(&guard.stats);
+                published = Instant::now();
+            }
+        }
         let (n, src) = match recv(&sock, &mut buf) {
             Ok(v) => v,
             Err(e) => {
@@ -77,6 +105,9 @@ fn serve(sock: UdpSocket, addr: SocketAddr, limits: UdpLimits, stop: &AtomicBool
             Err(reason) => log.note(reason, src, now),
         }
         log.flush(now);
+    }
+    if let Some(slot) = &live {
+        slot.publish(&guard.stats);
     }
     guard.stats
 }

@@ -1,6 +1,7 @@
 //! The command line: help texts, start-up errors, and `echoport client`'s verdicts against
 //! servers that misbehave on purpose (small fake servers written here).
 
+#[macro_use]
 mod common;
 
 use std::io::{Read, Write};
@@ -350,3 +351,174 @@ fn client_fails_when_no_echo_comes() {
     );
     h.join().unwrap();
 }
+
+/// Every size and count that cannot work is refused before anything starts: exit status 1,
+/// one line naming the flag and its valid range.
+#[test]
+fn bad_sizes_and_counts_are_one_line_errors_naming_the_flag() {
+    for (flag, value, range) in [
+        ("--buffers", "0", "1 to 32768"),
+        ("--buffers", "65536", "1 to 32768"),
+        ("--buf-size", "0", "64 to 16777216"),
+        ("--buf-size", "1", "64 to 16777216"),
+        ("--max-pending", "0", "1 to 4294967295"),
+        ("--cq-entries", "1", "256 to 65536"),
+        ("--cq-entries", "255", "256 to 65536"),
+        ("--threads", "0", "1 to 1024"),
+        ("--max-connections", "0", "must be 1 to"),
+        ("--max-connections-per-ip", "0", "must be 1 to"),
+        ("--shutdown-timeout", "-1", "0 or more"),
+        ("--shutdown-timeout", "NaN", "0 or more"),
+        ("--idle-timeout", "-5", "0 or more"),
+        ("--udp-rate", "0", "positive"),
+    ] {
+        // `--flag=VALUE`, so that clap takes "-1" as a value, not a flag.
+        expect_one_line_error(
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                &format!("{flag}={value}"),
+            ],
+            &["echoport: error:", &format!("{flag} {value}"), range],
+        );
+    }
+    expect_one_line_error(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--buffers",
+            "32768",
+            "--buf-size",
+            "1048576",
+        ],
+        &["--buffers 32768 x --buf-size 1048576", "at most 4294967296"],
+    );
+}
+
+/// The start-up line prints the values in effect, says what it rounded, and the rounded
+/// values serve.
+#[test]
+fn the_start_up_line_prints_the_values_in_effect_and_what_was_rounded() {
+    for backend in common::BACKENDS {
+        let server = Server::on(
+            backend,
+            &[
+                "--buffers",
+                "3",
+                "--cq-entries",
+                "300",
+                "--buf-size",
+                "4096",
+            ],
+        );
+        let log = server.wait_log("start-up line", |l| l.contains("echoport serving"));
+        let line = log
+            .lines()
+            .find(|l| l.contains("echoport serving"))
+            .unwrap();
+        for want in [
+            "buffers=4 ",
+            "cq_entries=512 ",
+            "buf_size=4096 ",
+            "max_pending=65536 ",
+            "shutdown_timeout=5s ",
+            "idle_timeout=300s ",
+            "write_timeout=30s ",
+            "--buffers 3 rounded up to 4 (a power of two)",
+            "--cq-entries 300 rounded up to 512 (a power of two)",
+            "max_connections=",
+            "max_connections_from=",
+            "nofile=",
+        ] {
+            assert!(line.contains(want), "{backend}: no {want:?} in: {line}");
+        }
+        assert_eq!(common::ping_pong(server.addr(), 8, 20, 3000), 8 * 20 * 3000);
+        server.stop().assert_clean();
+    }
+    let server = Server::start(&[]);
+    let log = server.wait_log("start-up line", |l| l.contains("echoport serving"));
+    assert!(!log.contains("adjusted="), "nothing was rounded:\n{log}");
+}
+
+/// The soft descriptor limit is raised to the hard limit at start-up, and the connection
+/// capacity derived from it is logged (under `prlimit --nofile=256:4096`).
+#[test]
+fn the_descriptor_limit_is_raised_and_the_capacity_logged() {
+    for (backend, capacity, from) in [
+        (
+            "epoll",
+            "max_connections=4032 ",
+            "descriptor limit 4096 less 64 in reserve",
+        ),
+        // One ring (one thread): its direct-descriptor table holds the descriptor limit.
+        (
+            "io-uring",
+            "max_connections=4096 ",
+            "io_uring direct-descriptor tables",
+        ),
+    ] {
+        let server = Server::start_wrapped(
+            &["prlimit", "--nofile=256:4096", "--"],
+            &["--backend", backend, "--threads", "1"],
+        );
+        let log = server.wait_log("start-up line", |l| l.contains("echoport serving"));
+        let line = log
+            .lines()
+            .find(|l| l.contains("echoport serving"))
+            .unwrap();
+        for want in ["nofile=4096 ", capacity, from] {
+            assert!(line.contains(want), "{backend}: no {want:?} in: {line}");
+        }
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid())).unwrap();
+        let open = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap();
+        assert!(
+            open.split_whitespace().filter(|w| *w == "4096").count() == 2,
+            "{backend}: soft limit not raised: {open}"
+        );
+        server.stop().assert_clean();
+    }
+}
+
+/// `--shutdown-timeout` too large for the clock (or `inf`) waits forever for the last
+/// connection instead of panicking at stop; the connection sees the drain (its echo, then
+/// end of stream) and the server exits cleanly once it closes.
+fn a_huge_shutdown_timeout_waits_forever(backend: &str) {
+    for timeout in ["1e12", "1e300", "inf"] {
+        let mut server = Server::on(backend, &["--shutdown-timeout", timeout]);
+        let mut c = server.connect();
+        common::ping(&mut c, b"before the stop");
+        server.signal(rustix::process::Signal::TERM);
+        server.wait_log("the stop", |l| l.contains("stopping"));
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).unwrap();
+        assert!(
+            rest.is_empty(),
+            "{backend} {timeout}: {rest:?} after the echo"
+        );
+        std::thread::sleep(Duration::from_millis(1500));
+        server.assert_running();
+        let t0 = std::time::Instant::now();
+        drop(c);
+        let stopped = server.finish(t0, Duration::from_secs(10));
+        stopped.assert_clean();
+        let line = stopped
+            .log
+            .lines()
+            .find(|l| l.contains("echoport serving"))
+            .unwrap()
+            .to_string();
+        let want = if timeout == "1e12" {
+            "shutdown_timeout=1000000000000s"
+        } else {
+            "shutdown_timeout=forever"
+        };
+        assert!(line.contains(want), "{backend} {timeout}: {line}");
+    }
+}
+
+every_backend! { a_huge_shutdown_timeout_waits_forever }

@@ -28,7 +28,17 @@ fn two_buffers_serve_a_hundred_busy_connections(backend: &str) {
 
 #[test]
 fn a_tiny_completion_queue_loses_no_completion() {
-    let server = Server::on("io-uring", &["--threads", "1", "--cq-entries", "4"]);
+    // Below the floor of 256 that `serve` enforces, on purpose (a hidden test-only flag).
+    let server = Server::on(
+        "io-uring",
+        &[
+            "--threads",
+            "1",
+            "--cq-entries",
+            "4",
+            "--cq-entries-below-floor",
+        ],
+    );
     ping_pong(server.addr(), 100, 20, 700);
     let stats = server.stop();
     assert_eq!(stats.stat("bytes_echoed"), 100 * 20 * 700);
