@@ -404,7 +404,25 @@ fn serve_on<B: Backend>(
         describe: backend.describe(),
         max_connections: backend.max_connections(),
     }));
-    Ok(Worker::new(backend, &ids, cfg, stop).run()?)
+    Worker::new(backend, &ids, cfg, stop).run().map_err(|e| {
+        stop_after_worker_failure();
+        anyhow::Error::new(e).context("a worker failed")
+    })
+}
+
+/// A worker's backend failed for good (the worker has said why and given its connections'
+/// places back): stop the whole server the way SIGTERM does, so the other workers finish
+/// their connections' echoes and the operator sees one clear exit instead of a server that
+/// quietly runs on with a thread fewer. Signals are blocked in every thread but the signal
+/// thread, so this is taken there even if it comes before that thread starts.
+fn stop_after_worker_failure() {
+    tracing::error!("stopping the server: a worker failed (see above)");
+    #[cfg(unix)]
+    if let Err(e) =
+        rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::TERM)
+    {
+        tracing::error!(error = %e, "could not signal the stop");
+    }
 }
 
 fn start_udp(
