@@ -560,8 +560,9 @@ impl Conn {
         let max = if self.phase == Phase::Open {
             self.recv_allowance(cx)
         } else {
-            // Lingering: the bytes are thrown away as they come; one buffer at a time.
-            cx.budget.buf_size
+            // Lingering: every buffer is given back as it comes, so nothing is held and no
+            // budget applies; the peer may have megabytes queued to throw away.
+            u32::MAX
         };
         cx.io.push(Op::Recv {
             token: self.token,
