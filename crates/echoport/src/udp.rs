@@ -5,6 +5,8 @@
 //! address on its own thread, the same on every platform and beside any TCP backend: receive
 //! (learning the true length, so a truncated datagram is dropped rather than cut), ask the
 //! guard, reply without blocking. A reply that would block is dropped, never queued.
+//! The rates are one budget for the process ([`UdpBudget`]): every loop draws on it, so
+//! more addresses never mean more replies, and a source has one allowance for all of them.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,18 +15,22 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use echoport_core::udp::{Refusal, UdpGuard, UdpLimits, UdpStats};
+use echoport_core::udp::{Refusal, UdpBudget, UdpGuard, UdpLimits, UdpStats};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Largest datagram payload over IPv4 (65,535 - 8 - 20); IPv6 allows 20 bytes more.
 const MAX_DATAGRAM: usize = 65_527;
 
-/// Binds a UDP socket on each address and starts its echo loop.
+/// Binds a UDP socket on each address and starts its echo loop, all under one budget.
 pub fn spawn(
     addrs: &[SocketAddr],
     limits: UdpLimits,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<Vec<JoinHandle<UdpStats>>> {
+    let budget = Arc::new(UdpBudget::new(limits, Instant::now()));
+    let mut own_ports: Vec<u16> = addrs.iter().map(|a| a.port()).collect();
+    own_ports.sort_unstable();
+    own_ports.dedup();
     let mut handles = Vec::new();
     for &addr in addrs {
         let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
@@ -37,18 +43,18 @@ pub fn spawn(
         // The loop looks at the stop flag at least this often.
         sock.set_read_timeout(Some(Duration::from_millis(250)))?;
         let stop = stop.clone();
+        let guard = UdpGuard::new(&own_ports, budget.clone());
         handles.push(
             std::thread::Builder::new()
                 .name(format!("echoport-udp-{addr}"))
-                .spawn(move || serve(sock, addr, limits, &stop))?,
+                .spawn(move || serve(sock, guard, &stop))?,
         );
         tracing::info!("UDP echo on {addr}");
     }
     Ok(handles)
 }
 
-fn serve(sock: UdpSocket, addr: SocketAddr, limits: UdpLimits, stop: &AtomicBool) -> UdpStats {
-    let mut guard = UdpGuard::new(addr.port(), limits, Instant::now());
+fn serve(sock: UdpSocket, mut guard: UdpGuard, stop: &AtomicBool) -> UdpStats {
     // One byte more than the largest datagram, so a fit is never mistaken for a cut.
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
     let mut log = RefusalLog::default();
