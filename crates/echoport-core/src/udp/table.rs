@@ -248,4 +248,33 @@ mod tests {
             "{refused} of 1,000,000 refused as too many"
         );
     }
+
+    #[test]
+    fn a_flood_faster_than_sources_go_idle_fills_the_table_and_is_refused_in_constant_time() {
+        // A million sources 10 ns apart: all still live when the last arrives, so the table
+        // fills and stays full; the live source, tracked first, keeps its limit throughout.
+        let mut t = SourceTable::new(65_536, 100.0, 200.0);
+        let live = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+        let started = Instant::now();
+        let (mut live_ok, mut refused) = (0u64, 0u64);
+        for i in 0..1_000_000u32 {
+            let now = u64::from(i) / 100; // microseconds
+            if i % 10 == 0 {
+                live_ok += u64::from(hit(&mut t, live, now) == Some(true));
+            }
+            if hit(&mut t, v4(i), now).is_none() {
+                refused += 1;
+            }
+        }
+        let took = started.elapsed();
+        assert!(took.as_secs() < 20, "1,000,000 new sources took {took:?}");
+        assert_eq!(t.len(), t.capacity(), "every slot taken, none added");
+        assert_eq!(t.capacity(), 65_536);
+        assert_eq!(refused, 1_000_000 - 65_535, "all but the slots are refused");
+        // 100,000 tries in 10 ms: the burst and one token.
+        assert!(
+            (200..=201).contains(&live_ok),
+            "the live source got {live_ok}"
+        );
+    }
 }
