@@ -15,6 +15,7 @@ pub mod backend;
 pub mod conn;
 pub mod live;
 pub mod op;
+pub mod proxy;
 pub mod slab;
 pub mod stats;
 pub mod testing;

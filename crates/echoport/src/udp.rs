@@ -5,6 +5,8 @@
 //! address on its own thread, the same on every platform and beside any TCP backend: receive
 //! (learning the true length, so a truncated datagram is dropped rather than cut), ask the
 //! guard, reply without blocking. A reply that would block is dropped, never queued.
+//! The rates are one budget for the process ([`UdpBudget`]): every loop draws on it, so
+//! more addresses never mean more replies, and a source has one allowance for all of them.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use echoport_core::live::LiveUdpSlot;
-use echoport_core::udp::{Refusal, UdpGuard, UdpLimits, UdpStats};
+use echoport_core::udp::{Refusal, UdpBudget, UdpGuard, UdpLimits, UdpStats};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Largest datagram payload over IPv4 (65,535 - 8 - 20); IPv6 allows 20 bytes more.
@@ -38,13 +40,21 @@ pub fn bind(addrs: &[SocketAddr]) -> anyhow::Result<Vec<UdpSocket>> {
     Ok(socks)
 }
 
-/// Starts an echo loop on each bound socket; `live` gets one slot per socket, in order.
+/// Starts an echo loop on each bound socket, all under one reply budget (per source and in
+/// total, for the whole process); `live` gets one slot per socket, in order.
 pub fn spawn(
     socks: Vec<UdpSocket>,
     limits: UdpLimits,
     stop: Arc<AtomicBool>,
     live: Option<&Arc<echoport_core::live::LiveStats>>,
 ) -> anyhow::Result<Vec<JoinHandle<UdpStats>>> {
+    let budget = Arc::new(UdpBudget::new(limits, Instant::now()));
+    let mut own_ports = Vec::with_capacity(socks.len());
+    for sock in &socks {
+        own_ports.push(sock.local_addr()?.port());
+    }
+    own_ports.sort_unstable();
+    own_ports.dedup();
     let mut handles = Vec::new();
     for (i, sock) in socks.into_iter().enumerate() {
         let addr = sock.local_addr()?;
@@ -52,10 +62,11 @@ pub fn spawn(
         sock.set_read_timeout(Some(Duration::from_millis(250)))?;
         let stop = stop.clone();
         let slot = live.map(|l| l.udp_slot(i));
+        let guard = UdpGuard::new(&own_ports, budget.clone());
         handles.push(
             std::thread::Builder::new()
                 .name(format!("echoport-udp-{addr}"))
-                .spawn(move || serve(sock, addr, limits, &stop, slot))?,
+                .spawn(move || serve(sock, guard, &stop, slot))?,
         );
         tracing::info!(addr = %addr, "UDP echo on {addr}");
     }
@@ -64,12 +75,10 @@ pub fn spawn(
 
 fn serve(
     sock: UdpSocket,
-    addr: SocketAddr,
-    limits: UdpLimits,
+    mut guard: UdpGuard,
     stop: &AtomicBool,
     live: Option<LiveUdpSlot>,
 ) -> UdpStats {
-    let mut guard = UdpGuard::new(addr.port(), limits, Instant::now());
     // One byte more than the largest datagram, so a fit is never mistaken for a cut.
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
     let mut log = RefusalLog::default();

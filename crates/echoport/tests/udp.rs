@@ -124,6 +124,110 @@ fn a_blast_from_one_source_is_held_to_its_rate(backend: &str) {
     assert!(stats.stat("udp_echoed") <= allowed, "{}", stats.log);
 }
 
+/// Every address the server says it echoes UDP on.
+fn udp_addrs(server: &Server, expect: usize) -> Vec<SocketAddr> {
+    let log = server.wait_log("UDP echo lines", |l| {
+        l.matches("UDP echo on ").count() >= expect
+    });
+    log.lines()
+        .filter_map(|l| l.split("UDP echo on ").nth(1))
+        .map(|a| a.trim().parse().expect("an address after 'UDP echo on'"))
+        .collect()
+}
+
+/// Floods `to` from one socket, round robin, as fast as it goes for `length` (200,000
+/// datagrams at most); returns the replies each address sent back.
+fn flood_from_one_source(to: &[SocketAddr], length: Duration) -> Vec<u64> {
+    let c = client("127.0.0.1:0");
+    c.set_nonblocking(true).unwrap();
+    let mut replies = vec![0u64; to.len()];
+    let mut buf = [0u8; 64];
+    let mut drain = |replies: &mut Vec<u64>| {
+        while let Ok((_, from)) = c.recv_from(&mut buf) {
+            let i = to.iter().position(|&a| a == from).expect("a reply from us");
+            replies[i] += 1;
+        }
+    };
+    let started = Instant::now();
+    let mut sent = 0u32;
+    while sent < 200_000 && started.elapsed() < length {
+        if c.send_to(&sent.to_le_bytes(), to[sent as usize % to.len()])
+            .is_ok()
+        {
+            sent += 1;
+        }
+        drain(&mut replies);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    drain(&mut replies);
+    replies
+}
+
+/// Two listen addresses (two ports), one UDP socket each; a flood from one source to both.
+fn two_address_server(rates: &[&str]) -> (Server, Vec<SocketAddr>) {
+    let mut args = vec!["--threads", "1", "--udp"];
+    args.extend(["--listen", "127.0.0.1:0", "--listen", "127.0.0.1:0"]);
+    args.extend_from_slice(rates);
+    let server = Server::start(&args);
+    let addrs = udp_addrs(&server, 2);
+    assert_eq!(addrs.len(), 2, "{}", server.log());
+    assert_ne!(addrs[0], addrs[1]);
+    (server, addrs)
+}
+
+/// Checks the replies of a flood against `burst + rate * seconds` (and a little slack for
+/// the stop), and that both sockets answered and the limit was reached.
+fn assert_within_one_budget(
+    server: Server,
+    replies: &[u64],
+    started: Instant,
+    rate: f64,
+    burst: f64,
+) {
+    // Counted up to the stop: the server may drain its queue until then.
+    let seconds = started.elapsed().as_secs_f64() + 0.3;
+    let stats = server.stop();
+    let echoed = stats.stat("udp_echoed");
+    let allowed = (burst + rate * seconds) as u64 + 50;
+    assert!(
+        echoed <= allowed,
+        "{echoed} replies in {seconds:.2} s from two addresses, {allowed} allowed (one budget, \
+         not one an address); replies per address {replies:?}\n{}",
+        stats.log
+    );
+    assert!(
+        replies.iter().all(|&r| r > 0),
+        "both addresses answered: {replies:?}"
+    );
+    assert!(
+        echoed >= burst as u64,
+        "the flood did not reach the limit: {echoed}"
+    );
+    assert!(stats.stat("udp_rate_limited") > 0, "{}", stats.log);
+    assert!(replies.iter().sum::<u64>() <= echoed);
+}
+
+// The UDP loop is the same beside every TCP backend, so these run on the default one.
+#[test]
+fn the_global_rate_is_one_budget_for_every_address() {
+    let (server, addrs) =
+        two_address_server(&["--udp-rate", "1000000", "--udp-global-rate", "500"]);
+    let started = Instant::now();
+    let replies = flood_from_one_source(&addrs, Duration::from_millis(1500));
+    // --udp-global-rate 500: a burst of one second's worth.
+    assert_within_one_budget(server, &replies, started, 500.0, 500.0);
+}
+
+#[test]
+fn a_source_has_one_allowance_across_every_address() {
+    let (server, addrs) =
+        two_address_server(&["--udp-rate", "300", "--udp-global-rate", "1000000"]);
+    let started = Instant::now();
+    let replies = flood_from_one_source(&addrs, Duration::from_millis(1500));
+    // --udp-rate 300: a burst of twice that.
+    assert_within_one_budget(server, &replies, started, 300.0, 600.0);
+}
+
 every_backend! {
     udp_is_off_by_default,
     datagrams_come_back_whole_up_to_the_largest,

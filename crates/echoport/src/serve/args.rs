@@ -79,15 +79,19 @@ pub struct Args {
 
     /// Also echo UDP datagrams (RFC 862) on the same addresses and ports. Off by default:
     /// UDP echo can be abused for reflection, so replies are refused to service and
-    /// privileged ports, our own port, broadcast and multicast sources, and rate-limited.
+    /// privileged ports, our own ports, broadcast, multicast and unspecified sources (also
+    /// when an IPv6 source carries one: IPv4-mapped, NAT64, 6to4, Teredo; and the
+    /// deprecated IPv4-compatible form), and rate-limited.
     #[arg(long)]
     pub udp: bool,
 
-    /// UDP: replies per second to one source address (with a burst of twice that); > 0.
+    /// UDP: replies per second to one source address, over all listen addresses together
+    /// (with a burst of twice that); > 0.
     #[arg(long, value_name = "PPS", default_value_t = 100.0)]
     pub udp_rate: f64,
 
-    /// UDP: replies per second in total; > 0.
+    /// UDP: replies per second in total, one budget for all listen addresses (with a burst
+    /// of one second's worth); > 0.
     #[arg(long, value_name = "PPS", default_value_t = 20_000.0)]
     pub udp_global_rate: f64,
 
