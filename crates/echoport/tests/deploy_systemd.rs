@@ -14,20 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use deploy_support::BIN;
+use deploy_support::{find, require, BIN};
 use rustix::process::{kill_process, Pid, Signal};
-
-/// The path of a program on PATH, or a failure saying what CI must install.
-fn require(program: &str, package: &str) -> PathBuf {
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!("{program} is missing: .ci/run must install the Debian package {package}")
-        })
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -369,12 +357,7 @@ fn the_shipped_units_verify() {
         "TimeoutStopSec too short for the drain"
     );
 
-    let Some(analyze) = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join("systemd-analyze"))
-        .find(|p| p.is_file())
-    else {
+    let Some(analyze) = find("systemd-analyze") else {
         eprintln!(
             "systemd-analyze is missing: the units' syntax was NOT verified (only their contents)"
         );

@@ -204,3 +204,20 @@ pub fn num(doc: &Value, path: &str) -> u64 {
     v.as_u64()
         .unwrap_or_else(|| panic!("no number at {path} in {doc:#}"))
 }
+
+/// The path of a program on PATH (or in /usr/sbin, /sbin, where Debian puts daemons), or a
+/// failure saying which package CI must install.
+pub fn require(program: &str, package: &str) -> std::path::PathBuf {
+    find(program).unwrap_or_else(|| {
+        panic!("{program} is missing: .ci/run must install the Debian package {package}")
+    })
+}
+
+/// The path of a program on PATH, /usr/sbin or /sbin.
+pub fn find(program: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}

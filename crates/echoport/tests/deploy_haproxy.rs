@@ -1,0 +1,398 @@
+//! Scale-out behind HAProxy (`mode tcp`), the recipe of docs/DEPLOY.md run on loopback: two
+//! echoport processes behind one HAProxy, `echoport bench` through it with every byte
+//! verified, one backend stopped mid-run with SIGTERM. What must hold:
+//!
+//! - no byte is ever corrupted, duplicated or invented (mismatch, extra echo: zero);
+//! - the connections on the *other* backend lose nothing;
+//! - the connections that were on the stopped backend see its drain: the echo of everything
+//!   it had read, then end of stream (FIN), which the bench counts as `connection_lost`
+//!   ("closed by the server"); a message still in flight when the drain began (never read by
+//!   the server) is reported missing — at most one whole message per connection in a closed
+//!   loop — never cut or altered;
+//! - new connections keep working at once (HAProxy retries a refused connect and
+//!   redispatches), HAProxy's echo health check marks the stopped backend DOWN, and a second
+//!   run goes entirely to the other backend without a single error.
+//!
+//! The scenario takes parameters so that the PROXY protocol variant (`send-proxy-v2` on the
+//! server lines, the matching flag on echoport) can be added as a second case.
+
+#[macro_use]
+mod common;
+mod deploy_support;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::Server;
+use deploy_support::{bench, metrics_addr, require, scrape, Samples};
+use rustix::process::{kill_process, Pid, Signal};
+
+/// The backend section's options, exactly as docs/DEPLOY.md shows them (a test checks).
+pub const BACKEND_OPTIONS: &[&str] = &[
+    "balance roundrobin",
+    "option tcp-check",
+    "tcp-check connect",
+    "tcp-check send-binary 70696e670a",
+    "tcp-check expect binary 70696e670a",
+    "default-server inter 200ms fall 2 rise 2",
+];
+
+/// The defaults section's options, exactly as docs/DEPLOY.md shows them.
+pub const DEFAULTS: &[&str] = &[
+    "mode tcp",
+    "timeout connect 2s",
+    "timeout client 30s",
+    "timeout server 30s",
+    "retries 3",
+    "option redispatch",
+];
+
+/// One way of running the recipe.
+struct Scenario {
+    /// Appended to each `server` line (e.g. ` send-proxy-v2`).
+    server_opts: &'static str,
+    /// Extra `echoport serve` flags for the backends (e.g. the PROXY protocol flag).
+    echoport_args: &'static [&'static str],
+}
+
+/// Plain TCP. (The PROXY v2 case will be `{ server_opts: " send-proxy-v2 check-send-proxy",
+/// echoport_args: &["--proxy-protocol", "v2", "--proxy-from", "127.0.0.1/32"] }` once
+/// echoport speaks it.)
+const PLAIN: Scenario = Scenario {
+    server_opts: "",
+    echoport_args: &[],
+};
+
+/// HAProxy in the foreground, its log collected, killed on drop.
+struct Haproxy {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    stats: PathBuf,
+    dir: PathBuf,
+}
+
+impl Haproxy {
+    fn start(front: SocketAddr, backends: &[SocketAddr], s: &Scenario) -> Haproxy {
+        let haproxy = require("haproxy", "haproxy");
+        let dir = std::env::temp_dir().join(format!("echoport-haproxy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let stats = dir.join("stats.sock");
+        let mut cfg = format!(
+            "global\n    log stderr format raw local0 info\n    maxconn 4000\n    \
+             stats socket {} mode 600 level admin\ndefaults\n    log global\n    option tcplog\n",
+            stats.display()
+        );
+        for o in DEFAULTS {
+            cfg.push_str(&format!("    {o}\n"));
+        }
+        cfg.push_str(&format!(
+            "frontend echo\n    bind {front}\n    default_backend echoport\nbackend echoport\n"
+        ));
+        for o in BACKEND_OPTIONS {
+            cfg.push_str(&format!("    {o}\n"));
+        }
+        for (i, b) in backends.iter().enumerate() {
+            cfg.push_str(&format!("    server e{i} {b} check{}\n", s.server_opts));
+        }
+        let cfg_path = dir.join("haproxy.cfg");
+        std::fs::write(&cfg_path, &cfg).unwrap();
+        let mut child = Command::new(haproxy)
+            .arg("-db")
+            .arg("-f")
+            .arg(&cfg_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut err = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let hx = Haproxy {
+            child,
+            log,
+            stats,
+            dir,
+        };
+        // Ready once its stats socket answers.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(&hx.stats).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "HAProxy did not start:\n{}",
+                hx.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        hx
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// `show stat`: per server name, its columns by header name.
+    fn servers(&self) -> HashMap<String, HashMap<String, String>> {
+        let mut s = UnixStream::connect(&self.stats)
+            .unwrap_or_else(|e| panic!("HAProxy's stats socket: {e}\n{}", self.log()));
+        s.write_all(b"show stat\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let mut lines = out.lines();
+        let header: Vec<&str> = lines
+            .next()
+            .unwrap()
+            .trim_start_matches("# ")
+            .split(',')
+            .collect();
+        lines
+            .map(|l| {
+                header
+                    .iter()
+                    .map(|h| h.to_string())
+                    .zip(l.split(',').map(str::to_string))
+                    .collect::<HashMap<_, _>>()
+            })
+            .filter(|row| row.get("pxname").map(String::as_str) == Some("echoport"))
+            .filter(|row| row.get("svname").is_some_and(|n| n.starts_with('e')))
+            .map(|row| (row["svname"].clone(), row))
+            .collect()
+    }
+
+    /// A server's (status, total sessions).
+    fn server(&self, name: &str) -> (String, u64) {
+        let all = self.servers();
+        let row = all
+            .get(name)
+            .unwrap_or_else(|| panic!("no server {name} in {all:?}"));
+        (row["status"].clone(), row["stot"].parse().unwrap())
+    }
+
+    /// Waits (10 s at most) until server `name` has status `want`.
+    fn wait_status(&self, name: &str, want: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (st, _) = self.server(name);
+            if st == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} is {st}, not {want}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = kill_process(Pid::from_child(&self.child), Signal::TERM);
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// One ping through the balancer, on a fresh connection: the echo must be exact.
+fn ping_through(front: SocketAddr, i: usize) {
+    let mut s = TcpStream::connect(front).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let msg = format!("ping {i} through the balancer\n");
+    s.write_all(msg.as_bytes()).unwrap();
+    let mut got = vec![0u8; msg.len()];
+    s.read_exact(&mut got)
+        .unwrap_or_else(|e| panic!("ping {i}: {e}"));
+    assert_eq!(got, msg.as_bytes(), "ping {i}");
+}
+
+fn errors(doc: &serde_json::Value, kind: &str) -> u64 {
+    deploy_support::num(doc, &format!("runs.0.errors.{kind}"))
+}
+
+/// The scenario of this file's header.
+fn drain_moves_the_load(s: &Scenario) {
+    const SIZE: u64 = 64;
+    let mut args_a = vec!["--threads", "1", "--shutdown-timeout", "5"];
+    args_a.extend_from_slice(s.echoport_args);
+    let mut args_b = vec!["--threads", "1", "--metrics", "127.0.0.1:0"];
+    args_b.extend_from_slice(s.echoport_args);
+    let mut a = Server::start(&args_a);
+    let b = Server::start(&args_b);
+    let b_metrics = metrics_addr(&b.log());
+    let front = free_addr();
+    let hx = Haproxy::start(front, &[a.addr(), b.addr()], s);
+    hx.wait_status("e0", "UP");
+    hx.wait_status("e1", "UP");
+
+    // Run 1: 20 connections (HAProxy's round robin puts 10 on each), 4 s; A is stopped
+    // after 1.5 s.
+    let run1 = std::thread::spawn(move || {
+        bench(
+            front,
+            &[
+                "-c",
+                "20",
+                "-d",
+                "4s",
+                "--warmup",
+                "0",
+                "--threads",
+                "1",
+                "-s",
+                "64",
+            ],
+            Duration::from_secs(60),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_, on_a) = hx.server("e0");
+    assert_eq!(on_a, 10, "round robin put {on_a} of 20 connections on A");
+    let b_before = Samples::parse(&scrape(b_metrics).body).sum("echoport_bytes_echoed_total");
+    let t_stop = Instant::now();
+    a.signal(Signal::TERM);
+    a.wait_log("the drain", |l| l.contains("stopping"));
+    // A closes its listener within milliseconds of the signal. (A connection that reaches
+    // its accept queue in that instant is closed at once and counted as refused: take a
+    // backend out of rotation first when even that matters, docs/DEPLOY.md says how.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while TcpStream::connect(a.addr()).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "A's listener is still open 5 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // From then on new connections work, before and after the health check marks A down:
+    // HAProxy retries the refused connect on B.
+    for i in 0..10 {
+        ping_through(front, i);
+    }
+    let stopped_a = a.finish(t_stop, Duration::from_secs(10));
+    stopped_a.assert_clean();
+    assert!(
+        stopped_a.took < Duration::from_secs(3),
+        "A's drain took {:?}",
+        stopped_a.took
+    );
+    hx.wait_status("e0", "DOWN");
+
+    let (code1, doc1) = run1.join().expect("bench run 1");
+    eprintln!("run 1: {doc1:#}");
+    // What the clients of A saw: its drain, never a corrupted or invented byte.
+    for zero in [
+        "mismatch",
+        "extra_echo",
+        "extra_bytes",
+        "io_error",
+        "timeout",
+        "connect_failed",
+    ] {
+        assert_eq!(errors(&doc1, zero), 0, "run 1: {zero}");
+    }
+    let lost = errors(&doc1, "connection_lost");
+    assert_eq!(
+        lost, on_a,
+        "exactly A's connections were closed by the drain, none of B's"
+    );
+    let (short, missing) = (errors(&doc1, "short_echo"), errors(&doc1, "missing_bytes"));
+    assert!(short <= lost, "only drained connections may miss an echo");
+    assert!(
+        missing <= short * SIZE && missing % SIZE == 0,
+        "{missing} bytes missing: whole in-flight messages only"
+    );
+    assert_eq!(
+        code1,
+        Some(1),
+        "the bench reports the closed connections as errors"
+    );
+    // B went on echoing after A stopped.
+    let b_after = Samples::parse(&scrape(b_metrics).body).sum("echoport_bytes_echoed_total");
+    assert!(
+        b_after > b_before,
+        "B echoed nothing after A's stop ({b_before} -> {b_after})"
+    );
+
+    // Run 2, with A down: everything goes to B, and nothing fails.
+    let (_, b_sessions) = hx.server("e1");
+    let (_, a_sessions) = hx.server("e0");
+    let (code2, doc2) = bench(
+        front,
+        &[
+            "-c",
+            "20",
+            "-d",
+            "1s",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "-s",
+            "64",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(code2, Some(0), "run 2 with A down: {doc2:#}");
+    assert_eq!(errors(&doc2, "total"), 0);
+    assert!(deploy_support::num(&doc2, "runs.0.bytes") > 0);
+    let (st, after) = hx.server("e1");
+    assert_eq!(
+        (st.as_str(), after - b_sessions),
+        ("UP", 20),
+        "run 2's connections all on B"
+    );
+    let (st_a, on_a_after) = hx.server("e0");
+    assert_eq!(
+        (st_a.as_str(), on_a_after),
+        ("DOWN", a_sessions),
+        "run 2 sent nothing to A"
+    );
+    let log = hx.log();
+    assert!(
+        log.contains("is DOWN"),
+        "HAProxy's log says nothing of A going down:\n{log}"
+    );
+    b.stop().assert_clean();
+}
+
+#[test]
+fn a_drained_backend_hands_its_load_to_the_other() {
+    drain_moves_the_load(&PLAIN);
+}
+
+/// docs/DEPLOY.md shows the configuration this file runs.
+#[test]
+fn the_deploy_guide_shows_the_tested_configuration() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/DEPLOY.md"))
+        .expect("docs/DEPLOY.md");
+    for line in DEFAULTS.iter().chain(BACKEND_OPTIONS) {
+        assert!(
+            doc.lines().any(|l| l.trim() == *line),
+            "docs/DEPLOY.md lacks `{line}`"
+        );
+    }
+}
