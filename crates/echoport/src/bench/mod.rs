@@ -1,6 +1,6 @@
 //! `echoport bench`: the load generator.
 //!
-//! - [`args`]: the command line, validated into [`args::Params`];
+//! - [`args`], `params`, `parse`: the command line, validated into `params::Params`;
 //! - [`connector`]: one thread opens the connections (paced, bound to source addresses) and
 //!   hands them to the workers;
 //! - [`worker`]: one event loop per thread over its own backend instance (io_uring by
@@ -13,6 +13,8 @@
 
 pub mod args;
 mod connector;
+mod params;
+mod parse;
 mod pattern;
 mod plot;
 mod report;
@@ -29,7 +31,7 @@ use anyhow::{bail, Context};
 use echoport_core::Waker;
 
 pub use args::Args;
-use args::{Load, Params};
+use params::{Load, Params};
 use report::{Cpu, RunResult};
 use tally::Tally;
 use worker::{Live, Plan, Task, ThreadLoad};

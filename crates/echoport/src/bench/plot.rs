@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use super::args::Load;
+use super::params::Load;
 use super::report::{group, RunResult};
 use super::tally::Tally;
 

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::args::{Load, Params};
 use super::connector::ConnectReport;
+use super::params::{Load, Params};
 use super::tally::Tally;
 
 /// Name and version of the JSON schema. Bump the number on any incompatible change.

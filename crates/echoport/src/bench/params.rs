@@ -1,0 +1,181 @@
+//! The validated parameters of a run ([`Params`]), checked from the command line's [`Args`].
+
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use super::args::{Args, DEFAULT_ADDR};
+use super::parse::parse_sources;
+use crate::serve::BackendChoice;
+
+/// A message size, fixed (`min == max`) or drawn per message.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct SizeRange {
+    /// Smallest size in bytes (at least 1).
+    pub min: u32,
+    /// Largest size in bytes.
+    pub max: u32,
+}
+
+impl SizeRange {
+    /// The size of the message whose content key is `key` (a hash: uniform enough).
+    pub fn pick(&self, key: u64) -> u32 {
+        if self.min == self.max {
+            self.min
+        } else {
+            let span = (self.max - self.min) as u64 + 1;
+            self.min + ((key >> 16) % span) as u32
+        }
+    }
+}
+
+impl std::fmt::Display for SizeRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.min == self.max {
+            write!(f, "{} B", self.min)
+        } else {
+            write!(f, "{}-{} B", self.min, self.max)
+        }
+    }
+}
+
+/// Closed or open loop.
+#[derive(Copy, Clone, Debug, PartialEq)]
+pub enum Load {
+    /// Each connection keeps this many messages in flight.
+    Closed {
+        /// Messages in flight per connection.
+        pipeline: u32,
+    },
+    /// Messages per second in total, at fixed intended times.
+    Open {
+        /// Messages per second.
+        rate: f64,
+    },
+}
+
+/// Everything a run needs, validated.
+#[derive(Clone, Debug)]
+pub struct Params {
+    /// Where the server listens.
+    pub server: SocketAddr,
+    /// Connections in total.
+    pub connections: usize,
+    /// Event-loop threads.
+    pub threads: usize,
+    /// CPUs to pin the threads to (empty: no pinning).
+    pub cpus: Vec<usize>,
+    /// Backend choice.
+    pub backend: BackendChoice,
+    /// Connections per second while opening (None: as fast as possible).
+    pub connect_rate: Option<f64>,
+    /// Source addresses to bind to (empty: let the kernel choose).
+    pub sources: Vec<IpAddr>,
+    /// Message sizes.
+    pub size: SizeRange,
+    /// Measured duration (unless `count` is given).
+    pub duration: Duration,
+    /// Warm-up before measuring.
+    pub warmup: Duration,
+    /// Messages to measure instead of a duration.
+    pub count: Option<u64>,
+    /// The load of a single run; a sweep overrides the rate per run.
+    pub load: Load,
+    /// Rates of a sweep (empty: one run).
+    pub sweep: Vec<f64>,
+    /// No-progress timeout and end-of-run grace.
+    pub timeout: Duration,
+    /// Open loop: shortest sleep on the timer alone.
+    pub tick: Duration,
+    /// Open loop: poll instead of sleeping when the next message is due this soon.
+    pub spin: Duration,
+}
+
+impl Params {
+    /// Checks the arguments and resolves the address.
+    pub fn from_args(a: &Args) -> anyhow::Result<Params> {
+        let spec = a
+            .address
+            .as_deref()
+            .or(a.addr.as_deref())
+            .unwrap_or(DEFAULT_ADDR);
+        let server = spec
+            .to_socket_addrs()
+            .with_context(|| {
+                format!("bad server address {spec:?} (expected HOST:PORT, e.g. 127.0.0.1:7007)")
+            })?
+            .next()
+            .with_context(|| format!("server address {spec:?} resolves to nothing"))?;
+        if a.connections == 0 {
+            bail!("--connections must be at least 1");
+        }
+        if a.connections > (1 << 24) {
+            bail!("--connections is limited to 16,777,216");
+        }
+        let cpus = match &a.cpus {
+            Some(list) => crate::serve::parse_cpu_list(list)?,
+            None => Vec::new(),
+        };
+        let threads = match a.threads {
+            Some(0) => bail!("--threads must be at least 1"),
+            Some(t) => t,
+            None if !cpus.is_empty() => cpus.len(),
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+        .min(a.connections);
+        if a.pipeline == 0 {
+            bail!("--pipeline must be at least 1");
+        }
+        let sources = match &a.source {
+            Some(s) => parse_sources(s)?,
+            None => Vec::new(),
+        };
+        if let Some(bad) = sources.iter().find(|s| s.is_ipv4() != server.is_ipv4()) {
+            bail!("source address {bad} is not of the server address's family ({server})");
+        }
+        if a.count == Some(0) {
+            bail!("--count must be at least 1");
+        }
+        if a.count.is_none() && a.duration.is_zero() {
+            bail!("--duration must be more than 0");
+        }
+        if a.timeout.is_zero() {
+            bail!("--timeout must be more than 0");
+        }
+        let load = match a.rate {
+            Some(rate) => Load::Open { rate },
+            None => Load::Closed {
+                pipeline: a.pipeline,
+            },
+        };
+        let sweep = a.sweep.clone().unwrap_or_default();
+        Ok(Params {
+            server,
+            connections: a.connections,
+            threads,
+            cpus,
+            backend: a.backend,
+            connect_rate: a.connect_rate,
+            sources,
+            size: a.size,
+            duration: a.duration,
+            warmup: a.warmup,
+            count: a.count,
+            load,
+            sweep,
+            timeout: a.timeout,
+            tick: a.tick,
+            spin: a.spin,
+        })
+    }
+
+    /// The loads to run in turn: one, or one per sweep rate.
+    pub fn loads(&self) -> Vec<Load> {
+        if self.sweep.is_empty() {
+            vec![self.load]
+        } else {
+            self.sweep.iter().map(|&rate| Load::Open { rate }).collect()
+        }
+    }
+}
