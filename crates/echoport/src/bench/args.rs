@@ -4,8 +4,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::merge::MergeArgs;
 use super::params::SizeRange;
-use super::parse::{parse_count, parse_duration, parse_rate, parse_size};
+use super::parse::{parse_count, parse_duration, parse_rate, parse_size, parse_time};
 use crate::serve::BackendChoice;
 
 /// The default server address.
@@ -19,9 +20,33 @@ pub const DEFAULT_ADDR: &str = "127.0.0.1:7007";
     echoport bench -r 150k -d 5s --json             # open loop at 150,000 msgs/s\n  \
     echoport bench --sweep 10k,50k,100k --plot lat.svg\n  \
     echoport bench -a 127.0.0.1:7007 -c 50 -l 512 -t 10   # rust_echo_bench's flags\n\n\
+    Several processes (or hosts), one exact answer:\n  \
+    echoport bench HOST:7007 -r 50k --start-at 2026-12-01T10:00:00Z --json > host1.json\n  \
+    echoport bench merge host*.json --svg all.svg   # percentiles of the merged histogram\n\n\
     Exit status: 0 when every echo came back exact, 1 on any error (mismatch, short or\n\
     extra echo, connection lost or refused, timeout), 130 when interrupted (Ctrl-C).")]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Args {
+    /// Other things `bench` does than load a server.
+    #[command(subcommand)]
+    pub cmd: Option<Box<Cmd>>,
+
+    /// Everything else (boxed: the options are many, the command enum stays small).
+    #[command(flatten)]
+    pub opts: Box<Opts>,
+}
+
+impl std::ops::Deref for Args {
+    type Target = Opts;
+
+    fn deref(&self) -> &Opts {
+        &self.opts
+    }
+}
+
+/// The options of a load run.
+#[derive(clap::Args, Debug)]
+pub struct Opts {
     /// Server address, HOST:PORT.
     #[arg(value_name = "ADDR")]
     pub addr: Option<String>,
@@ -134,6 +159,17 @@ pub struct Args {
     #[arg(help_heading = "Output", long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
 
+    /// Write an HdrHistogram interval log (.hlog) here: one histogram per interval (per
+    /// second unless --interval says otherwise), lossless, readable by HdrHistogram's
+    /// HistogramLogProcessor and plotters.
+    #[arg(help_heading = "Output", long, value_name = "FILE.hlog")]
+    pub hlog: Option<PathBuf>,
+
+    /// A name for this process's results (no spaces or commas), e.g. the host: written as
+    /// `tag` in the JSON and `Tag=` in the interval log, and shown by `bench merge`.
+    #[arg(help_heading = "Output", long, value_name = "NAME")]
+    pub tag: Option<String>,
+
     /// Also measure this process's CPU time (the server's) over the measured window and
     /// report its CPU per echo next to the client's.
     #[arg(help_heading = "Output", long, value_name = "PID")]
@@ -142,4 +178,27 @@ pub struct Args {
     /// No live progress line, even on a terminal.
     #[arg(help_heading = "Output", short = 'q', long)]
     pub quiet: bool,
+
+    /// Tests only: write every measured latency (ns, one a line) here.
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub raw_samples: Option<PathBuf>,
+
+    /// Sleep until this wall-clock time, then connect and run: RFC 3339
+    /// (2026-12-01T10:00:00Z, or with an offset like +01:00) or Unix seconds. Give every
+    /// process of a distributed run the same time (their clocks synchronised, e.g. by NTP)
+    /// so their measured windows line up.
+    #[arg(help_heading = "Starting together", long, value_name = "TIME", value_parser = parse_time)]
+    pub start_at: Option<f64>,
+
+    /// Sleep this long (e.g. 30s), then connect and run; the same as --start-at now + TIME.
+    #[arg(help_heading = "Starting together", long, value_name = "TIME", value_parser = parse_duration, conflicts_with = "start_at")]
+    pub start_in: Option<Duration>,
+}
+
+/// Subcommands of `echoport bench`.
+#[derive(clap::Subcommand, Debug)]
+pub enum Cmd {
+    /// Combine the JSON results of several bench runs (processes, hosts) into one report:
+    /// counts are exact sums, percentiles come from the merged histograms.
+    Merge(MergeArgs),
 }

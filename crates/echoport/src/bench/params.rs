@@ -90,6 +90,14 @@ pub struct Params {
     pub tick: Duration,
     /// Open loop: poll instead of sleeping when the next message is due this soon.
     pub spin: Duration,
+    /// When to begin (Unix seconds), from --start-at or --start-in.
+    pub start_at: Option<f64>,
+    /// This process's name in the results.
+    pub tag: Option<String>,
+    /// Length of the intervals measurements are cut into (None: not cut).
+    pub interval: Option<Duration>,
+    /// Keep every measured latency (the hidden --raw-samples).
+    pub keep_samples: bool,
 }
 
 impl Params {
@@ -167,6 +175,10 @@ impl Params {
             timeout: a.timeout,
             tick: a.tick,
             spin: a.spin,
+            start_at: start_at(a),
+            tag: tag(a)?,
+            interval: interval(a)?,
+            keep_samples: a.raw_samples.is_some(),
         })
     }
 
@@ -178,4 +190,24 @@ impl Params {
             self.sweep.iter().map(|&rate| Load::Open { rate }).collect()
         }
     }
+}
+
+/// The start time asked for, in Unix seconds.
+fn start_at(a: &Args) -> Option<f64> {
+    a.start_at
+        .or_else(|| a.start_in.map(|d| super::unix_now() + d.as_secs_f64()))
+}
+
+fn tag(a: &Args) -> anyhow::Result<Option<String>> {
+    match &a.tag {
+        Some(t) if !super::hdr::valid_tag(t) => {
+            bail!("--tag {t:?}: a tag is a non-empty name without spaces or commas")
+        }
+        t => Ok(t.clone()),
+    }
+}
+
+/// Intervals: one second for the interval log.
+fn interval(a: &Args) -> anyhow::Result<Option<Duration>> {
+    Ok(a.hlog.is_some().then_some(Duration::from_secs(1)))
 }

@@ -56,6 +56,21 @@ impl Errors {
             + self.connect_failed
     }
 
+    /// Counts by kind name (as [`Errors::kinds`] names them), e.g. read back from JSON.
+    pub fn from_kinds(count: impl Fn(&str) -> u64) -> Errors {
+        Errors {
+            mismatch: count("mismatch"),
+            short_echo: count("short_echo"),
+            missing_bytes: count("missing_bytes"),
+            extra_echo: count("extra_echo"),
+            extra_bytes: count("extra_bytes"),
+            connection_lost: count("connection_lost"),
+            timeout: count("timeout"),
+            io_error: count("io_error"),
+            connect_failed: count("connect_failed"),
+        }
+    }
+
     /// (name, count) of every kind, in report order.
     pub fn kinds(&self) -> [(&'static str, u64); 9] {
         [
@@ -96,12 +111,20 @@ pub struct Tally {
     /// The longest a worker's wait overran its own deadline: how late the client itself
     /// was (descheduled, or busy), which every latency measured meanwhile includes.
     pub max_late_ns: u64,
+    /// Every measured latency in order, ns (only when asked for: tests check the histograms
+    /// against them).
+    pub samples: Option<Vec<u64>>,
+}
+
+/// An empty latency histogram: 1 ns to one hour, three significant digits.
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_NS, 3).expect("valid histogram bounds")
 }
 
 impl Default for Tally {
     fn default() -> Self {
         Tally {
-            hist: Histogram::new_with_bounds(1, MAX_NS, 3).expect("valid histogram bounds"),
+            hist: new_histogram(),
             msgs: 0,
             bytes: 0,
             sent: 0,
@@ -110,6 +133,7 @@ impl Default for Tally {
             errors: Errors::default(),
             overflows: 0,
             max_late_ns: 0,
+            samples: None,
         }
     }
 }
@@ -128,6 +152,21 @@ impl Tally {
         self.errors.merge(&o.errors);
         self.overflows += o.overflows;
         self.max_late_ns = self.max_late_ns.max(o.max_late_ns);
+        if let Some(theirs) = &o.samples {
+            self.samples.get_or_insert_with(Vec::new).extend(theirs);
+        }
+    }
+
+    /// One measured echo of `len` bytes that took `latency_ns`, completed at `now`.
+    pub fn record(&mut self, now: u64, latency_ns: u64, len: u64) {
+        let v = latency_ns.max(1);
+        self.hist.saturating_record(v);
+        if let Some(s) = &mut self.samples {
+            s.push(v);
+        }
+        self.msgs += 1;
+        self.bytes += len;
+        self.last_done_ns = now;
     }
 
     /// Latency at quantile `q` (0..=1), in microseconds.

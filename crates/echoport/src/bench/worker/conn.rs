@@ -187,7 +187,11 @@ impl<B: Backend> Worker<B> {
     /// Checks echoed bytes against the messages in flight and completes the ones done.
     pub(super) fn on_data(&mut self, token: Token, buf: BufId, len: u32, now: u64) {
         let Worker {
-            io, conns, tally, ..
+            io,
+            conns,
+            tally,
+            intervals,
+            ..
         } = self;
         let c = conns.get_mut(token).expect("caller checked");
         let data = &io.buf(buf)[..len as usize];
@@ -221,10 +225,11 @@ impl<B: Backend> Worker<B> {
                     tally.errors.mismatch += 1;
                 }
                 if m.measured {
-                    tally.hist.saturating_record(now.saturating_sub(m.t).max(1));
-                    tally.msgs += 1;
-                    tally.bytes += m.len as u64;
-                    tally.last_done_ns = now;
+                    let latency = now.saturating_sub(m.t);
+                    tally.record(now, latency, m.len as u64);
+                    if let Some(r) = intervals {
+                        r.record(now, latency, m.len as u64);
+                    }
                 }
             }
         }

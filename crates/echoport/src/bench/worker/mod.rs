@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use echoport_core::slab::Slab;
 use echoport_core::{Backend, BufId, Completion, Op, OpError, Socket, Token, Waker};
 
+use super::interval::Recorder;
 use super::params::SizeRange;
 use super::pattern;
 use super::tally::Tally;
@@ -94,6 +95,8 @@ pub struct Plan {
     pub tick_ns: u64,
     /// Open loop: poll, not sleep, when the next message is due within this many ns.
     pub spin_ns: u64,
+    /// Keep every measured latency (tests compare the histograms with them).
+    pub keep_samples: bool,
 }
 
 /// How a worker reports that its backend is open: its waker and description, or why not.
@@ -113,6 +116,8 @@ pub struct Task {
     pub ready: Sender<Ready>,
     /// The run's start instant, sent when every thread is ready.
     pub start: Receiver<Instant>,
+    /// Per-interval measurements, when asked for.
+    pub intervals: Option<Recorder>,
 }
 
 /// What a worker thread returns.
@@ -132,8 +137,12 @@ impl crate::backends::WithBackend for Task {
                 tally: Tally::default(),
             });
         };
-        let mut w = Worker::new(backend, self.plan, epoch);
+        let mut w = Worker::new(backend, self.plan, epoch, self.intervals);
         w.run(&self.incoming, &self.stop, &self.live)?;
+        let now = w.now();
+        if let Some(r) = w.intervals.take() {
+            r.finish(now);
+        }
         let mut tally = w.tally;
         tally.overflows = w.io.overflows();
         Ok(Outcome { tally })
@@ -210,6 +219,7 @@ struct Worker<B: Backend> {
     scratch: Vec<Token>,
     events: Vec<Completion>,
     tally: Tally,
+    intervals: Option<Recorder>,
     phase: Phase,
     interrupted: bool,
     drain_deadline: u64,
@@ -233,8 +243,12 @@ fn classify(e: OpError) -> Failure {
 }
 
 impl<B: Backend> Worker<B> {
-    fn new(io: B, plan: Plan, epoch: Instant) -> Self {
+    fn new(io: B, plan: Plan, epoch: Instant, intervals: Option<Recorder>) -> Self {
         let scan_every = (plan.timeout_ns / 5).clamp(1_000_000, 100_000_000);
+        let mut tally = Tally::default();
+        if plan.keep_samples {
+            tally.samples = Some(Vec::new());
+        }
         Worker {
             io,
             plan,
@@ -247,7 +261,8 @@ impl<B: Backend> Worker<B> {
             buf_wait: VecDeque::new(),
             scratch: Vec::new(),
             events: Vec::with_capacity(1024),
-            tally: Tally::default(),
+            tally,
+            intervals,
             phase: Phase::Run,
             interrupted: false,
             drain_deadline: u64::MAX,
@@ -295,6 +310,9 @@ impl<B: Backend> Worker<B> {
             if self.phase == Phase::Drain && !self.deadline_passed && now >= self.drain_deadline {
                 self.deadline_passed = true;
                 self.end_all();
+            }
+            if let Some(r) = &mut self.intervals {
+                r.roll(now);
             }
             if now >= self.next_scan {
                 self.next_scan = now + self.scan_every;
@@ -357,6 +375,9 @@ impl<B: Backend> Worker<B> {
 
     fn next_wakeup(&self, now: u64) -> Duration {
         let mut at = self.next_scan;
+        if let Some(r) = &self.intervals {
+            at = at.min(r.next_at());
+        }
         if self.phase == Phase::Run {
             if let Some(end) = self.plan.end_ns {
                 at = at.min(end);
