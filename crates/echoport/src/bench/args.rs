@@ -159,6 +159,18 @@ pub struct Opts {
     #[arg(help_heading = "Output", long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
 
+    /// Print a line per interval of this length (e.g. 1s, 500ms) on stderr, counted from the
+    /// end of the warm-up: throughput and p50/p99/p99.9/max of the echoes completed in it, so
+    /// stalls show where they happened. Also the length of --hlog and --interval-json
+    /// intervals.
+    #[arg(help_heading = "Output", long, value_name = "TIME", value_parser = parse_duration)]
+    pub interval: Option<Duration>,
+
+    /// Write each interval as a JSON line here (per second unless --interval says otherwise):
+    /// start time, messages, throughput, percentiles.
+    #[arg(help_heading = "Output", long, value_name = "FILE")]
+    pub interval_json: Option<PathBuf>,
+
     /// Write an HdrHistogram interval log (.hlog) here: one histogram per interval (per
     /// second unless --interval says otherwise), lossless, readable by HdrHistogram's
     /// HistogramLogProcessor and plotters.

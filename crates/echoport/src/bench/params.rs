@@ -207,7 +207,14 @@ fn tag(a: &Args) -> anyhow::Result<Option<String>> {
     }
 }
 
-/// Intervals: one second for the interval log.
+/// Intervals: as asked, or one second for the interval files.
 fn interval(a: &Args) -> anyhow::Result<Option<Duration>> {
-    Ok(a.hlog.is_some().then_some(Duration::from_secs(1)))
+    if let Some(d) = a.interval {
+        if d < Duration::from_millis(10) {
+            bail!("--interval must be at least 10ms");
+        }
+        return Ok(Some(d));
+    }
+    let files = a.hlog.is_some() || a.interval_json.is_some();
+    Ok(files.then_some(Duration::from_secs(1)))
 }

@@ -120,12 +120,12 @@ impl Sink {
     }
 }
 
-fn interval_json_path(_a: &Args) -> Option<PathBuf> {
-    None
+fn interval_json_path(a: &Args) -> Option<PathBuf> {
+    a.interval_json.clone()
 }
 
-fn print_intervals(_a: &Args) -> bool {
-    false
+fn print_intervals(a: &Args) -> bool {
+    a.interval.is_some()
 }
 
 fn rate(n: f64, length_s: f64) -> f64 {
@@ -187,10 +187,9 @@ fn interval_text(run: &RunInfo, part: &Part, t_s: f64, length_s: f64) -> String 
         .sweep_rate
         .map(|r| format!("{} msgs/s run  ", group(r)))
         .unwrap_or_default();
+    let span = format!("{:.1}-{:.1} s", t_s, t_s + length_s);
     format!(
-        "  {sweep}{:>7.1}-{:<7.1}s {:>11} msgs/s  {lat}",
-        t_s,
-        t_s + length_s,
+        "  interval {sweep}{span:>15} {:>11} msgs/s  {lat}",
         group(rate(part.msgs() as f64, length_s)),
     )
 }
