@@ -145,6 +145,23 @@ pub struct Opts {
     #[arg(help_heading = "Load", long, value_name = "TIME", default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
 
+    /// Close each connection after this many echoes and open a new one in its place
+    /// (connection churn: accept rate, connect latency, time to the first echo). With -r the
+    /// open loop paces the messages, so this paces the reconnects too.
+    #[arg(help_heading = "Connection churn", long, value_name = "K", value_parser = parse_count)]
+    pub messages_per_conn: Option<u64>,
+
+    /// How the client closes connections: fin (an orderly close) or rst (SO_LINGER 0, a
+    /// reset: no TIME_WAIT left behind on the client).
+    #[arg(help_heading = "Connection churn", long, value_enum, default_value_t = CloseMode::Fin)]
+    pub close: CloseMode,
+
+    /// Count a connection the server closes (or resets) as a reconnect, not an error, and
+    /// open a new one in its place (for rolling restarts); a failed reconnect is retried
+    /// until --timeout has passed. Echoes it still owed are reported as abandoned.
+    #[arg(help_heading = "Connection churn", long)]
+    pub reconnect: bool,
+
     /// Print the results as JSON on stdout (the human summary goes to stderr).
     #[arg(help_heading = "Output", long)]
     pub json: bool,
@@ -205,6 +222,15 @@ pub struct Opts {
     /// Sleep this long (e.g. 30s), then connect and run; the same as --start-at now + TIME.
     #[arg(help_heading = "Starting together", long, value_name = "TIME", value_parser = parse_duration, conflicts_with = "start_at")]
     pub start_in: Option<Duration>,
+}
+
+/// How the client closes a connection.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CloseMode {
+    /// An orderly close (FIN).
+    Fin,
+    /// A reset (SO_LINGER 0).
+    Rst,
 }
 
 /// Subcommands of `echoport bench`.

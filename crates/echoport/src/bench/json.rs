@@ -96,12 +96,12 @@ fn run_json(r: &RunResult) -> Value {
         "rate_ratio": r.rate_ratio().map(|v| round(v, 5)),
         "max_send_lag_us": round(t.max_send_lag_ns as f64 / 1000.0, 1),
         "latency_us": latency_json(&t.hist),
-        "histograms": histograms_json(&[("latency", &t.hist)]),
-        "connections": {
-            "established": r.connect.established,
-            "failed": r.connect.failed,
-            "errors": r.connect.errors,
-        },
+        "histograms": histograms_json(&[
+            ("latency", &t.hist),
+            ("connect", &r.connect.hist),
+            ("first_echo", &t.first_echo),
+        ]),
+        "connections": connections_json(r),
         "errors": errors_json(&t.errors),
         "client_cpu": r.client_cpu.as_ref().map(|c| cpu_json(c, r.client_us_per_echo())),
         "server_cpu": r.server_cpu.as_ref().map(|(pid, c)| {
@@ -113,6 +113,24 @@ fn run_json(r: &RunResult) -> Value {
         "client_max_late_us": round(t.max_late_ns as f64 / 1000.0, 1),
         "interrupted": r.interrupted,
         "ok": !r.failed() && !r.interrupted,
+    })
+}
+
+fn connections_json(r: &RunResult) -> Value {
+    let (c, churn) = (&r.connect, &r.tally.churn);
+    json!({
+        "established": c.established,
+        "failed": c.failed,
+        "errors": c.errors,
+        "retries": c.retries,
+        "in_window": c.in_window,
+        "connects_per_sec": round(r.connects_per_sec(), 2),
+        "closes": churn.closes,
+        "reconnects": churn.reconnects,
+        "abandoned_messages": churn.abandoned_msgs,
+        "abandoned_bytes": churn.abandoned_bytes,
+        "connect_us": latency_json(&c.hist),
+        "first_echo_us": latency_json(&r.tally.first_echo),
     })
 }
 
@@ -145,6 +163,9 @@ fn params_json(p: &Params) -> Value {
         "spin_s": p.spin.as_secs_f64(),
         "start_at_unix_s": p.start_at.map(|v| round(v, 6)),
         "interval_s": p.interval.map(|d| d.as_secs_f64()),
+        "messages_per_conn": p.messages_per_conn,
+        "close": clap::ValueEnum::to_possible_value(&p.close).map(|v| v.get_name().to_string()),
+        "reconnect": p.reconnect,
     })
 }
 

@@ -24,6 +24,16 @@ use super::tally::{new_histogram, Errors};
 
 mod out;
 
+/// The connection counts of a run that add up across runs.
+pub const CONN_COUNTS: [&str; 6] = [
+    "retries",
+    "in_window",
+    "closes",
+    "reconnects",
+    "abandoned_messages",
+    "abandoned_bytes",
+];
+
 /// A run below this share of its intended rate missed it.
 pub const MIN_RATE_RATIO: f64 = 0.99;
 
@@ -86,6 +96,15 @@ pub struct InRun {
     pub failed: u64,
     /// Failures by message.
     pub connect_errors: BTreeMap<String, u64>,
+    /// Churn and connect counts (`retries`, `in_window`, `closes`, `reconnects`,
+    /// `abandoned_messages`, `abandoned_bytes`), zero when absent.
+    pub conn_counts: BTreeMap<&'static str, u64>,
+    /// Connects per second in the window.
+    pub connects_per_sec: f64,
+    /// Connect times, and connect to first echo, ns (empty when absent).
+    pub connect_hist: Histogram<u64>,
+    /// Connect to first echo.
+    pub first_echo_hist: Histogram<u64>,
     /// The client's CPU.
     pub client_cpu: Option<Cpu>,
     /// Worst send lag and client lateness, µs; CQ overflows.
@@ -136,17 +155,28 @@ pub struct Merged {
     pub off_window: Vec<bool>,
     /// The sum of the histograms.
     pub hist: Histogram<u64>,
+    /// The sums of the connect and first-echo histograms.
+    pub connect_hist: Histogram<u64>,
+    /// Connect to first echo.
+    pub first_echo_hist: Histogram<u64>,
     /// Sums.
     pub errors: Errors,
 }
 
 impl Merged {
     fn new(inputs: Vec<InRun>) -> anyhow::Result<Merged> {
-        let mut hist = new_histogram();
+        let (mut hist, mut connect_hist, mut first_echo_hist) =
+            (new_histogram(), new_histogram(), new_histogram());
         let mut errors = Errors::default();
         for r in &inputs {
-            hist.add(&r.hist)
-                .map_err(|e| anyhow::anyhow!("{}: its histogram does not add: {e:?}", r.file))?;
+            for (sum, h) in [
+                (&mut hist, &r.hist),
+                (&mut connect_hist, &r.connect_hist),
+                (&mut first_echo_hist, &r.first_echo_hist),
+            ] {
+                sum.add(h)
+                    .map_err(|e| anyhow::anyhow!("{}: its histograms do not add: {e:?}", r.file))?;
+            }
             errors.merge(&r.errors);
         }
         let off_window = off_windows(&inputs);
@@ -154,6 +184,8 @@ impl Merged {
             inputs,
             off_window,
             hist,
+            connect_hist,
+            first_echo_hist,
             errors,
         })
     }
@@ -341,6 +373,12 @@ fn read_run(file: &str, tag: Option<String>, r: &Value) -> anyhow::Result<InRun>
             hist.len()
         );
     }
+    let extra = |name: &str| -> anyhow::Result<Histogram<u64>> {
+        match r["histograms"][name].as_str() {
+            Some(t) => hdr::decode(t).map_err(|e| anyhow::anyhow!("{file}: {name} histogram: {e}")),
+            None => Ok(new_histogram()),
+        }
+    };
     let cpu = |v: &Value| -> Option<Cpu> {
         Some(Cpu {
             user_s: v["user_s"].as_f64()?,
@@ -371,6 +409,13 @@ fn read_run(file: &str, tag: Option<String>, r: &Value) -> anyhow::Result<InRun>
                     .collect()
             })
             .unwrap_or_default(),
+        conn_counts: CONN_COUNTS
+            .iter()
+            .map(|&k| (k, conn[k].as_u64().unwrap_or(0)))
+            .collect(),
+        connects_per_sec: conn["connects_per_sec"].as_f64().unwrap_or(0.0),
+        connect_hist: extra("connect")?,
+        first_echo_hist: extra("first_echo")?,
         client_cpu: cpu(&r["client_cpu"]),
         max_send_lag_us: r["max_send_lag_us"].as_f64().unwrap_or(0.0),
         client_max_late_us: r["client_max_late_us"].as_f64().unwrap_or(0.0),
@@ -401,6 +446,10 @@ mod tests {
             established: 0,
             failed: 0,
             connect_errors: BTreeMap::new(),
+            conn_counts: BTreeMap::new(),
+            connects_per_sec: 0.0,
+            connect_hist: new_histogram(),
+            first_echo_hist: new_histogram(),
             client_cpu: None,
             max_send_lag_us: 0.0,
             client_max_late_us: 0.0,

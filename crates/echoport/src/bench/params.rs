@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use super::args::{Args, DEFAULT_ADDR};
+use super::args::{Args, CloseMode, DEFAULT_ADDR};
 use super::parse::parse_sources;
 use crate::serve::BackendChoice;
 
@@ -98,23 +98,18 @@ pub struct Params {
     pub interval: Option<Duration>,
     /// Keep every measured latency (the hidden --raw-samples).
     pub keep_samples: bool,
+    /// Churn: echoes per connection before it is replaced.
+    pub messages_per_conn: Option<u64>,
+    /// How connections are closed.
+    pub close: CloseMode,
+    /// Server-closed connections are replaced, not errors.
+    pub reconnect: bool,
 }
 
 impl Params {
     /// Checks the arguments and resolves the address.
     pub fn from_args(a: &Args) -> anyhow::Result<Params> {
-        let spec = a
-            .address
-            .as_deref()
-            .or(a.addr.as_deref())
-            .unwrap_or(DEFAULT_ADDR);
-        let server = spec
-            .to_socket_addrs()
-            .with_context(|| {
-                format!("bad server address {spec:?} (expected HOST:PORT, e.g. 127.0.0.1:7007)")
-            })?
-            .next()
-            .with_context(|| format!("server address {spec:?} resolves to nothing"))?;
+        let server = server_addr(a)?;
         if a.connections == 0 {
             bail!("--connections must be at least 1");
         }
@@ -179,6 +174,9 @@ impl Params {
             tag: tag(a)?,
             interval: interval(a)?,
             keep_samples: a.raw_samples.is_some(),
+            messages_per_conn: messages_per_conn(a)?,
+            close: a.close,
+            reconnect: a.reconnect,
         })
     }
 
@@ -217,4 +215,30 @@ fn interval(a: &Args) -> anyhow::Result<Option<Duration>> {
     }
     let files = a.hlog.is_some() || a.interval_json.is_some();
     Ok(files.then_some(Duration::from_secs(1)))
+}
+
+fn messages_per_conn(a: &Args) -> anyhow::Result<Option<u64>> {
+    match a.messages_per_conn {
+        Some(0) => bail!("--messages-per-conn must be at least 1"),
+        Some(k) if k < a.pipeline as u64 => bail!(
+            "--messages-per-conn {k} is less than --pipeline {}: a connection could not fill its pipeline",
+            a.pipeline
+        ),
+        k => Ok(k),
+    }
+}
+
+/// The server's address: ADDR, `-a`, or the default.
+fn server_addr(a: &Args) -> anyhow::Result<SocketAddr> {
+    let spec = a
+        .address
+        .as_deref()
+        .or(a.addr.as_deref())
+        .unwrap_or(DEFAULT_ADDR);
+    spec.to_socket_addrs()
+        .with_context(|| {
+            format!("bad server address {spec:?} (expected HOST:PORT, e.g. 127.0.0.1:7007)")
+        })?
+        .next()
+        .with_context(|| format!("server address {spec:?} resolves to nothing"))
 }

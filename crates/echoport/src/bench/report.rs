@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
+use super::args::CloseMode;
 use super::connector::ConnectReport;
 use super::params::{Load, Params};
 use super::tally::{Errors, Tally};
@@ -77,6 +78,11 @@ impl RunResult {
     /// Measured messages sent per second of the window: the load actually offered.
     pub fn sent_per_sec(&self) -> f64 {
         per_sec(self.tally.sent as f64, self.sent_window)
+    }
+
+    /// Connects begun in the window, per second of it: the server's accept rate.
+    pub fn connects_per_sec(&self) -> f64 {
+        per_sec(self.connect.in_window as f64, self.sent_window)
     }
 
     /// Offered over intended rate (open loop): did the generator keep its schedule?
@@ -194,10 +200,44 @@ pub fn text(p: &Params, r: &RunResult) -> String {
     }
     let _ = writeln!(s, "  latency us   {}", latency_line(&t.hist));
     let _ = writeln!(s, "  connections  {}", connections_line(&r.connect));
+    churn_lines(&mut s, p, r);
     let _ = writeln!(s, "  errors       {}", errors_line(&t.errors));
     health_lines(&mut s, r);
     let _ = writeln!(s, "  result       {}", verdict(r.interrupted, r.failed()));
     s
+}
+
+/// Connect rate and times, time to the first echo, churn: when there is something to say.
+fn churn_lines(s: &mut String, p: &Params, r: &RunResult) {
+    let c = &r.connect;
+    let t = &r.tally;
+    let churning = p.messages_per_conn.is_some() || p.reconnect;
+    if churning || c.in_window > 0 {
+        let _ = writeln!(
+            s,
+            "  connects     {} begun in the window = {} connects/s (the server's accepts/s); {} retried",
+            group(c.in_window as f64),
+            group(r.connects_per_sec()),
+            c.retries
+        );
+        let _ = writeln!(s, "  connect us   {}", latency_line(&c.hist));
+        let _ = writeln!(s, "  1st echo us  {}", latency_line(&t.first_echo));
+    }
+    if churning {
+        let _ = writeln!(
+            s,
+            "  churn        {} closed after {} echoes ({}), {} closed by the server and reopened; {} messages ({} bytes) abandoned",
+            group(t.churn.closes as f64),
+            p.messages_per_conn.map_or("-".into(), |k| group(k as f64)),
+            match p.close {
+                CloseMode::Fin => "fin",
+                CloseMode::Rst => "rst",
+            },
+            group(t.churn.reconnects as f64),
+            group(t.churn.abandoned_msgs as f64),
+            group(t.churn.abandoned_bytes as f64),
+        );
+    }
 }
 
 /// The CPU, overflow and lateness lines.

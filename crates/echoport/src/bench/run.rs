@@ -9,14 +9,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use super::connector::{self, ConnectReport};
+use super::args::CloseMode;
+use super::connector::{self, ChurnPolicy, ConnectReport, Request};
 use super::interval::{self, Merger, Recorder};
 use super::params::{Load, Params};
 use super::report::RunResult;
 use super::sink::{RunInfo, Sink};
 use super::tally::Tally;
 use super::watch::{self, Watched};
-use super::worker::{self, Incoming, Live, Plan, Task, ThreadLoad};
+use super::worker::{self, Delivery, Live, Plan, Task, ThreadLoad};
 use super::{unix_now, WakerSet};
 
 /// What every run of one invocation shares.
@@ -54,7 +55,7 @@ pub struct Running {
 /// A worker thread started but not yet told to begin.
 struct Pending {
     handle: JoinHandle<anyhow::Result<worker::Outcome>>,
-    incoming: Sender<Incoming>,
+    incoming: Sender<Delivery>,
     start: Sender<Instant>,
     live: Arc<Live>,
 }
@@ -187,40 +188,14 @@ fn start_tcp(
     ivl_tx: &Option<Sender<interval::Report>>,
 ) -> anyhow::Result<Running> {
     let p = env.p;
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let mut pending = Vec::new();
-    for t in 0..p.threads {
-        pending.push(spawn_worker(
-            env,
-            load,
-            t,
-            &ready_tx,
-            recorder(p, t, ivl_tx),
-        )?);
-    }
-    drop(ready_tx);
-    let mut thread_wakers = Vec::new();
-    let mut backend = String::new();
-    let mut failure = None;
-    for r in ready_rx.iter().take(p.threads) {
-        match r {
-            Ok((w, d)) => {
-                thread_wakers.push(w);
-                backend = d;
-            }
-            Err(e) => failure = failure.or(Some(e)),
-        }
-    }
-    if thread_wakers.len() < p.threads && failure.is_none() {
-        failure = Some("a bench thread exited before it was ready".into());
-    }
-    if let Some(e) = failure {
-        // Dropping the start senders lets the ready threads return.
-        for w in pending {
-            let _ = w.handle.join();
-        }
-        bail!("{e}");
-    }
+    let churn = ChurnPolicy {
+        serve: p.messages_per_conn.is_some() || p.reconnect,
+        retry: p.reconnect,
+        rst: p.close == CloseMode::Rst,
+    };
+    let (req_tx, req_rx) = mpsc::channel();
+    let (pending, thread_wakers, backend) =
+        spawn_all(env, load, ivl_tx, churn.serve.then_some(req_tx))?;
     *env.wakers.0.lock().expect("waker set lock") = thread_wakers.clone();
     let epoch = Instant::now();
     let epoch_unix_s = unix_now();
@@ -241,9 +216,12 @@ fn start_tcp(
         rate: p.connect_rate,
         timeout: p.timeout,
         targets,
+        requests: churn.serve.then_some(req_rx),
+        churn,
         stop: env.stop.clone(),
         halt: halt.clone(),
         epoch,
+        window: (p.warmup.as_nanos() as u64, end_ns(p)),
     };
     let connector = std::thread::Builder::new()
         .name("bench-connect".into())
@@ -259,12 +237,57 @@ fn start_tcp(
     })
 }
 
+/// Workers ready to begin: their handles, wakers and the backend's description.
+type Spawned = (Vec<Pending>, Vec<Arc<dyn echoport_core::Waker>>, String);
+
+/// Spawns every worker and waits until each has opened its backend (or one failed).
+fn spawn_all(
+    env: &Env,
+    load: Load,
+    ivl_tx: &Option<Sender<interval::Report>>,
+    req_tx: Option<Sender<Request>>,
+) -> anyhow::Result<Spawned> {
+    let p = env.p;
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let mut pending = Vec::new();
+    for t in 0..p.threads {
+        let ivl = recorder(p, t, ivl_tx);
+        pending.push(spawn_worker(env, load, t, &ready_tx, ivl, req_tx.clone())?);
+    }
+    drop((ready_tx, req_tx));
+    let mut thread_wakers = Vec::new();
+    let mut backend = String::new();
+    let mut failure = None;
+    for r in ready_rx.iter().take(p.threads) {
+        match r {
+            Ok((w, d)) => {
+                thread_wakers.push(w);
+                backend = d;
+            }
+            Err(e) => failure = failure.or(Some(e)),
+        }
+    }
+    if thread_wakers.len() < p.threads && failure.is_none() {
+        failure = Some("a bench thread exited before it was ready".into());
+    }
+    if let Some(e) = failure {
+        // Dropping the start senders lets the ready threads return.
+        let handles: Vec<_> = pending.into_iter().map(|w| w.handle).collect();
+        for h in handles {
+            let _ = h.join();
+        }
+        bail!("{e}");
+    }
+    Ok((pending, thread_wakers, backend))
+}
+
 fn spawn_worker(
     env: &Env,
     load: Load,
     t: usize,
     ready: &Sender<worker::Ready>,
     intervals: Option<Recorder>,
+    requests: Option<Sender<Request>>,
 ) -> anyhow::Result<Pending> {
     let p = env.p;
     let conns = share(p.connections, p.threads, t);
@@ -278,6 +301,8 @@ fn spawn_worker(
         tick_ns: p.tick.as_nanos() as u64,
         spin_ns: p.spin.as_nanos() as u64,
         keep_samples: p.keep_samples,
+        messages_per_conn: p.messages_per_conn,
+        reconnect: p.reconnect,
     };
     let opts = crate::backends::Options {
         buf_size: if conns > 2048 { 2048 } else { 8192 },
@@ -296,6 +321,8 @@ fn spawn_worker(
         stop: env.stop.clone(),
         live: live.clone(),
         incoming: in_rx,
+        expected: conns as u64,
+        requests,
         ready: ready.clone(),
         start: start_rx,
         intervals,

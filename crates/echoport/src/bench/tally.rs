@@ -87,6 +87,29 @@ impl Errors {
     }
 }
 
+/// Connection churn, by kind.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Churn {
+    /// Connections closed after their `--messages-per-conn` echoes (and replaced).
+    pub closes: u64,
+    /// Connections the server closed that were replaced (`--reconnect`).
+    pub reconnects: u64,
+    /// Messages sent on those that never came back.
+    pub abandoned_msgs: u64,
+    /// Their bytes still owed.
+    pub abandoned_bytes: u64,
+}
+
+impl Churn {
+    /// Adds another set of counts to these.
+    pub fn merge(&mut self, o: &Churn) {
+        self.closes += o.closes;
+        self.reconnects += o.reconnects;
+        self.abandoned_msgs += o.abandoned_msgs;
+        self.abandoned_bytes += o.abandoned_bytes;
+    }
+}
+
 /// One thread's (or, merged, the run's) measurements.
 #[derive(Clone, Debug)]
 pub struct Tally {
@@ -114,6 +137,10 @@ pub struct Tally {
     /// Every measured latency in order, ns (only when asked for: tests check the histograms
     /// against them).
     pub samples: Option<Vec<u64>>,
+    /// From the start of a connect to its first echo, ns (connects begun in the window).
+    pub first_echo: Histogram<u64>,
+    /// Connection churn.
+    pub churn: Churn,
 }
 
 /// An empty latency histogram: 1 ns to one hour, three significant digits.
@@ -134,6 +161,8 @@ impl Default for Tally {
             overflows: 0,
             max_late_ns: 0,
             samples: None,
+            first_echo: new_histogram(),
+            churn: Churn::default(),
         }
     }
 }
@@ -152,6 +181,10 @@ impl Tally {
         self.errors.merge(&o.errors);
         self.overflows += o.overflows;
         self.max_late_ns = self.max_late_ns.max(o.max_late_ns);
+        self.first_echo
+            .add(&o.first_echo)
+            .expect("histograms of equal bounds add");
+        self.churn.merge(&o.churn);
         if let Some(theirs) = &o.samples {
             self.samples.get_or_insert_with(Vec::new).extend(theirs);
         }

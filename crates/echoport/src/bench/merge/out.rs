@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use serde_json::{json, Value};
 
-use super::{InRun, MergeArgs, Merged, MIN_RATE_RATIO};
+use super::{InRun, MergeArgs, Merged, CONN_COUNTS, MIN_RATE_RATIO};
 use crate::bench::json::{cpu_json, errors_json, histograms_json, latency_json, round};
 use crate::bench::parse::rfc3339_utc;
 use crate::bench::report::{self, group, us, Cpu};
@@ -119,6 +119,25 @@ fn text(s: &mut String, m: &Merged, i: usize, n: usize) {
         m.count(|r| r.established),
         m.count(|r| r.failed)
     );
+    let in_window = m.count(|r| r.conn_counts.get("in_window").copied().unwrap_or(0));
+    if in_window > 0 {
+        let _ = writeln!(
+            s,
+            "  connects     {} begun in the windows = {} connects/s (sums)",
+            group(in_window as f64),
+            group(m.sum(|r| r.connects_per_sec))
+        );
+        let _ = writeln!(
+            s,
+            "  connect us   {}",
+            report::latency_line(&m.connect_hist)
+        );
+        let _ = writeln!(
+            s,
+            "  1st echo us  {}",
+            report::latency_line(&m.first_echo_hist)
+        );
+    }
     let _ = writeln!(s, "  errors       {}", report::errors_line(&m.errors));
     if let Some(c) = client_cpu(m) {
         let per = per_echo(&c, m);
@@ -203,6 +222,17 @@ fn group_json(m: &Merged) -> Value {
     }
     let target = m.target_rate();
     let sent_per_sec = m.sum(|r| r.sent_per_sec);
+    let mut connections = json!({
+        "established": m.count(|r| r.established),
+        "failed": m.count(|r| r.failed),
+        "errors": connect_errors,
+        "connects_per_sec": round(m.sum(|r| r.connects_per_sec), 2),
+        "connect_us": latency_json(&m.connect_hist),
+        "first_echo_us": latency_json(&m.first_echo_hist),
+    });
+    for k in CONN_COUNTS {
+        connections[k] = json!(m.count(|r| r.conn_counts.get(k).copied().unwrap_or(0)));
+    }
     let cpu = client_cpu(m);
     json!({
         "mode": m.mode(),
@@ -220,12 +250,12 @@ fn group_json(m: &Merged) -> Value {
         "min_rate_ratio": MIN_RATE_RATIO,
         "max_send_lag_us": m.inputs.iter().map(|r| r.max_send_lag_us).fold(0.0, f64::max),
         "latency_us": latency_json(&m.hist),
-        "histograms": histograms_json(&[("latency", &m.hist)]),
-        "connections": {
-            "established": m.count(|r| r.established),
-            "failed": m.count(|r| r.failed),
-            "errors": connect_errors,
-        },
+        "histograms": histograms_json(&[
+            ("latency", &m.hist),
+            ("connect", &m.connect_hist),
+            ("first_echo", &m.first_echo_hist),
+        ]),
+        "connections": connections,
         "errors": errors_json(&m.errors),
         "client_cpu": cpu.map(|c| cpu_json(&c, per_echo(&c, m))),
         "cq_overflows": m.count(|r| r.cq_overflows),

@@ -13,6 +13,7 @@ impl<B: Backend> Worker<B> {
         }
         self.phase = Phase::Drain;
         self.drain_deadline = deadline;
+        self.drop_orphans();
         if deadline <= now {
             return; // the loop ends everything at once
         }
@@ -65,6 +66,10 @@ impl<B: Backend> Worker<B> {
         if c.closing {
             return;
         }
+        if matches!(why, Failure::Lost) && self.plan.reconnect {
+            self.server_closed(token);
+            return;
+        }
         let e = &mut self.tally.errors;
         match why {
             Failure::Lost => e.connection_lost += 1,
@@ -89,6 +94,7 @@ impl<B: Backend> Worker<B> {
         c.closing = true;
         let (pos, sock) = (c.active_pos, c.sock);
         let (recv_armed, sending) = (c.recv_armed, c.send.is_some());
+        self.remove_target(token);
         self.active.swap_remove(pos);
         if let Some(&moved) = self.active.get(pos) {
             if let Some(m) = self.conns.get_mut(moved) {

@@ -1,12 +1,62 @@
 //! One connection's traffic: adopting it, filling and posting sends, and checking every
 //! echoed byte as it comes back.
 
+use std::collections::VecDeque;
+
 use echoport_core::{Backend, BufId, Completion, Op, OpError, Received, Token};
 
-use super::{classify, Failure, Phase, ThreadLoad, Worker};
+use super::{classify, Conn, Failure, Incoming, Phase, ThreadLoad, Worker};
 use crate::bench::pattern;
 
 impl<B: Backend> Worker<B> {
+    pub(super) fn add_conn(&mut self, inc: Incoming, now: u64) {
+        if self.phase != Phase::Run {
+            return; // dropping the stream closes it
+        }
+        let sock = match self.io.adopt(inc.stream) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot adopt a connection");
+                self.tally.errors.io_error += 1;
+                return;
+            }
+        };
+        let pos = self.active.len();
+        let token = self.conns.insert_with(|_| Conn {
+            sock,
+            gid: inc.gid,
+            next_seq: inc.next_seq,
+            queue: VecDeque::new(),
+            send_idx: 0,
+            send_off: 0,
+            recv_off: 0,
+            posted: 0,
+            received: 0,
+            send: None,
+            recv_armed: true,
+            closing: false,
+            dirty: false,
+            waiting_buf: false,
+            active_pos: pos,
+            target_pos: None,
+            last_progress: now,
+            issued: 0,
+            echoed: 0,
+            started_ns: inc.started_ns,
+            first_echo_seen: false,
+        });
+        self.active.push(token);
+        self.add_target(token);
+        self.io.push(Op::Recv { token, sock });
+        if let ThreadLoad::Closed { pipeline } = self.plan.load {
+            for _ in 0..pipeline {
+                if !self.issue(token, now) {
+                    break;
+                }
+            }
+        }
+    }
+
     pub(super) fn flush(&mut self, now: u64) {
         for i in 0..self.rearm.len() {
             let token = self.rearm[i];
@@ -235,6 +285,11 @@ impl<B: Backend> Worker<B> {
         }
         c.received += data.len() as u64;
         c.last_progress = now;
+        c.echoed += done as u64;
+        if done > 0 && !c.first_echo_seen {
+            c.first_echo_seen = true;
+            first_echo(tally, &self.plan, c.started_ns, now);
+        }
         let idle = c.idle();
         if extra > 0 {
             tally.errors.extra_echo += 1;
@@ -251,6 +306,17 @@ impl<B: Backend> Worker<B> {
         }
         if self.phase == Phase::Drain && idle {
             self.begin_close(token);
+        } else {
+            self.maybe_recycle(token);
         }
+    }
+}
+
+/// Times a connection's first echo from the start of its connect (begun in the window).
+fn first_echo(tally: &mut crate::bench::tally::Tally, plan: &super::Plan, started: u64, now: u64) {
+    if started >= plan.warmup_ns && plan.end_ns.is_none_or(|e| started < e) {
+        tally
+            .first_echo
+            .saturating_record(now.saturating_sub(started).max(1));
     }
 }

@@ -17,7 +17,12 @@
 //! comes back. Open loop: the thread's messages are due at fixed intended times
 //! (`offset + k * interval`), handed round-robin to its connections when due; latency counts
 //! from the intended time, so a stalled server or a late client shows in the percentiles.
+//!
+//! Churn ([`churn`]): a connection that has had its `--messages-per-conn` echoes is closed
+//! and a new one asked of the connector in its place; under `--reconnect` so is one the
+//! server closed, its unsent messages handed to the next connection.
 
+mod churn;
 mod close;
 mod conn;
 
@@ -30,8 +35,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use echoport_core::slab::Slab;
-use echoport_core::{Backend, BufId, Completion, Op, OpError, Socket, Token, Waker};
+use echoport_core::{Backend, BufId, Completion, OpError, Socket, Token, Waker};
 
+use super::connector::Request;
 use super::interval::Recorder;
 use super::params::SizeRange;
 use super::pattern;
@@ -43,6 +49,18 @@ pub struct Incoming {
     pub gid: u32,
     /// The connected stream.
     pub stream: TcpStream,
+    /// The sequence number of its first message (a reconnect goes on from the last).
+    pub next_seq: u64,
+    /// When its connect began, ns since the run's start.
+    pub started_ns: u64,
+}
+
+/// What the connector sends a worker: a connection, or word that one it expected failed.
+pub enum Delivery {
+    /// A connection.
+    Conn(Incoming),
+    /// A connection that could not be opened.
+    Failed,
 }
 
 /// Counters the main thread reads once a second for the live line.
@@ -97,6 +115,10 @@ pub struct Plan {
     pub spin_ns: u64,
     /// Keep every measured latency (tests compare the histograms with them).
     pub keep_samples: bool,
+    /// Close (and replace) a connection after this many echoes.
+    pub messages_per_conn: Option<u64>,
+    /// A connection the server closes is replaced, not counted as an error.
+    pub reconnect: bool,
 }
 
 /// How a worker reports that its backend is open: its waker and description, or why not.
@@ -111,7 +133,11 @@ pub struct Task {
     /// Its live counters.
     pub live: Arc<Live>,
     /// Connections from the connector; disconnected when it is done.
-    pub incoming: Receiver<Incoming>,
+    pub incoming: Receiver<Delivery>,
+    /// Connections the connector will open for this thread at the start.
+    pub expected: u64,
+    /// Where to ask for a connection in place of one that ended (with churn).
+    pub requests: Option<Sender<Request>>,
     /// Reports the backend's waker and description once it is open.
     pub ready: Sender<Ready>,
     /// The run's start instant, sent when every thread is ready.
@@ -138,6 +164,8 @@ impl crate::backends::WithBackend for Task {
             });
         };
         let mut w = Worker::new(backend, self.plan, epoch, self.intervals);
+        w.pending = self.expected;
+        w.requests = self.requests;
         w.run(&self.incoming, &self.stop, &self.live)?;
         let now = w.now();
         if let Some(r) = w.intervals.take() {
@@ -178,8 +206,16 @@ struct Conn {
     waiting_buf: bool,
     /// Index in the worker's `active` list.
     active_pos: usize,
+    /// Index in the worker's `targets` list, while it takes new messages (open loop).
+    target_pos: Option<usize>,
     /// When the connection last made progress while owed echoes.
     last_progress: u64,
+    /// Messages created on it, and echoed in full.
+    issued: u64,
+    echoed: u64,
+    /// When its connect began, ns since the start; whether its first echo is back.
+    started_ns: u64,
+    first_echo_seen: bool,
 }
 
 impl Conn {
@@ -210,8 +246,17 @@ struct Worker<B: Backend> {
     plan: Plan,
     epoch: Instant,
     conns: Slab<Conn>,
-    /// Open connections not closing: round-robin targets and timeout scans.
+    /// Open connections not closing: timeout scans and the end of the run.
     active: Vec<Token>,
+    /// Open loop: the connections that take new messages, in turn.
+    targets: Vec<Token>,
+    /// Open loop: messages of connections the server closed, not sent yet: they go out first
+    /// on the next connection.
+    orphans: VecDeque<Msg>,
+    /// Connections still to come from the connector.
+    pending: u64,
+    /// Where to ask for replacements.
+    requests: Option<Sender<Request>>,
     rr: usize,
     dirty: Vec<Token>,
     rearm: Vec<Token>,
@@ -255,6 +300,10 @@ impl<B: Backend> Worker<B> {
             epoch,
             conns: Slab::with_capacity(1024),
             active: Vec::new(),
+            targets: Vec::new(),
+            orphans: VecDeque::new(),
+            pending: 0,
+            requests: None,
             rr: 0,
             dirty: Vec::new(),
             rearm: Vec::new(),
@@ -282,19 +331,15 @@ impl<B: Backend> Worker<B> {
 
     fn run(
         &mut self,
-        incoming: &Receiver<Incoming>,
+        incoming: &Receiver<Delivery>,
         stop: &AtomicBool,
         live: &Live,
     ) -> io::Result<()> {
         let mut connector_open = true;
         loop {
             let now = self.now();
-            while connector_open {
-                match incoming.try_recv() {
-                    Ok(inc) => self.add_conn(inc, now),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => connector_open = false,
-                }
+            if connector_open {
+                connector_open = self.take_deliveries(incoming, now);
             }
             if !self.interrupted && stop.load(Ordering::Acquire) {
                 self.interrupted = true;
@@ -303,7 +348,7 @@ impl<B: Backend> Worker<B> {
             if self.phase == Phase::Run {
                 self.schedule(now);
             }
-            if self.phase == Phase::Run && self.conns.is_empty() && !connector_open {
+            if self.phase == Phase::Run && self.conns.is_empty() && self.pending == 0 {
                 // Every connection failed or was lost: nothing left to do.
                 self.begin_drain(now, now);
             }
@@ -319,11 +364,7 @@ impl<B: Backend> Worker<B> {
                 self.scan_timeouts(now);
             }
             self.flush(now);
-            live.done.store(self.done_all, Ordering::Relaxed);
-            live.bytes.store(self.bytes_all, Ordering::Relaxed);
-            live.errors
-                .store(self.tally.errors.total(), Ordering::Relaxed);
-            live.conns.store(self.conns.len() as u64, Ordering::Relaxed);
+            self.publish(live);
             if self.phase == Phase::Drain && self.conns.is_empty() {
                 break;
             }
@@ -336,40 +377,72 @@ impl<B: Backend> Worker<B> {
                 );
                 break;
             }
-            let mut timeout = self.next_wakeup(now);
-            if self.phase == Phase::Run
-                && matches!(self.plan.load, ThreadLoad::Open { .. })
-                && timeout.as_nanos() as u64 <= self.plan.spin_ns
-            {
-                // Due very soon: poll (a wait with no timer) rather than arm a timer.
-                timeout = Duration::ZERO;
-            }
-            let mut events = std::mem::take(&mut self.events);
-            events.clear();
-            self.io.wait(&mut events, Some(timeout))?;
-            let before = now;
-            let now = self.now();
-            // A wait that returns well past its deadline means this thread was not running
-            // (a busy machine): report it, it inflates every latency measured meanwhile.
-            let late = now.saturating_sub(before + timeout.as_nanos() as u64);
-            self.tally.max_late_ns = self.tally.max_late_ns.max(late);
-            if late > 50_000_000 {
-                tracing::debug!(
-                    late_ms = late / 1_000_000,
-                    timeout_us = timeout.as_micros() as u64,
-                    events = events.len(),
-                    conns = self.conns.len(),
-                    "wait returned late"
-                );
-            }
-            for c in events.drain(..) {
-                self.dispatch(c, now);
-            }
-            self.events = events;
+            self.wait_and_dispatch(now)?;
         }
         // Hand the last closes to the kernel.
         self.events.clear();
         self.io.wait(&mut self.events, Some(Duration::ZERO))?;
+        Ok(())
+    }
+
+    /// Adopts the connections the connector sent; false once it is gone.
+    fn take_deliveries(&mut self, incoming: &Receiver<Delivery>, now: u64) -> bool {
+        loop {
+            match incoming.try_recv() {
+                Ok(d) => {
+                    self.pending = self.pending.saturating_sub(1);
+                    if let Delivery::Conn(inc) = d {
+                        self.add_conn(inc, now);
+                    }
+                }
+                Err(TryRecvError::Empty) => return true,
+                Err(TryRecvError::Disconnected) => {
+                    self.pending = 0;
+                    return false;
+                }
+            }
+        }
+    }
+
+    fn publish(&self, live: &Live) {
+        live.done.store(self.done_all, Ordering::Relaxed);
+        live.bytes.store(self.bytes_all, Ordering::Relaxed);
+        live.errors
+            .store(self.tally.errors.total(), Ordering::Relaxed);
+        live.conns.store(self.conns.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Waits for completions (or the next thing due) and handles them.
+    fn wait_and_dispatch(&mut self, before: u64) -> io::Result<()> {
+        let mut timeout = self.next_wakeup(before);
+        if self.phase == Phase::Run
+            && matches!(self.plan.load, ThreadLoad::Open { .. })
+            && timeout.as_nanos() as u64 <= self.plan.spin_ns
+        {
+            // Due very soon: poll (a wait with no timer) rather than arm a timer.
+            timeout = Duration::ZERO;
+        }
+        let mut events = std::mem::take(&mut self.events);
+        events.clear();
+        self.io.wait(&mut events, Some(timeout))?;
+        let now = self.now();
+        // A wait that returns well past its deadline means this thread was not running
+        // (a busy machine): report it, it inflates every latency measured meanwhile.
+        let late = now.saturating_sub(before + timeout.as_nanos() as u64);
+        self.tally.max_late_ns = self.tally.max_late_ns.max(late);
+        if late > 50_000_000 {
+            tracing::debug!(
+                late_ms = late / 1_000_000,
+                timeout_us = timeout.as_micros() as u64,
+                events = events.len(),
+                conns = self.conns.len(),
+                "wait returned late"
+            );
+        }
+        for c in events.drain(..) {
+            self.dispatch(c, now);
+        }
+        self.events = events;
         Ok(())
     }
 
@@ -387,7 +460,7 @@ impl<B: Backend> Worker<B> {
                 offset_ns,
             } = self.plan.load
             {
-                if !self.active.is_empty() {
+                if !self.targets.is_empty() {
                     let due = (offset_ns + self.k as f64 * interval_ns) as u64;
                     at = at.min(due.max(now + self.plan.tick_ns));
                 }
@@ -398,77 +471,37 @@ impl<B: Backend> Worker<B> {
         Duration::from_nanos(at.saturating_sub(now))
     }
 
-    fn add_conn(&mut self, inc: Incoming, now: u64) {
-        if self.phase != Phase::Run {
-            return; // dropping the stream closes it
-        }
-        let sock = match self.io.adopt(inc.stream) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot adopt a connection");
-                self.tally.errors.io_error += 1;
-                return;
-            }
-        };
-        let pos = self.active.len();
-        let token = self.conns.insert_with(|_| Conn {
-            sock,
-            gid: inc.gid,
-            next_seq: 0,
-            queue: VecDeque::new(),
-            send_idx: 0,
-            send_off: 0,
-            recv_off: 0,
-            posted: 0,
-            received: 0,
-            send: None,
-            recv_armed: true,
-            closing: false,
-            dirty: false,
-            waiting_buf: false,
-            active_pos: pos,
-            last_progress: now,
-        });
-        self.active.push(token);
-        self.io.push(Op::Recv { token, sock });
-        if let ThreadLoad::Closed { pipeline } = self.plan.load {
-            for _ in 0..pipeline {
-                if !self.issue(token, now) {
-                    break;
-                }
-            }
-        }
-    }
-
     /// Creates the next message of a connection, intended at `t`. False when the run creates
-    /// no more messages.
+    /// no more messages, or this connection has had its share (`--messages-per-conn`).
     fn issue(&mut self, token: Token, t: u64) -> bool {
         if self.phase != Phase::Run || self.plan.end_ns.is_some_and(|e| t >= e) {
             return false;
         }
         let measured = t >= self.plan.warmup_ns;
-        if measured {
-            if self.plan.count.is_some_and(|c| self.issued_measured >= c) {
-                return false;
-            }
-            self.issued_measured += 1;
+        if measured && self.plan.count.is_some_and(|c| self.issued_measured >= c) {
+            return false;
         }
+        let per_conn = self.plan.messages_per_conn;
         let Some(c) = self.conns.get_mut(token) else {
             return false;
         };
+        if per_conn.is_some_and(|k| c.issued >= k) {
+            return false;
+        }
+        if measured {
+            self.issued_measured += 1;
+        }
         let key = pattern::key(c.gid, c.next_seq);
         c.next_seq += 1;
-        c.queue.push_back(Msg {
+        let len = self.plan.size.pick(key);
+        let m = Msg {
             key,
             t,
-            len: self.plan.size.pick(key),
+            len,
             measured,
             bad: false,
-        });
-        if !c.dirty {
-            c.dirty = true;
-            self.dirty.push(token);
-        }
+        };
+        self.enqueue(token, m);
         true
     }
 
@@ -481,12 +514,13 @@ impl<B: Backend> Worker<B> {
             offset_ns,
         } = self.plan.load
         {
-            while !self.active.is_empty() {
+            self.hand_out_orphans();
+            while !self.targets.is_empty() {
                 let t = (offset_ns + self.k as f64 * interval_ns) as u64;
                 if t > now {
                     break;
                 }
-                let token = self.active[self.rr % self.active.len()];
+                let token = self.targets[self.rr % self.targets.len()];
                 self.rr = self.rr.wrapping_add(1);
                 if !self.issue(token, t) {
                     self.begin_drain(now, now + self.plan.timeout_ns);
