@@ -110,7 +110,10 @@ fn churn_run(close: &str) -> (Value, Vec<Seen>) {
 fn assert_churned(d: &Value, seen: &[Seen], close: &str) {
     let r = &d["runs"][0];
     let msgs = num(r, "messages");
-    assert!((2900.0..=3100.0).contains(&msgs), "{r:#}");
+    assert_eq!(
+        msgs, 3000.0,
+        "every message intended in the 1.5 s, however late: {r:#}"
+    );
     let established = num(r, "connections.established") as usize;
     let closes = num(r, "connections.closes");
     assert_eq!(
@@ -145,9 +148,10 @@ fn assert_churned(d: &Value, seen: &[Seen], close: &str) {
     let rate = num(r, "connections.connects_per_sec");
     assert!((60.0..=100.0).contains(&rate), "{rate} connects/s");
     let in_window = num(r, "connections.in_window");
-    // With no warm-up every connect counts, but for those asked for just before the end.
+    // With no warm-up every connect counts, but for those begun after the end (for
+    // messages intended before it that were still waiting for a connection).
     assert!(
-        in_window <= established as f64 && in_window >= established as f64 - 4.0,
+        in_window <= established as f64 && in_window >= 0.8 * established as f64,
         "{in_window} of {established}"
     );
     assert_eq!(num(r, "connections.connect_us.count"), in_window);

@@ -162,6 +162,14 @@ pub struct Opts {
     #[arg(help_heading = "Connection churn", long)]
     pub reconnect: bool,
 
+    /// Load a UDP echo service (echoport serve --udp, RFC 862) instead of TCP: each
+    /// connection is a UDP flow (its own socket and source port), each datagram one message
+    /// (--size from 8 bytes, its sequence number, to 65507). Reports loss, duplicates,
+    /// reordering and late arrivals; a datagram not back within --timeout is lost. Mind the
+    /// server's per-source and global rate limits (serve --udp-rate, --udp-global-rate).
+    #[arg(help_heading = "UDP", long)]
+    pub udp: bool,
+
     /// Print the results as JSON on stdout (the human summary goes to stderr).
     #[arg(help_heading = "Output", long)]
     pub json: bool,

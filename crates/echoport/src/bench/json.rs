@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use super::hdr;
 use super::params::{Load, Params};
 use super::report::{Cpu, RunResult};
-use super::tally::Errors;
+use super::tally::{Errors, UdpCounts};
 
 /// Name and version of the JSON schema. Bump the number on any incompatible change.
 pub const SCHEMA: &str = "echoport-bench/1";
@@ -102,6 +102,7 @@ fn run_json(r: &RunResult) -> Value {
             ("first_echo", &t.first_echo),
         ]),
         "connections": connections_json(r),
+        "udp": r.udp.then(|| udp_json(&t.udp)),
         "errors": errors_json(&t.errors),
         "client_cpu": r.client_cpu.as_ref().map(|c| cpu_json(c, r.client_us_per_echo())),
         "server_cpu": r.server_cpu.as_ref().map(|(pid, c)| {
@@ -113,6 +114,22 @@ fn run_json(r: &RunResult) -> Value {
         "client_max_late_us": round(t.max_late_ns as f64 / 1000.0, 1),
         "interrupted": r.interrupted,
         "ok": !r.failed() && !r.interrupted,
+    })
+}
+
+/// The UDP counts of a run.
+pub fn udp_json(u: &UdpCounts) -> Value {
+    json!({
+        "sent": u.sent,
+        "received": u.received,
+        "lost": u.lost(),
+        "loss_ratio": round(u.loss_ratio(), 6),
+        "duplicates": u.duplicates,
+        "reordered": u.reordered,
+        "late": u.late,
+        "send_blocked": u.send_blocked,
+        "refused": u.refused,
+        "host_rcvbuf_errors": u.host_rcvbuf_errors,
     })
 }
 
@@ -166,6 +183,7 @@ fn params_json(p: &Params) -> Value {
         "messages_per_conn": p.messages_per_conn,
         "close": clap::ValueEnum::to_possible_value(&p.close).map(|v| v.get_name().to_string()),
         "reconnect": p.reconnect,
+        "transport": if p.udp { "udp" } else { "tcp" },
     })
 }
 

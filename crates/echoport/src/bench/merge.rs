@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use super::hdr;
 use super::report::Cpu;
-use super::tally::{new_histogram, Errors};
+use super::tally::{new_histogram, Errors, UdpCounts};
 
 mod out;
 
@@ -105,6 +105,8 @@ pub struct InRun {
     pub connect_hist: Histogram<u64>,
     /// Connect to first echo.
     pub first_echo_hist: Histogram<u64>,
+    /// UDP counts (UDP runs).
+    pub udp: Option<UdpCounts>,
     /// The client's CPU.
     pub client_cpu: Option<Cpu>,
     /// Worst send lag and client lateness, µs; CQ overflows.
@@ -271,6 +273,15 @@ impl Merged {
         w
     }
 
+    /// The UDP counts summed, when any run was over UDP.
+    pub fn udp(&self) -> Option<UdpCounts> {
+        let mut sum: Option<UdpCounts> = None;
+        for u in self.inputs.iter().filter_map(|r| r.udp.as_ref()) {
+            sum.get_or_insert_with(UdpCounts::default).merge(u);
+        }
+        sum
+    }
+
     /// Every input's own verdict was OK.
     pub fn ok(&self) -> bool {
         self.inputs.iter().all(|r| r.ok)
@@ -416,12 +427,27 @@ fn read_run(file: &str, tag: Option<String>, r: &Value) -> anyhow::Result<InRun>
         connects_per_sec: conn["connects_per_sec"].as_f64().unwrap_or(0.0),
         connect_hist: extra("connect")?,
         first_echo_hist: extra("first_echo")?,
+        udp: udp_counts(&r["udp"]),
         client_cpu: cpu(&r["client_cpu"]),
         max_send_lag_us: r["max_send_lag_us"].as_f64().unwrap_or(0.0),
         client_max_late_us: r["client_max_late_us"].as_f64().unwrap_or(0.0),
         cq_overflows: r["cq_overflows"].as_u64().unwrap_or(0),
         interrupted: r["interrupted"].as_bool().unwrap_or(false),
         ok: r["ok"].as_bool().unwrap_or(false),
+    })
+}
+
+fn udp_counts(u: &Value) -> Option<UdpCounts> {
+    let n = |k: &str| u[k].as_u64().unwrap_or(0);
+    u.is_object().then(|| UdpCounts {
+        sent: n("sent"),
+        received: n("received"),
+        duplicates: n("duplicates"),
+        reordered: n("reordered"),
+        late: n("late"),
+        send_blocked: n("send_blocked"),
+        refused: n("refused"),
+        host_rcvbuf_errors: n("host_rcvbuf_errors"),
     })
 }
 
@@ -450,6 +476,7 @@ mod tests {
             connects_per_sec: 0.0,
             connect_hist: new_histogram(),
             first_echo_hist: new_histogram(),
+            udp: None,
             client_cpu: None,
             max_send_lag_us: 0.0,
             client_max_late_us: 0.0,

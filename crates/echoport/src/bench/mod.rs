@@ -11,6 +11,7 @@
 //! - `tally`, `interval`: measurements, whole and per interval;
 //! - `report`, `json`, `plot`, `hdr`, `sink`: the summary, JSON, SVG, HdrHistogram's
 //!   encodings and interval log, and where intervals go;
+//! - `udp`: the same loads over UDP, loss and order counted from the sequence numbers;
 //! - `merge`: many runs' JSON into one exact report.
 //!
 //! This module runs the whole thing: the start time, the runs of a sweep, the outputs, Ctrl-C
@@ -30,6 +31,7 @@ mod report;
 mod run;
 mod sink;
 mod tally;
+mod udp;
 mod watch;
 mod worker;
 

@@ -104,6 +104,8 @@ pub struct Params {
     pub close: CloseMode,
     /// Server-closed connections are replaced, not errors.
     pub reconnect: bool,
+    /// Load a UDP echo service.
+    pub udp: bool,
 }
 
 impl Params {
@@ -177,6 +179,7 @@ impl Params {
             messages_per_conn: messages_per_conn(a)?,
             close: a.close,
             reconnect: a.reconnect,
+            udp: udp(a)?,
         })
     }
 
@@ -241,4 +244,26 @@ fn server_addr(a: &Args) -> anyhow::Result<SocketAddr> {
         })?
         .next()
         .with_context(|| format!("server address {spec:?} resolves to nothing"))
+}
+
+fn udp(a: &Args) -> anyhow::Result<bool> {
+    if !a.udp {
+        return Ok(false);
+    }
+    let tcp_only = [
+        (a.messages_per_conn.is_some(), "--messages-per-conn"),
+        (a.reconnect, "--reconnect"),
+        (a.close != CloseMode::Fin, "--close"),
+        (a.connect_rate.is_some(), "--connect-rate"),
+    ];
+    if let Some((_, flag)) = tcp_only.iter().find(|(given, _)| *given) {
+        bail!("{flag} is for TCP connections; --udp has no connections to open or close");
+    }
+    let max = super::udp::MAX_DATAGRAM;
+    if a.size.min < 8 || a.size.max > max {
+        bail!(
+            "--udp needs --size from 8 bytes (each datagram carries its sequence number) to {max} (the largest datagram)"
+        );
+    }
+    Ok(true)
 }

@@ -9,7 +9,7 @@ use hdrhistogram::Histogram;
 use super::args::CloseMode;
 use super::connector::ConnectReport;
 use super::params::{Load, Params};
-use super::tally::{Errors, Tally};
+use super::tally::{Errors, Tally, UdpCounts};
 
 /// CPU time over the measured window.
 #[derive(Copy, Clone, Debug)]
@@ -52,6 +52,8 @@ pub struct RunResult {
     pub epoch_unix_s: f64,
     /// Its warm-up: the measured window begins this long after the start.
     pub warmup: Duration,
+    /// Over UDP.
+    pub udp: bool,
 }
 
 impl RunResult {
@@ -171,11 +173,12 @@ pub fn text(p: &Params, r: &RunResult) -> String {
     };
     let _ = writeln!(
         s,
-        "echoport bench -> {}  [{}; {} threads; {} connections; {}; {}; {} + {} warm-up]",
+        "echoport bench -> {}  [{}; {} threads; {} {}; {}; {}; {} + {} warm-up]",
         p.server,
         r.backend,
         p.threads,
         p.connections,
+        if p.udp { "UDP flows" } else { "connections" },
         p.size,
         describe_load(&r.load),
         span,
@@ -199,8 +202,12 @@ pub fn text(p: &Params, r: &RunResult) -> String {
         );
     }
     let _ = writeln!(s, "  latency us   {}", latency_line(&t.hist));
-    let _ = writeln!(s, "  connections  {}", connections_line(&r.connect));
-    churn_lines(&mut s, p, r);
+    if p.udp {
+        let _ = writeln!(s, "  udp          {}", udp_line(&t.udp));
+    } else {
+        let _ = writeln!(s, "  connections  {}", connections_line(&r.connect));
+        churn_lines(&mut s, p, r);
+    }
     let _ = writeln!(s, "  errors       {}", errors_line(&t.errors));
     health_lines(&mut s, r);
     let _ = writeln!(s, "  result       {}", verdict(r.interrupted, r.failed()));
@@ -308,6 +315,33 @@ pub fn connections_line(c: &ConnectReport) -> String {
             .map(|(e, n)| format!("; {n} x {e}"))
             .collect::<String>()
     )
+}
+
+/// "N sent, N back, N lost (x %), ..." of a UDP run.
+pub fn udp_line(u: &UdpCounts) -> String {
+    format!(
+        "{} sent, {} back, {} lost ({:.3} %), {} duplicated, {} reordered, {} late; {} not sent (socket buffer full){}",
+        group(u.sent as f64),
+        group(u.received as f64),
+        group(u.lost() as f64),
+        u.loss_ratio() * 100.0,
+        group(u.duplicates as f64),
+        group(u.reordered as f64),
+        group(u.late as f64),
+        group(u.send_blocked as f64),
+        if u.refused > 0 {
+            format!("; {} refused (nothing listening?)", u.refused)
+        } else {
+            String::new()
+        },
+    ) + &if u.host_rcvbuf_errors > 0 {
+        format!(
+            "\n  note         the kernel dropped {} UDP datagrams on this host for full receive buffers meanwhile (some loss may not be the server's)",
+            group(u.host_rcvbuf_errors as f64)
+        )
+    } else {
+        String::new()
+    }
 }
 
 /// "none" or "kind=n ...".

@@ -114,9 +114,18 @@ pub fn recorder(p: &Params, t: usize, tx: &Option<Sender<interval::Report>>) -> 
 pub fn run_once(env: &Env, load: Load, sink: &mut Sink, index: usize) -> anyhow::Result<RunResult> {
     let (ivl_tx, ivl_rx) = mpsc::channel();
     let ivl_tx = sink.every().map(|_| ivl_tx);
-    let running = start_tcp(env, load, &ivl_tx)?;
+    let drops0 = env.p.udp.then(super::udp::rcvbuf_errors).flatten();
+    let running = if env.p.udp {
+        super::udp::start(env, load, &ivl_tx)?
+    } else {
+        start_tcp(env, load, &ivl_tx)?
+    };
     drop(ivl_tx);
-    finish(env, load, sink, index, running, ivl_rx)
+    let mut r = finish(env, load, sink, index, running, ivl_rx)?;
+    if let (Some(a), Some(b)) = (drops0, super::udp::rcvbuf_errors()) {
+        r.tally.udp.host_rcvbuf_errors = b.saturating_sub(a);
+    }
+    Ok(r)
 }
 
 /// Watches a run to its end and collects its results; shared by TCP and UDP.
@@ -375,7 +384,10 @@ fn collect(env: &Env, load: Load, running: Running, watched: Watched) -> anyhow:
         Some((h, _)) => h
             .join()
             .map_err(|_| anyhow::anyhow!("the connector thread panicked"))?,
-        None => ConnectReport::default(),
+        None => ConnectReport {
+            established: p.connections as u64, // UDP flows
+            ..Default::default()
+        },
     };
     if let Some(e) = error {
         return Err(e);
@@ -404,5 +416,6 @@ fn collect(env: &Env, load: Load, running: Running, watched: Watched) -> anyhow:
         backend: running.backend,
         epoch_unix_s: running.epoch_unix_s,
         warmup: p.warmup,
+        udp: p.udp,
     })
 }

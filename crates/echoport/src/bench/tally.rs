@@ -110,6 +110,57 @@ impl Churn {
     }
 }
 
+/// UDP datagrams, counted from the sequence numbers they carry (measured ones only).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct UdpCounts {
+    /// Datagrams sent.
+    pub sent: u64,
+    /// Datagrams that came back (first copies).
+    pub received: u64,
+    /// Copies of a datagram already back.
+    pub duplicates: u64,
+    /// Datagrams that came back after one sent later on the same flow.
+    pub reordered: u64,
+    /// Datagrams that came back after `--timeout` (counted back, not timed).
+    pub late: u64,
+    /// Datagrams the client could not send (its socket buffer was full).
+    pub send_blocked: u64,
+    /// Sends or receives refused (ICMP port unreachable: nothing listening).
+    pub refused: u64,
+    /// Datagrams the kernel of this host dropped for a full socket receive buffer during
+    /// the run, any socket's (`RcvbufErrors` of /proc/net/snmp): loss that may be the
+    /// client's own, or a server's on the same host.
+    pub host_rcvbuf_errors: u64,
+}
+
+impl UdpCounts {
+    /// Adds another set of counts to these.
+    pub fn merge(&mut self, o: &UdpCounts) {
+        self.sent += o.sent;
+        self.received += o.received;
+        self.duplicates += o.duplicates;
+        self.reordered += o.reordered;
+        self.late += o.late;
+        self.send_blocked += o.send_blocked;
+        self.refused += o.refused;
+        self.host_rcvbuf_errors += o.host_rcvbuf_errors;
+    }
+
+    /// Sent and never back.
+    pub fn lost(&self) -> u64 {
+        self.sent.saturating_sub(self.received)
+    }
+
+    /// Lost over sent.
+    pub fn loss_ratio(&self) -> f64 {
+        if self.sent == 0 {
+            0.0
+        } else {
+            self.lost() as f64 / self.sent as f64
+        }
+    }
+}
+
 /// One thread's (or, merged, the run's) measurements.
 #[derive(Clone, Debug)]
 pub struct Tally {
@@ -141,6 +192,8 @@ pub struct Tally {
     pub first_echo: Histogram<u64>,
     /// Connection churn.
     pub churn: Churn,
+    /// UDP datagrams (`--udp`).
+    pub udp: UdpCounts,
 }
 
 /// An empty latency histogram: 1 ns to one hour, three significant digits.
@@ -163,6 +216,7 @@ impl Default for Tally {
             samples: None,
             first_echo: new_histogram(),
             churn: Churn::default(),
+            udp: UdpCounts::default(),
         }
     }
 }
@@ -185,6 +239,7 @@ impl Tally {
             .add(&o.first_echo)
             .expect("histograms of equal bounds add");
         self.churn.merge(&o.churn);
+        self.udp.merge(&o.udp);
         if let Some(theirs) = &o.samples {
             self.samples.get_or_insert_with(Vec::new).extend(theirs);
         }

@@ -8,7 +8,7 @@ use anyhow::Context;
 use serde_json::{json, Value};
 
 use super::{InRun, MergeArgs, Merged, CONN_COUNTS, MIN_RATE_RATIO};
-use crate::bench::json::{cpu_json, errors_json, histograms_json, latency_json, round};
+use crate::bench::json::{cpu_json, errors_json, histograms_json, latency_json, round, udp_json};
 use crate::bench::parse::rfc3339_utc;
 use crate::bench::report::{self, group, us, Cpu};
 
@@ -138,6 +138,9 @@ fn text(s: &mut String, m: &Merged, i: usize, n: usize) {
             report::latency_line(&m.first_echo_hist)
         );
     }
+    if let Some(u) = m.udp() {
+        let _ = writeln!(s, "  udp          {} (sums)", report::udp_line(&u));
+    }
     let _ = writeln!(s, "  errors       {}", report::errors_line(&m.errors));
     if let Some(c) = client_cpu(m) {
         let per = per_echo(&c, m);
@@ -256,6 +259,7 @@ fn group_json(m: &Merged) -> Value {
             ("first_echo", &m.first_echo_hist),
         ]),
         "connections": connections,
+        "udp": m.udp().map(|u| udp_json(&u)),
         "errors": errors_json(&m.errors),
         "client_cpu": cpu.map(|c| cpu_json(&c, per_echo(&c, m))),
         "cq_overflows": m.count(|r| r.cq_overflows),

@@ -529,7 +529,22 @@ impl<B: Backend> Worker<B> {
                 self.k += 1;
             }
         }
-        if self.plan.end_ns.is_some_and(|e| now >= e)
+        // Open loop: not before every message intended before the end has gone to a
+        // connection (with churn there may have been none to take it for a while).
+        let all_issued = match self.plan.load {
+            ThreadLoad::Open {
+                interval_ns,
+                offset_ns,
+            } => {
+                self.orphans.is_empty()
+                    && self
+                        .plan
+                        .end_ns
+                        .is_none_or(|e| (offset_ns + self.k as f64 * interval_ns) as u64 >= e)
+            }
+            ThreadLoad::Closed { .. } => true,
+        };
+        if (self.plan.end_ns.is_some_and(|e| now >= e) && all_issued)
             || self.plan.count.is_some_and(|c| self.issued_measured >= c)
         {
             self.begin_drain(now, now + self.plan.timeout_ns);
