@@ -15,11 +15,52 @@ pub fn key(gid: u32, seq: u64) -> u64 {
     mix(((gid as u64) << 40) ^ (seq & ((1 << 40) - 1)))
 }
 
+/// The (connection, sequence number) of a content key: the inverse of [`key`]. A message
+/// carries its key in its first 8 bytes, so a datagram says which message it is.
+pub fn unkey(key: u64) -> (u32, u64) {
+    let v = unmix(key);
+    ((v >> 40) as u32, v & ((1 << 40) - 1))
+}
+
+const M1: u64 = 0xBF58_476D_1CE4_E5B9;
+const M2: u64 = 0x94D0_49BB_1331_11EB;
+
+/// The inverse of an odd number modulo 2^64 (Newton's iteration doubles the correct bits).
+const fn inverse(a: u64) -> u64 {
+    let mut x = a; // correct to 3 bits for odd a
+    let mut i = 0;
+    while i < 5 {
+        x = x.wrapping_mul(2u64.wrapping_sub(a.wrapping_mul(x)));
+        i += 1;
+    }
+    x
+}
+
+/// The inverse of `z ^ (z >> s)`.
+fn unshift(y: u64, s: u32) -> u64 {
+    let mut z = y;
+    let mut k = s;
+    while k < 64 {
+        z = y ^ (z >> s);
+        k += s;
+    }
+    z
+}
+
+fn unmix(mut z: u64) -> u64 {
+    z = unshift(z, 31);
+    z = z.wrapping_mul(inverse(M2));
+    z = unshift(z, 27);
+    z = z.wrapping_mul(inverse(M1));
+    z = unshift(z, 30);
+    z.wrapping_sub(STEP)
+}
+
 /// splitmix64's finaliser: a bijection of u64 with good avalanche.
 fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(STEP);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z = (z ^ (z >> 30)).wrapping_mul(M1);
+    z = (z ^ (z >> 27)).wrapping_mul(M2);
     z ^ (z >> 31)
 }
 
@@ -133,6 +174,29 @@ mod tests {
         assert!(!verify(k, 1, &all[..63]), "a repeated byte");
         assert!(!verify(key(3, 10), 0, &all), "the previous message's bytes");
         assert!(!verify(key(4, 9), 0, &all), "another connection's bytes");
+    }
+
+    #[test]
+    fn a_key_tells_its_connection_and_sequence_number() {
+        for (g, s) in [
+            (0, 0),
+            (1, 0),
+            (0, 1),
+            (77, 123_456),
+            ((1 << 24) - 1, (1 << 40) - 1),
+        ] {
+            assert_eq!(unkey(key(g, s)), (g, s));
+        }
+        let mut m = whole(key(5, 9), 8);
+        assert_eq!(
+            unkey(u64::from_le_bytes(m[..8].try_into().unwrap())),
+            (5, 9)
+        );
+        m[0] ^= 1;
+        assert_ne!(
+            unkey(u64::from_le_bytes(m[..8].try_into().unwrap())),
+            (5, 9)
+        );
     }
 
     #[test]

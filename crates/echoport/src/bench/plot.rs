@@ -3,9 +3,9 @@
 
 use std::fmt::Write as _;
 
-use super::args::Load;
-use super::report::{group, RunResult};
-use super::tally::Tally;
+use hdrhistogram::Histogram;
+
+use super::report::group;
 
 const W: f64 = 820.0;
 const H: f64 = 500.0;
@@ -154,8 +154,8 @@ fn fmt_us(v: f64) -> String {
 
 /// Latency (µs, linear) against percentile (log scale of 1/(1-q)), like HdrHistogram's
 /// plotter.
-pub fn percentiles(t: &Tally, title: &str) -> String {
-    let h = &t.hist;
+pub fn percentiles(h: &Histogram<u64>, title: &str) -> String {
+    let us_at = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let mut f = Frame::new(title);
     let (pw, ph) = (W - LEFT - RIGHT, H - TOP - BOTTOM);
     // Decades of 1/(1-q) shown: enough for the count (q can resolve 1 - 1/count), 2..6.
@@ -195,9 +195,9 @@ pub fn percentiles(t: &Tally, title: &str) -> String {
         &format!(
             "{} messages, p50 {} us, p99 {} us, p99.9 {} us, max {} us",
             group(h.len() as f64),
-            fmt_us(t.us_at(0.5)),
-            fmt_us(t.us_at(0.99)),
-            fmt_us(t.us_at(0.999)),
+            fmt_us(us_at(0.5)),
+            fmt_us(us_at(0.99)),
+            fmt_us(us_at(0.999)),
             fmt_us(ymax_raw)
         ),
         COLORS[0],
@@ -205,8 +205,9 @@ pub fn percentiles(t: &Tally, title: &str) -> String {
     f.finish()
 }
 
-/// Latency percentiles (µs, log scale) against achieved load, one point per sweep rate.
-pub fn sweep(runs: &[RunResult], title: &str) -> String {
+/// Latency percentiles (µs, log scale) against achieved load: one point per (achieved
+/// messages/s, latency histogram in ns), e.g. per sweep rate.
+pub fn sweep(points: &[(f64, &Histogram<u64>)], title: &str) -> String {
     let mut f = Frame::new(title);
     let (pw, ph) = (W - LEFT - RIGHT, H - TOP - BOTTOM);
     let series: [(&str, f64); 5] = [
@@ -216,20 +217,15 @@ pub fn sweep(runs: &[RunResult], title: &str) -> String {
         ("p99.9", 0.999),
         ("max", 1.0),
     ];
-    let runs: Vec<&RunResult> = runs.iter().filter(|r| r.tally.msgs > 0).collect();
-    let xmax_raw = runs
-        .iter()
-        .map(|r| match r.load {
-            Load::Open { rate } => rate.max(r.msgs_per_sec()),
-            Load::Closed { .. } => r.msgs_per_sec(),
-        })
-        .fold(0.0, f64::max);
+    let runs: Vec<&(f64, &Histogram<u64>)> = points.iter().filter(|(_, h)| !h.is_empty()).collect();
+    let xmax_raw = runs.iter().map(|(x, _)| *x).fold(0.0, f64::max);
     let (xmax, xstep) = nice(xmax_raw);
-    let lat = |r: &RunResult, q: f64| {
+    let lat = |r: &&(f64, &Histogram<u64>), q: f64| {
+        let h = r.1;
         if q >= 1.0 {
-            r.tally.hist.max() as f64 / 1000.0
+            h.max() as f64 / 1000.0
         } else {
-            r.tally.us_at(q)
+            h.value_at_quantile(q) as f64 / 1000.0
         }
         .max(0.001)
     };
@@ -257,10 +253,7 @@ pub fn sweep(runs: &[RunResult], title: &str) -> String {
     }
     f.axis_labels("achieved load (messages/s)", "latency (us, log scale)");
     for (i, (name, q)) in series.iter().enumerate() {
-        let pts: Vec<(f64, f64)> = runs
-            .iter()
-            .map(|r| (x_of(r.msgs_per_sec()), y_of(lat(r, *q))))
-            .collect();
+        let pts: Vec<(f64, f64)> = runs.iter().map(|r| (x_of(r.0), y_of(lat(r, *q)))).collect();
         f.line(&pts, COLORS[i], true);
         f.legend(i, name, COLORS[i]);
     }
@@ -280,11 +273,11 @@ mod tests {
 
     #[test]
     fn percentile_plot_is_one_svg_with_a_curve() {
-        let mut t = Tally::default();
+        let mut h = crate::bench::tally::new_histogram();
         for v in 1..=10_000u64 {
-            t.hist.record(v * 100).unwrap();
+            h.record(v * 100).unwrap();
         }
-        let svg = percentiles(&t, "test <run>");
+        let svg = percentiles(&h, "test <run>");
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<polyline").count(), 1);
         assert!(svg.contains("99.99%"));

@@ -1,17 +1,15 @@
-//! The results: the human summary, the JSON document (versioned schema) and the HdrHistogram
-//! percentile export.
+//! The results of a run and the human summary; the HdrHistogram percentile export (.hgrm).
+//! The JSON document is [`super::json`].
 
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use hdrhistogram::Histogram;
 
-use super::args::{Load, Params};
+use super::args::CloseMode;
 use super::connector::ConnectReport;
-use super::tally::Tally;
-
-/// Name and version of the JSON schema. Bump the number on any incompatible change.
-pub const SCHEMA: &str = "echoport-bench/1";
+use super::params::{Load, Params};
+use super::tally::{Errors, Tally, UdpCounts};
 
 /// CPU time over the measured window.
 #[derive(Copy, Clone, Debug)]
@@ -50,9 +48,25 @@ pub struct RunResult {
     pub interrupted: bool,
     /// The backend's description.
     pub backend: String,
+    /// The run's start (when its connections began to open), Unix seconds.
+    pub epoch_unix_s: f64,
+    /// Its warm-up: the measured window begins this long after the start.
+    pub warmup: Duration,
+    /// Over UDP.
+    pub udp: bool,
 }
 
 impl RunResult {
+    /// The measured window's beginning, Unix seconds.
+    pub fn window_start_unix_s(&self) -> f64 {
+        self.epoch_unix_s + self.warmup.as_secs_f64()
+    }
+
+    /// The measured window's end, Unix seconds.
+    pub fn window_end_unix_s(&self) -> f64 {
+        self.window_start_unix_s() + self.window.as_secs_f64()
+    }
+
     /// Measured messages per second.
     pub fn msgs_per_sec(&self) -> f64 {
         per_sec(self.tally.msgs as f64, self.window)
@@ -66,6 +80,11 @@ impl RunResult {
     /// Measured messages sent per second of the window: the load actually offered.
     pub fn sent_per_sec(&self) -> f64 {
         per_sec(self.tally.sent as f64, self.sent_window)
+    }
+
+    /// Connects begun in the window, per second of it: the server's accept rate.
+    pub fn connects_per_sec(&self) -> f64 {
+        per_sec(self.connect.in_window as f64, self.sent_window)
     }
 
     /// Offered over intended rate (open loop): did the generator keep its schedule?
@@ -104,7 +123,7 @@ impl RunResult {
     }
 }
 
-fn per_sec(n: f64, d: Duration) -> f64 {
+pub fn per_sec(n: f64, d: Duration) -> f64 {
     if d.is_zero() {
         0.0
     } else {
@@ -112,7 +131,7 @@ fn per_sec(n: f64, d: Duration) -> f64 {
     }
 }
 
-fn describe_load(load: &Load) -> String {
+pub fn describe_load(load: &Load) -> String {
     match load {
         Load::Closed { pipeline } => format!("closed loop, pipeline {pipeline}"),
         Load::Open { rate } => format!("open loop at {} msgs/s", group(*rate)),
@@ -136,7 +155,7 @@ fn secs(d: Duration) -> String {
     format!("{} s", d.as_secs_f64())
 }
 
-fn us(v: f64) -> String {
+pub fn us(v: f64) -> String {
     if v >= 1000.0 {
         group(v)
     } else {
@@ -154,11 +173,12 @@ pub fn text(p: &Params, r: &RunResult) -> String {
     };
     let _ = writeln!(
         s,
-        "echoport bench -> {}  [{}; {} threads; {} connections; {}; {}; {} + {} warm-up]",
+        "echoport bench -> {}  [{}; {} threads; {} {}; {}; {}; {} + {} warm-up]",
         p.server,
         r.backend,
         p.threads,
         p.connections,
+        if p.udp { "UDP flows" } else { "connections" },
         p.size,
         describe_load(&r.load),
         span,
@@ -181,69 +201,67 @@ pub fn text(p: &Params, r: &RunResult) -> String {
             us(t.max_send_lag_ns as f64 / 1000.0)
         );
     }
-    if t.msgs > 0 {
+    let _ = writeln!(s, "  latency us   {}", latency_line(&t.hist));
+    if p.udp {
+        let _ = writeln!(s, "  udp          {}", udp_line(&t.udp));
+    } else {
+        let _ = writeln!(s, "  connections  {}", connections_line(&r.connect));
+        churn_lines(&mut s, p, r);
+    }
+    let _ = writeln!(s, "  errors       {}", errors_line(&t.errors));
+    health_lines(&mut s, r);
+    let _ = writeln!(s, "  result       {}", verdict(r.interrupted, r.failed()));
+    s
+}
+
+/// Connect rate and times, time to the first echo, churn: when there is something to say.
+fn churn_lines(s: &mut String, p: &Params, r: &RunResult) {
+    let c = &r.connect;
+    let t = &r.tally;
+    let churning = p.messages_per_conn.is_some() || p.reconnect;
+    if churning || c.in_window > 0 {
         let _ = writeln!(
             s,
-            "  latency us   p50 {}   p90 {}   p99 {}   p99.9 {}   p99.99 {}   max {}",
-            us(t.us_at(0.5)),
-            us(t.us_at(0.9)),
-            us(t.us_at(0.99)),
-            us(t.us_at(0.999)),
-            us(t.us_at(0.9999)),
-            us(t.hist.max() as f64 / 1000.0),
+            "  connects     {} begun in the window = {} connects/s (the server's accepts/s); {} retried",
+            group(c.in_window as f64),
+            group(r.connects_per_sec()),
+            c.retries
         );
-    } else {
-        let _ = writeln!(s, "  latency us   (no message measured)");
+        let _ = writeln!(s, "  connect us   {}", latency_line(&c.hist));
+        let _ = writeln!(s, "  1st echo us  {}", latency_line(&t.first_echo));
     }
-    let _ = writeln!(
-        s,
-        "  connections  {} established, {} failed{}",
-        r.connect.established,
-        r.connect.failed,
-        r.connect
-            .errors
-            .iter()
-            .map(|(e, n)| format!("; {n} x {e}"))
-            .collect::<String>()
-    );
-    let kinds: Vec<String> = t
-        .errors
-        .kinds()
-        .iter()
-        .filter(|(_, n)| *n > 0)
-        .map(|(k, n)| format!("{k}={n}"))
-        .collect();
-    let _ = writeln!(
-        s,
-        "  errors       {}",
-        if kinds.is_empty() {
-            "none".to_string()
-        } else {
-            kinds.join(" ")
-        }
-    );
+    if churning {
+        let _ = writeln!(
+            s,
+            "  churn        {} closed after {} echoes ({}), {} closed by the server and reopened; {} messages ({} bytes) abandoned",
+            group(t.churn.closes as f64),
+            p.messages_per_conn.map_or("-".into(), |k| group(k as f64)),
+            match p.close {
+                CloseMode::Fin => "fin",
+                CloseMode::Rst => "rst",
+            },
+            group(t.churn.reconnects as f64),
+            group(t.churn.abandoned_msgs as f64),
+            group(t.churn.abandoned_bytes as f64),
+        );
+    }
+}
+
+/// The CPU, overflow and lateness lines.
+fn health_lines(s: &mut String, r: &RunResult) {
+    let t = &r.tally;
     if let Some(c) = &r.client_cpu {
         let _ = writeln!(
             s,
-            "  client CPU   {:.3} s (user {:.3}, sys {:.3}){}",
-            c.total_s(),
-            c.user_s,
-            c.system_s,
-            r.client_us_per_echo()
-                .map(|v| format!(" = {v:.2} us per echo"))
-                .unwrap_or_default()
+            "  client CPU   {}",
+            cpu_line(c, None, r.client_us_per_echo())
         );
     }
     if let Some((pid, c)) = &r.server_cpu {
         let _ = writeln!(
             s,
-            "  server CPU   {:.3} s (user {:.3}, sys {:.3}; pid {pid}){}",
-            c.total_s(),
-            c.user_s,
-            c.system_s,
-            r.server_us_per_echo()
-                .map(|v| format!(" = {v:.2} us per echo"))
-                .unwrap_or_default()
+            "  server CPU   {}",
+            cpu_line(c, Some(*pid), r.server_us_per_echo())
         );
     }
     if t.overflows > 0 {
@@ -256,15 +274,103 @@ pub fn text(p: &Params, r: &RunResult) -> String {
             t.max_late_ns as f64 / 1e6
         );
     }
-    let verdict = if r.interrupted {
+}
+
+/// "OK", "FAILED" or "INTERRUPTED (partial results)".
+pub fn verdict(interrupted: bool, failed: bool) -> &'static str {
+    if interrupted {
         "INTERRUPTED (partial results)"
-    } else if r.failed() {
+    } else if failed {
         "FAILED"
     } else {
         "OK"
-    };
-    let _ = writeln!(s, "  result       {verdict}");
-    s
+    }
+}
+
+/// "p50 ..  p90 ..  p99 ..  p99.9 ..  p99.99 ..  max .." of a histogram in ns, shown in us.
+pub fn latency_line(h: &Histogram<u64>) -> String {
+    if h.is_empty() {
+        return "(no message measured)".into();
+    }
+    let q = |q: f64| us(h.value_at_quantile(q) as f64 / 1000.0);
+    format!(
+        "p50 {}   p90 {}   p99 {}   p99.9 {}   p99.99 {}   max {}",
+        q(0.5),
+        q(0.9),
+        q(0.99),
+        q(0.999),
+        q(0.9999),
+        us(h.max() as f64 / 1000.0),
+    )
+}
+
+/// "N established, M failed; k x error ...".
+pub fn connections_line(c: &ConnectReport) -> String {
+    format!(
+        "{} established, {} failed{}",
+        c.established,
+        c.failed,
+        c.errors
+            .iter()
+            .map(|(e, n)| format!("; {n} x {e}"))
+            .collect::<String>()
+    )
+}
+
+/// "N sent, N back, N lost (x %), ..." of a UDP run.
+pub fn udp_line(u: &UdpCounts) -> String {
+    format!(
+        "{} sent, {} back, {} lost ({:.3} %), {} duplicated, {} reordered, {} late; {} not sent (socket buffer full){}",
+        group(u.sent as f64),
+        group(u.received as f64),
+        group(u.lost() as f64),
+        u.loss_ratio() * 100.0,
+        group(u.duplicates as f64),
+        group(u.reordered as f64),
+        group(u.late as f64),
+        group(u.send_blocked as f64),
+        if u.refused > 0 {
+            format!("; {} refused (nothing listening?)", u.refused)
+        } else {
+            String::new()
+        },
+    ) + &if u.host_rcvbuf_errors > 0 {
+        format!(
+            "\n  note         the kernel dropped {} UDP datagrams on this host for full receive buffers meanwhile (some loss may not be the server's)",
+            group(u.host_rcvbuf_errors as f64)
+        )
+    } else {
+        String::new()
+    }
+}
+
+/// "none" or "kind=n ...".
+pub fn errors_line(e: &Errors) -> String {
+    let kinds: Vec<String> = e
+        .kinds()
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect();
+    if kinds.is_empty() {
+        "none".to_string()
+    } else {
+        kinds.join(" ")
+    }
+}
+
+/// "1.234 s (user .., sys ..; pid P) = x us per echo".
+pub fn cpu_line(c: &Cpu, pid: Option<u32>, per_echo: Option<f64>) -> String {
+    format!(
+        "{:.3} s (user {:.3}, sys {:.3}{}){}",
+        c.total_s(),
+        c.user_s,
+        c.system_s,
+        pid.map(|p| format!("; pid {p}")).unwrap_or_default(),
+        per_echo
+            .map(|v| format!(" = {v:.2} us per echo"))
+            .unwrap_or_default()
+    )
 }
 
 /// One line per rate of a sweep.
@@ -309,127 +415,6 @@ pub fn sweep_table(runs: &[RunResult]) -> String {
         );
     }
     s
-}
-
-fn round(v: f64, places: i32) -> f64 {
-    let m = 10f64.powi(places);
-    (v * m).round() / m
-}
-
-fn cpu_json(c: &Cpu, per_echo: Option<f64>) -> Value {
-    json!({
-        "user_s": round(c.user_s, 6),
-        "system_s": round(c.system_s, 6),
-        "total_s": round(c.total_s(), 6),
-        "us_per_echo": per_echo.map(|v| round(v, 4)),
-    })
-}
-
-fn run_json(r: &RunResult) -> Value {
-    let t = &r.tally;
-    let mut errors = serde_json::Map::new();
-    for (k, n) in t.errors.kinds() {
-        errors.insert(k.into(), json!(n));
-    }
-    errors.insert("total".into(), json!(r.errors_total()));
-    let latency = if t.msgs > 0 {
-        json!({
-            "count": t.hist.len(),
-            "min": round(t.hist.min() as f64 / 1000.0, 3),
-            "mean": round(t.hist.mean() / 1000.0, 3),
-            "stdev": round(t.hist.stdev() / 1000.0, 3),
-            "p50": round(t.us_at(0.5), 3),
-            "p90": round(t.us_at(0.9), 3),
-            "p99": round(t.us_at(0.99), 3),
-            "p99_9": round(t.us_at(0.999), 3),
-            "p99_99": round(t.us_at(0.9999), 3),
-            "max": round(t.hist.max() as f64 / 1000.0, 3),
-        })
-    } else {
-        Value::Null
-    };
-    let (mode, pipeline, target) = match r.load {
-        Load::Closed { pipeline } => ("closed", Some(pipeline), None),
-        Load::Open { rate } => ("open", None, Some(rate)),
-    };
-    json!({
-        "mode": mode,
-        "pipeline": pipeline,
-        "target_rate": target,
-        "window_s": round(r.window.as_secs_f64(), 6),
-        "messages": t.msgs,
-        "bytes": t.bytes,
-        "msgs_per_sec": round(r.msgs_per_sec(), 2),
-        "mib_per_sec": round(r.mib_per_sec(), 4),
-        "sent_per_sec": round(r.sent_per_sec(), 2),
-        "rate_ratio": r.rate_ratio().map(|v| round(v, 5)),
-        "max_send_lag_us": round(t.max_send_lag_ns as f64 / 1000.0, 1),
-        "latency_us": latency,
-        "connections": {
-            "established": r.connect.established,
-            "failed": r.connect.failed,
-            "errors": r.connect.errors,
-        },
-        "errors": errors,
-        "client_cpu": r.client_cpu.as_ref().map(|c| cpu_json(c, r.client_us_per_echo())),
-        "server_cpu": r.server_cpu.as_ref().map(|(pid, c)| {
-            let mut v = cpu_json(c, r.server_us_per_echo());
-            v["pid"] = json!(pid);
-            v
-        }),
-        "cq_overflows": t.overflows,
-        "client_max_late_us": round(t.max_late_ns as f64 / 1000.0, 1),
-        "interrupted": r.interrupted,
-        "ok": !r.failed() && !r.interrupted,
-    })
-}
-
-/// The whole JSON document.
-pub fn json_doc(
-    p: &Params,
-    runs: &[RunResult],
-    interrupted: bool,
-    exit_code: u8,
-    started_unix_s: f64,
-) -> Value {
-    let mode = if !p.sweep.is_empty() {
-        "sweep"
-    } else {
-        match p.load {
-            Load::Closed { .. } => "closed",
-            Load::Open { .. } => "open",
-        }
-    };
-    json!({
-        "schema": SCHEMA,
-        "tool": format!("echoport {}", env!("CARGO_PKG_VERSION")),
-        "started_unix_s": round(started_unix_s, 3),
-        "server": p.server.to_string(),
-        "backend": runs.first().map(|r| r.backend.clone()),
-        "params": {
-            "mode": mode,
-            "connections": p.connections,
-            "threads": p.threads,
-            "cpus": p.cpus,
-            "backend": clap::ValueEnum::to_possible_value(&p.backend).map(|v| v.get_name().to_string()),
-            "connect_rate": p.connect_rate,
-            "sources": p.sources.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-            "size": { "min": p.size.min, "max": p.size.max },
-            "duration_s": p.count.is_none().then_some(p.duration.as_secs_f64()),
-            "count": p.count,
-            "warmup_s": p.warmup.as_secs_f64(),
-            "pipeline": match p.load { Load::Closed { pipeline } if p.sweep.is_empty() => Some(pipeline), _ => None },
-            "rate": match p.load { Load::Open { rate } if p.sweep.is_empty() => Some(rate), _ => None },
-            "sweep": p.sweep,
-            "timeout_s": p.timeout.as_secs_f64(),
-            "tick_s": p.tick.as_secs_f64(),
-            "spin_s": p.spin.as_secs_f64(),
-        },
-        "runs": runs.iter().map(run_json).collect::<Vec<_>>(),
-        "interrupted": interrupted,
-        "ok": exit_code == 0,
-        "exit_code": exit_code,
-    })
 }
 
 /// The percentile distribution in HdrHistogram's text format (values in microseconds), as
