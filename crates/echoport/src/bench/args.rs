@@ -170,6 +170,17 @@ pub struct Opts {
     #[arg(help_heading = "UDP", long)]
     pub udp: bool,
 
+    /// Sleep until this wall-clock time, then connect and run: RFC 3339
+    /// (2026-12-01T10:00:00Z, or with an offset like +01:00) or Unix seconds. Give every
+    /// process of a distributed run the same time (their clocks synchronised, e.g. by NTP)
+    /// so their measured windows line up.
+    #[arg(help_heading = "Starting together", long, value_name = "TIME", value_parser = parse_time)]
+    pub start_at: Option<f64>,
+
+    /// Sleep this long (e.g. 30s), then connect and run; the same as --start-at now + TIME.
+    #[arg(help_heading = "Starting together", long, value_name = "TIME", value_parser = parse_duration, conflicts_with = "start_at")]
+    pub start_in: Option<Duration>,
+
     /// Print the results as JSON on stdout (the human summary goes to stderr).
     #[arg(help_heading = "Output", long)]
     pub json: bool,
@@ -219,17 +230,6 @@ pub struct Opts {
     /// Tests only: write every measured latency (ns, one a line) here.
     #[arg(long, value_name = "FILE", hide = true)]
     pub raw_samples: Option<PathBuf>,
-
-    /// Sleep until this wall-clock time, then connect and run: RFC 3339
-    /// (2026-12-01T10:00:00Z, or with an offset like +01:00) or Unix seconds. Give every
-    /// process of a distributed run the same time (their clocks synchronised, e.g. by NTP)
-    /// so their measured windows line up.
-    #[arg(help_heading = "Starting together", long, value_name = "TIME", value_parser = parse_time)]
-    pub start_at: Option<f64>,
-
-    /// Sleep this long (e.g. 30s), then connect and run; the same as --start-at now + TIME.
-    #[arg(help_heading = "Starting together", long, value_name = "TIME", value_parser = parse_duration, conflicts_with = "start_at")]
-    pub start_in: Option<Duration>,
 }
 
 /// How the client closes a connection.
