@@ -23,7 +23,10 @@ use echoport_core::udp::UdpStats;
 use echoport_core::worker::{Admission, Config, Worker};
 use echoport_core::{Backend, Waker};
 
-pub use args::{parse_cpu_list, Args, BackendChoice, ListenerMode, TaskRunChoice};
+pub use args::{Args, BackendChoice, ListenerMode};
+// Used by the load generator and the Linux backends only.
+#[cfg(unix)]
+pub use args::{parse_cpu_list, TaskRunChoice};
 use settings::Settings;
 
 /// Runs the server until stopped; exit code 0 after a graceful stop.
