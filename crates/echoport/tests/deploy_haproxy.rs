@@ -234,76 +234,101 @@ fn errors(doc: &serde_json::Value, kind: &str) -> u64 {
     deploy_support::num(doc, &format!("runs.0.errors.{kind}"))
 }
 
-/// The scenario of this file's header.
-fn drain_moves_the_load(s: &Scenario) {
-    const SIZE: u64 = 64;
-    let mut args_a = vec!["--threads", "1", "--shutdown-timeout", "5"];
-    args_a.extend_from_slice(s.echoport_args);
-    let mut args_b = vec!["--threads", "1", "--metrics", "127.0.0.1:0"];
-    args_b.extend_from_slice(s.echoport_args);
-    let mut a = Server::start(&args_a);
-    let b = Server::start(&args_b);
-    let b_metrics = metrics_addr(&b.log());
-    let front = free_addr();
-    let hx = Haproxy::start(front, &[a.addr(), b.addr()], s);
-    hx.wait_status("e0", "UP");
-    hx.wait_status("e1", "UP");
+/// Message size of the bench runs.
+const SIZE: u64 = 64;
 
-    // Run 1: 20 connections (HAProxy's round robin puts 10 on each), 4 s; A is stopped
-    // after 1.5 s.
-    let run1 = std::thread::spawn(move || {
-        bench(
+/// `echoport bench` through the balancer: 20 connections of 64-byte messages for `secs`.
+fn bench_through(front: SocketAddr, secs: &str) -> (Option<i32>, serde_json::Value) {
+    let args = [
+        "-c",
+        "20",
+        "-d",
+        secs,
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+        "-s",
+        "64",
+    ];
+    bench(front, &args, Duration::from_secs(60))
+}
+
+/// Two echoport backends (A, and B with metrics) behind HAProxy, both seen UP.
+struct Rig {
+    /// None once stopped.
+    a: Option<Server>,
+    b: Server,
+    b_metrics: SocketAddr,
+    front: SocketAddr,
+    hx: Haproxy,
+}
+
+impl Rig {
+    fn start(s: &Scenario) -> Rig {
+        let mut args_a = vec!["--threads", "1", "--shutdown-timeout", "5"];
+        args_a.extend_from_slice(s.echoport_args);
+        let mut args_b = vec!["--threads", "1", "--metrics", "127.0.0.1:0"];
+        args_b.extend_from_slice(s.echoport_args);
+        let a = Server::start(&args_a);
+        let b = Server::start(&args_b);
+        let b_metrics = metrics_addr(&b.log());
+        let front = free_addr();
+        let hx = Haproxy::start(front, &[a.addr(), b.addr()], s);
+        hx.wait_status("e0", "UP");
+        hx.wait_status("e1", "UP");
+        Rig {
+            a: Some(a),
+            b,
+            b_metrics,
             front,
-            &[
-                "-c",
-                "20",
-                "-d",
-                "4s",
-                "--warmup",
-                "0",
-                "--threads",
-                "1",
-                "-s",
-                "64",
-            ],
-            Duration::from_secs(60),
-        )
-    });
-    std::thread::sleep(Duration::from_millis(1500));
-    let (_, on_a) = hx.server("e0");
-    assert_eq!(on_a, 10, "round robin put {on_a} of 20 connections on A");
-    let b_before = Samples::parse(&scrape(b_metrics).body).sum("echoport_bytes_echoed_total");
-    let t_stop = Instant::now();
-    a.signal(Signal::TERM);
-    a.wait_log("the drain", |l| l.contains("stopping"));
-    // A closes its listener within milliseconds of the signal. (A connection that reaches
-    // its accept queue in that instant is closed at once and counted as refused: take a
-    // backend out of rotation first when even that matters, docs/DEPLOY.md says how.)
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while TcpStream::connect(a.addr()).is_ok() {
-        assert!(
-            Instant::now() < deadline,
-            "A's listener is still open 5 s after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(5));
+            hx,
+        }
     }
-    // From then on new connections work, before and after the health check marks A down:
-    // HAProxy retries the refused connect on B.
-    for i in 0..10 {
-        ping_through(front, i);
-    }
-    let stopped_a = a.finish(t_stop, Duration::from_secs(10));
-    stopped_a.assert_clean();
-    assert!(
-        stopped_a.took < Duration::from_secs(3),
-        "A's drain took {:?}",
-        stopped_a.took
-    );
-    hx.wait_status("e0", "DOWN");
 
-    let (code1, doc1) = run1.join().expect("bench run 1");
-    eprintln!("run 1: {doc1:#}");
-    // What the clients of A saw: its drain, never a corrupted or invented byte.
+    fn b_bytes(&self) -> u64 {
+        Samples::parse(&scrape(self.b_metrics).body).sum("echoport_bytes_echoed_total")
+    }
+
+    /// SIGTERM to A; waits until its listener is closed, checks that new connections work
+    /// through the balancer, that A's drain is clean and quick, and that A goes DOWN.
+    fn stop_a(&mut self) {
+        let mut a = self.a.take().expect("A runs");
+        let t_stop = Instant::now();
+        a.signal(Signal::TERM);
+        a.wait_log("the drain", |l| l.contains("stopping"));
+        // A closes its listener within milliseconds of the signal. (A connection that
+        // reaches its accept queue in that instant is closed at once and counted as
+        // refused: take a backend out of rotation first when even that matters,
+        // docs/DEPLOY.md says how.)
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect(a.addr()).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "A's listener is still open 5 s after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // From then on new connections work, before and after the health check marks A
+        // down: HAProxy retries the refused connect on B.
+        for i in 0..10 {
+            ping_through(self.front, i);
+        }
+        let stopped = a.finish(t_stop, Duration::from_secs(10));
+        stopped.assert_clean();
+        assert!(
+            stopped.took < Duration::from_secs(3),
+            "A's drain took {:?}",
+            stopped.took
+        );
+        self.hx.wait_status("e0", "DOWN");
+    }
+}
+
+/// What the clients of the stopped backend saw in run 1: its drain (closed by the server,
+/// at most one whole in-flight message missing each), never a corrupted or invented byte,
+/// and nothing at all on the other backend's connections.
+fn check_drained_run(code: Option<i32>, doc: &serde_json::Value, on_a: u64) {
     for zero in [
         "mismatch",
         "extra_echo",
@@ -312,71 +337,70 @@ fn drain_moves_the_load(s: &Scenario) {
         "timeout",
         "connect_failed",
     ] {
-        assert_eq!(errors(&doc1, zero), 0, "run 1: {zero}");
+        assert_eq!(errors(doc, zero), 0, "run 1: {zero}");
     }
-    let lost = errors(&doc1, "connection_lost");
+    let lost = errors(doc, "connection_lost");
     assert_eq!(
         lost, on_a,
         "exactly A's connections were closed by the drain, none of B's"
     );
-    let (short, missing) = (errors(&doc1, "short_echo"), errors(&doc1, "missing_bytes"));
+    let (short, missing) = (errors(doc, "short_echo"), errors(doc, "missing_bytes"));
     assert!(short <= lost, "only drained connections may miss an echo");
     assert!(
         missing <= short * SIZE && missing % SIZE == 0,
         "{missing} bytes missing: whole in-flight messages only"
     );
     assert_eq!(
-        code1,
+        code,
         Some(1),
         "the bench reports the closed connections as errors"
     );
-    // B went on echoing after A stopped.
-    let b_after = Samples::parse(&scrape(b_metrics).body).sum("echoport_bytes_echoed_total");
+}
+
+/// The scenario of this file's header.
+fn drain_moves_the_load(s: &Scenario) {
+    let mut rig = Rig::start(s);
+    // Run 1: 20 connections (round robin: 10 on each), 4 s; A is stopped after 1.5 s.
+    let front = rig.front;
+    let run1 = std::thread::spawn(move || bench_through(front, "4s"));
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_, on_a) = rig.hx.server("e0");
+    assert_eq!(on_a, 10, "round robin put {on_a} of 20 connections on A");
+    let b_before = rig.b_bytes();
+    rig.stop_a();
+    let (code1, doc1) = run1.join().expect("bench run 1");
+    eprintln!("run 1: {doc1:#}");
+    check_drained_run(code1, &doc1, on_a);
+    let b_after = rig.b_bytes();
     assert!(
         b_after > b_before,
         "B echoed nothing after A's stop ({b_before} -> {b_after})"
     );
 
     // Run 2, with A down: everything goes to B, and nothing fails.
-    let (_, b_sessions) = hx.server("e1");
-    let (_, a_sessions) = hx.server("e0");
-    let (code2, doc2) = bench(
-        front,
-        &[
-            "-c",
-            "20",
-            "-d",
-            "1s",
-            "--warmup",
-            "0",
-            "--threads",
-            "1",
-            "-s",
-            "64",
-        ],
-        Duration::from_secs(60),
-    );
+    let ((_, b_sessions), (_, a_sessions)) = (rig.hx.server("e1"), rig.hx.server("e0"));
+    let (code2, doc2) = bench_through(front, "1s");
     assert_eq!(code2, Some(0), "run 2 with A down: {doc2:#}");
     assert_eq!(errors(&doc2, "total"), 0);
     assert!(deploy_support::num(&doc2, "runs.0.bytes") > 0);
-    let (st, after) = hx.server("e1");
+    let (st_b, b_now) = rig.hx.server("e1");
     assert_eq!(
-        (st.as_str(), after - b_sessions),
+        (st_b.as_str(), b_now - b_sessions),
         ("UP", 20),
-        "run 2's connections all on B"
+        "run 2 all on B"
     );
-    let (st_a, on_a_after) = hx.server("e0");
+    let (st_a, a_now) = rig.hx.server("e0");
     assert_eq!(
-        (st_a.as_str(), on_a_after),
+        (st_a.as_str(), a_now),
         ("DOWN", a_sessions),
         "run 2 sent nothing to A"
     );
-    let log = hx.log();
+    let log = rig.hx.log();
     assert!(
         log.contains("is DOWN"),
         "HAProxy's log says nothing of A going down:\n{log}"
     );
-    b.stop().assert_clean();
+    rig.b.stop().assert_clean();
 }
 
 #[test]

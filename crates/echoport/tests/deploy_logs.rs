@@ -31,8 +31,9 @@ fn echo(addr: SocketAddr, msg: &[u8]) {
     assert_eq!(got, msg);
 }
 
-#[test]
-fn every_line_is_json_and_the_key_lines_carry_their_fields() {
+/// Runs a JSON-logging server (3 connections echoed, then SIGTERM); returns every line it
+/// wrote on stderr and the address it listened on.
+fn json_run() -> (Vec<String>, SocketAddr) {
     let mut child = Command::new(BIN)
         .args([
             "--log-format",
@@ -97,6 +98,12 @@ fn every_line_is_json_and_the_key_lines_carry_their_fields() {
     raw.extend(rx.try_iter());
     assert!(status.success(), "exit {status}:\n{}", raw.join("\n"));
 
+    (raw, addr)
+}
+
+#[test]
+fn every_line_is_json_and_the_key_lines_carry_their_fields() {
+    let (raw, addr) = json_run();
     let lines: Vec<Value> = raw
         .iter()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))

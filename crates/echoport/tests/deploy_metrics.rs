@@ -58,39 +58,8 @@ fn scrape_loop(addr: std::net::SocketAddr, running: Arc<AtomicBool>) -> Vec<Seen
     seen
 }
 
-fn counters_equal_the_bench_totals(backend: &str) {
-    let (server, maddr) = start(backend, &[]);
-    let running = Arc::new(AtomicBool::new(true));
-    let scraper = {
-        let running = running.clone();
-        std::thread::spawn(move || scrape_loop(maddr, running))
-    };
-    let (code, doc) = bench(
-        server.addr(),
-        &["-c", "20", "-d", "2s", "--warmup", "0", "--threads", "1"],
-        Duration::from_secs(60),
-    );
-    running.store(false, Ordering::Relaxed);
-    let seen = scraper.join().expect("the scrape loop failed");
-    assert_eq!(code, Some(0), "bench failed: {doc:#}");
-    let bytes = num(&doc, "runs.0.bytes");
-    assert_eq!(num(&doc, "runs.0.connections.established"), 20);
-    assert!(bytes > 0);
-
-    assert!(seen.len() >= 100, "only {} scrapes", seen.len());
-    for w in seen.windows(2) {
-        assert!(w[1].bytes >= w[0].bytes, "a counter went backwards");
-    }
-    assert!(
-        seen.iter()
-            .any(|s| s.admitted == 20 && s.bytes > 0 && s.bytes < bytes),
-        "no scrape saw the run in progress (20 connections, some bytes echoed)"
-    );
-    // Published within a tick or two of the last change, even with the server idle.
-    let s = scrape_until(maddr, |s| {
-        s.sum("echoport_connections_closed_total") == 20
-            && s.sum("echoport_bytes_echoed_total") == bytes
-    });
+/// The scrape after a bench of 20 connections that echoed `bytes`: every total equal.
+fn check_after_the_run(s: &Samples, bytes: u64, backend: &str) {
     assert_eq!(
         s.sum("echoport_bytes_echoed_total"),
         bytes,
@@ -134,6 +103,42 @@ fn counters_equal_the_bench_totals(backend: &str) {
             .filter(|k| k.contains("build"))
             .collect::<Vec<_>>()
     );
+}
+
+fn counters_equal_the_bench_totals(backend: &str) {
+    let (server, maddr) = start(backend, &[]);
+    let running = Arc::new(AtomicBool::new(true));
+    let scraper = {
+        let running = running.clone();
+        std::thread::spawn(move || scrape_loop(maddr, running))
+    };
+    let (code, doc) = bench(
+        server.addr(),
+        &["-c", "20", "-d", "2s", "--warmup", "0", "--threads", "1"],
+        Duration::from_secs(60),
+    );
+    running.store(false, Ordering::Relaxed);
+    let seen = scraper.join().expect("the scrape loop failed");
+    assert_eq!(code, Some(0), "bench failed: {doc:#}");
+    let bytes = num(&doc, "runs.0.bytes");
+    assert_eq!(num(&doc, "runs.0.connections.established"), 20);
+    assert!(bytes > 0);
+
+    assert!(seen.len() >= 100, "only {} scrapes", seen.len());
+    for w in seen.windows(2) {
+        assert!(w[1].bytes >= w[0].bytes, "a counter went backwards");
+    }
+    assert!(
+        seen.iter()
+            .any(|s| s.admitted == 20 && s.bytes > 0 && s.bytes < bytes),
+        "no scrape saw the run in progress (20 connections, some bytes echoed)"
+    );
+    // Published within a tick or two of the last change, even with the server idle.
+    let s = scrape_until(maddr, |s| {
+        s.sum("echoport_connections_closed_total") == 20
+            && s.sum("echoport_bytes_echoed_total") == bytes
+    });
+    check_after_the_run(&s, bytes, backend);
     let stopped = server.stop();
     stopped.assert_clean();
     assert_eq!(
