@@ -250,6 +250,8 @@ pub struct Conn {
     queue: Queue,
     /// Buffers the queue holds (one per segment): the budget's unit.
     held: u32,
+    /// Receiving is paused at the budget (counted once per pause in `Stats::paused`).
+    paused: bool,
     /// Bytes received and not yet echoed.
     pending: u32,
     /// Tick of the last byte received (idle timeout).
@@ -271,6 +273,7 @@ impl Conn {
             send_cancel_posted: false,
             queue: Queue::EMPTY,
             held: 0,
+            paused: false,
             pending: 0,
             last_rx: 0,
             last_tx: 0,
@@ -467,8 +470,13 @@ impl Conn {
             Phase::Open => {
                 self.post_send(cx);
                 if self.over_budget(cx) {
-                    if self.recv == RecvState::Armed {
+                    if !self.paused {
+                        // Counted once per pause, whether the receive is cancelled here or
+                        // already ended by itself at the connection's allowance.
+                        self.paused = true;
                         cx.stats.paused += 1;
+                    }
+                    if self.recv == RecvState::Armed {
                         self.cancel_recv(cx);
                     }
                 } else if self.recv == RecvState::Idle {
@@ -557,6 +565,7 @@ impl Conn {
 
     fn post_recv<S: Submit>(&mut self, cx: &mut Cx<'_, S>) {
         self.recv = RecvState::Armed;
+        self.paused = false;
         let max = if self.phase == Phase::Open {
             self.recv_allowance(cx)
         } else {
