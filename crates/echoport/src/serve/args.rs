@@ -3,6 +3,13 @@
 use anyhow::bail;
 
 /// The default listen addresses: loopback only, IPv4 and IPv6.
+/// `--help` headings: the flags an operator needs come first (no heading), then these.
+const LIMITS: &str = "Limits and timeouts";
+const BUFFERS: &str = "Buffers";
+const UDP: &str = "UDP echo";
+const DEPLOY: &str = "Deployment";
+const TUNING: &str = "Tuning and measurement (what the benchmarks compare)";
+
 pub const DEFAULT_LISTEN: [&str; 2] = ["127.0.0.1:7007", "[::1]:7007"];
 
 /// Options of `echoport serve`.
@@ -23,12 +30,12 @@ pub struct Args {
     /// Serve the live counters in Prometheus text format on http://ADDR/metrics (e.g.
     /// 127.0.0.1:9100): connections, bytes echoed, refusals, timeouts, UDP drops, per worker.
     /// Off by default; a loopback address unless --metrics-public.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(help_heading = DEPLOY, long, value_name = "ADDR")]
     pub metrics: Option<String>,
 
     /// Allow --metrics on a non-loopback address (the counters describe the server's
     /// traffic to anyone who can reach them).
-    #[arg(long, requires = "metrics")]
+    #[arg(help_heading = DEPLOY, long, requires = "metrics")]
     pub metrics_public: bool,
 
     /// Event-loop threads (1 to 1024), each with its own ring (or epoll set) and listener; on
@@ -57,24 +64,24 @@ pub struct Args {
     /// Seconds a graceful stop (SIGINT/SIGTERM; Ctrl-C on Windows) may take to echo what was
     /// received before connections are cut: 0 or more; `inf` (or any value too large for the
     /// clock) waits forever. A second signal exits at once.
-    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    #[arg(help_heading = LIMITS, long, value_name = "SECS", default_value_t = 10.0)]
     pub shutdown_timeout: f64,
 
     /// Bytes one connection may hold received but not yet echoed (at least 1); past this the
     /// server stops reading from it until its peer reads the echo.
-    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024)]
+    #[arg(help_heading = LIMITS, long, value_name = "BYTES", default_value_t = 64 * 1024)]
     pub max_pending: u32,
 
     /// Connections the server holds at most (at least 1); more are closed at once (and
     /// counted). Default: what the backend can hold: the io_uring direct-descriptor tables,
     /// or the process's descriptor limit less a reserve. At start-up the soft descriptor
     /// limit is raised to the hard limit, and the start-up line says what it derived.
-    #[arg(long, value_name = "N")]
+    #[arg(help_heading = LIMITS, long, value_name = "N")]
     pub max_connections: Option<usize>,
 
     /// Connections one source IP address may hold at once (at least 1); more are closed at
     /// once. (With io_uring this accepts into plain descriptors, to learn peers' addresses.)
-    #[arg(long, value_name = "N")]
+    #[arg(help_heading = LIMITS, long, value_name = "N")]
     pub max_connections_per_ip: Option<u32>,
 
     /// Also echo UDP datagrams (RFC 862) on the same addresses and ports. Off by default:
@@ -82,44 +89,44 @@ pub struct Args {
     /// privileged ports, our own ports, broadcast, multicast and unspecified sources (also
     /// when an IPv6 source carries one: IPv4-mapped, NAT64, 6to4, Teredo; and the
     /// deprecated IPv4-compatible form), and rate-limited.
-    #[arg(long)]
+    #[arg(help_heading = UDP, long)]
     pub udp: bool,
 
     /// UDP: replies per second to one source address, over all listen addresses together
     /// (with a burst of twice that); > 0.
-    #[arg(long, value_name = "PPS", default_value_t = 100.0)]
+    #[arg(help_heading = UDP, long, value_name = "PPS", default_value_t = 100.0)]
     pub udp_rate: f64,
 
     /// UDP: replies per second in total, one budget for all listen addresses (with a burst
     /// of one second's worth); > 0.
-    #[arg(long, value_name = "PPS", default_value_t = 20_000.0)]
+    #[arg(help_heading = UDP, long, value_name = "PPS", default_value_t = 20_000.0)]
     pub udp_global_rate: f64,
 
     /// Seconds a connection may stay silent (nothing received, no echo owed) before it is
     /// closed. 0 (or inf) turns it off.
-    #[arg(long, value_name = "SECS", default_value_t = 300.0)]
+    #[arg(help_heading = LIMITS, long, value_name = "SECS", default_value_t = 300.0)]
     pub idle_timeout: f64,
 
     /// Seconds a connection's pending echo may make no progress (its peer stopped reading)
     /// before the connection is closed. 0 (or inf) turns it off.
-    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    #[arg(help_heading = LIMITS, long, value_name = "SECS", default_value_t = 30.0)]
     pub write_timeout: f64,
 
     /// Size of one receive buffer in bytes, 64 to 16777216 (16 MiB); with --buffers at most
     /// 4 GiB of buffers per thread.
-    #[arg(long, value_name = "BYTES", default_value_t = echoport_io::pool::PoolConfig::DEFAULT_BUF_SIZE)]
+    #[arg(help_heading = BUFFERS, long, value_name = "BYTES", default_value_t = echoport_io::pool::PoolConfig::DEFAULT_BUF_SIZE)]
     pub buf_size: u32,
 
     /// Receive buffers per thread, 1 to 32768, rounded up to a power of two (io_uring's
     /// provided-buffer ring needs one; every backend uses the rounded count).
-    #[arg(long, value_name = "N", default_value_t = echoport_io::pool::PoolConfig::DEFAULT_BUFFERS)]
+    #[arg(help_heading = BUFFERS, long, value_name = "N", default_value_t = echoport_io::pool::PoolConfig::DEFAULT_BUFFERS)]
     pub buffers: u32,
 
     /// io_uring: completion queue entries per ring, 256 to 65536, rounded up to a power of
     /// two (as the kernel does). Below 256 the queue overflows under a hundred busy
     /// connections and every echo waits on the kernel's overflow list; the kernel counts
     /// what does not fit and so does echoport (cq_overflows).
-    #[arg(long, value_name = "N", default_value_t = 65536)]
+    #[arg(help_heading = TUNING, long, value_name = "N", default_value_t = 65536)]
     pub cq_entries: u32,
 
     /// Testing only: let --cq-entries go below 256 (down to 1), so a test can force the
@@ -131,18 +138,18 @@ pub struct Args {
     /// before the loop wakes (the kernel's minimum wait on 6.12+; on older kernels only when
     /// busy), trading at most that much latency for fewer wake-ups per echo. An idle loop and
     /// a lone message after a quiet spell are unaffected. 0 = off.
-    #[arg(long, value_name = "USEC", default_value_t = 0)]
+    #[arg(help_heading = TUNING, long, value_name = "USEC", default_value_t = 0)]
     pub batch_wait_us: u32,
 
     /// io_uring: how the kernel runs completion work: `defer` (DEFER_TASKRUN, the default,
     /// falling back to `coop` on kernels before 6.1), `coop` (COOP_TASKRUN), or `interrupt`
     /// (neither; only for measuring what the flags buy).
-    #[arg(long, value_enum, default_value_t = TaskRunChoice::Defer)]
+    #[arg(help_heading = TUNING, long, value_enum, default_value_t = TaskRunChoice::Defer)]
     pub taskrun: TaskRunChoice,
 
     /// io_uring: use plain one-shot operations (no multishot, no buffer ring, no direct
     /// descriptors), as on older kernels.
-    #[arg(long)]
+    #[arg(help_heading = TUNING, long)]
     pub no_fast_path: bool,
 }
 
