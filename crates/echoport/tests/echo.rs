@@ -511,7 +511,9 @@ fn sigterm_with_100_streaming_connections(cfg: Config) {
     const CLIENTS: u32 = 100;
     let seed = rng::seed("sigterm_with_100_streaming_connections");
     let mut rng = Rng::new(seed);
-    let mut server = cfg.start(&["--shutdown-timeout", "5"]);
+    // The drain throws away megabytes the stalled clients queued, with a debug build, five
+    // such servers at once and the rest of the suite beside them: 15 s of deadline.
+    let mut server = cfg.start(&["--shutdown-timeout", "15"]);
     let kind = |id: u32| match id % 10 {
         0 => "stalled",
         1 | 3 | 5 | 7 | 9 => "keeps-writing",
@@ -567,7 +569,7 @@ fn sigterm_with_100_streaming_connections(cfg: Config) {
             f.writing = false;
         }
     }
-    swarm.run_to_end(t0 + Duration::from_secs(20));
+    swarm.run_to_end(t0 + Duration::from_secs(30));
     swarm.assert_no_failures();
     for f in &swarm.flows {
         assert!(
@@ -581,11 +583,11 @@ fn sigterm_with_100_streaming_connections(cfg: Config) {
             f.received
         );
     }
-    let stopped = server.finish(t0, Duration::from_secs(8));
+    let stopped = server.finish(t0, Duration::from_secs(18));
     stopped.assert_clean();
     assert!(
-        stopped.took < Duration::from_secs(5),
-        "graceful stop took {:?}, past the 5 s deadline",
+        stopped.took < Duration::from_secs(15),
+        "graceful stop took {:?}, past the 15 s deadline",
         stopped.took
     );
     let echoed: u64 = swarm.flows.iter().map(|f| f.received).sum();
