@@ -181,6 +181,8 @@ fn log_stopped(t: &Stats, udp: Option<&UdpStats>, per_thread: &str) {
         accept_backoffs = t.accept_backoffs,
         cq_overflows = t.cq_overflows,
         timeouts = t.timeouts,
+        compacted = t.compacted,
+        buffer_misuses = t.buffer_misuses,
         udp_echoed = udp.map(|u| u.echoed),
         udp_refused = udp.map(|u| u.refused),
         udp_rate_limited = udp.map(|u| u.rate_limited),
