@@ -131,7 +131,8 @@ fn udp_addrs(server: &Server, expect: usize) -> Vec<SocketAddr> {
     });
     log.lines()
         .filter_map(|l| l.split("UDP echo on ").nth(1))
-        .map(|a| a.trim().parse().expect("an address after 'UDP echo on'"))
+        .filter_map(|a| a.split_whitespace().next())
+        .map(|a| a.parse().expect("an address after 'UDP echo on'"))
         .collect()
 }
 
