@@ -17,7 +17,7 @@
 //! so a late completion can never land on a reused descriptor.
 
 use crate::backend::Submit;
-use crate::op::{BufId, Op, OpError, Received, SendPart, Socket, MAX_SEND_PARTS};
+use crate::op::{BufId, MAX_SEND_PARTS, Op, OpError, Received, SendPart, Socket};
 use crate::stats::Stats;
 use crate::token::Token;
 

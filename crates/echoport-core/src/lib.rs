@@ -26,6 +26,6 @@ pub mod worker;
 
 pub use backend::{Backend, Submit, Waker};
 pub use op::{
-    BufId, Completion, ListenerId, Op, OpError, Received, SendPart, Socket, MAX_SEND_PARTS,
+    BufId, Completion, ListenerId, MAX_SEND_PARTS, Op, OpError, Received, SendPart, Socket,
 };
 pub use token::{OpKind, Token};

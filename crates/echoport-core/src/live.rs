@@ -3,8 +3,8 @@
 //! written only by its owner with relaxed stores, at most once per timer tick, and read with
 //! relaxed loads whenever someone asks. Nothing here is on a hot path beyond those stores.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::stats::Stats;
 use crate::udp::UdpStats;
@@ -193,8 +193,22 @@ fn stats_to(s: &Stats) -> [u64; STATS_LEN] {
 }
 
 fn stats_from(c: [u64; STATS_LEN]) -> Stats {
-    let [accepted, closed, errors, refused, bytes_echoed, short_sends, gathered_sends, parked, paused, accept_backoffs, cq_overflows, timeouts, compacted, buffer_misuses] =
-        c;
+    let [
+        accepted,
+        closed,
+        errors,
+        refused,
+        bytes_echoed,
+        short_sends,
+        gathered_sends,
+        parked,
+        paused,
+        accept_backoffs,
+        cq_overflows,
+        timeouts,
+        compacted,
+        buffer_misuses,
+    ] = c;
     Stats {
         accepted,
         closed,

@@ -21,8 +21,8 @@ use std::fmt;
 use std::net::SocketAddr;
 
 pub use cidr::{Cidr, CidrError};
-pub use v1::{encode_v1, V1_MAX_LEN};
-pub use v2::{encode_v2, encode_v2_local, V2_MAX_ADDR_LEN, V2_SIGNATURE};
+pub use v1::{V1_MAX_LEN, encode_v1};
+pub use v2::{V2_MAX_ADDR_LEN, V2_SIGNATURE, encode_v2, encode_v2_local};
 
 /// The longest header [`parse`] accepts, either version: what a per-connection header
 /// accumulator must be able to hold.

@@ -1,10 +1,10 @@
 //! A slab of connection slots with generations, so that ids can be reused safely.
 
-use crate::token::{Token, GEN_MASK};
+use crate::token::{GEN_MASK, Token};
 
 enum Entry<T> {
-    Occupied { gen: u32, value: T },
-    Vacant { gen: u32, next: u32 },
+    Occupied { generation: u32, value: T },
+    Vacant { generation: u32, next: u32 },
 }
 
 const NIL: u32 = u32::MAX;
@@ -60,13 +60,13 @@ impl<T> Slab<T> {
         if self.free != NIL {
             let id = self.free;
             let slot = &mut self.entries[id as usize];
-            let Entry::Vacant { gen, next } = *slot else {
+            let Entry::Vacant { generation, next } = *slot else {
                 unreachable!("free list points at an occupied slot")
             };
-            let token = Token::new(id, gen);
+            let token = Token::new(id, generation);
             self.free = next;
             *slot = Entry::Occupied {
-                gen,
+                generation,
                 value: make(token),
             };
             token
@@ -75,7 +75,7 @@ impl<T> Slab<T> {
             assert!(id != NIL, "slab full");
             let token = Token::new(id, 0);
             self.entries.push(Entry::Occupied {
-                gen: 0,
+                generation: 0,
                 value: make(token),
             });
             token
@@ -85,7 +85,9 @@ impl<T> Slab<T> {
     /// The value for `token`, if that incarnation is still alive.
     pub fn get_mut(&mut self, token: Token) -> Option<&mut T> {
         match self.entries.get_mut(token.id as usize) {
-            Some(Entry::Occupied { gen, value }) if *gen == token.gen => Some(value),
+            Some(Entry::Occupied { generation, value }) if *generation == token.generation => {
+                Some(value)
+            }
             _ => None,
         }
     }
@@ -94,12 +96,12 @@ impl<T> Slab<T> {
     pub fn remove(&mut self, token: Token) -> Option<T> {
         let slot = self.entries.get_mut(token.id as usize)?;
         match slot {
-            Entry::Occupied { gen, .. } if *gen == token.gen => {
-                let next_gen = (*gen + 1) & GEN_MASK;
+            Entry::Occupied { generation, .. } if *generation == token.generation => {
+                let next_generation = (*generation + 1) & GEN_MASK;
                 let old = std::mem::replace(
                     slot,
                     Entry::Vacant {
-                        gen: next_gen,
+                        generation: next_generation,
                         next: self.free,
                     },
                 );
@@ -120,7 +122,7 @@ impl<T> Slab<T> {
             .iter()
             .enumerate()
             .filter_map(|(id, e)| match e {
-                Entry::Occupied { gen, .. } => Some(Token::new(id as u32, *gen)),
+                Entry::Occupied { generation, .. } => Some(Token::new(id as u32, *generation)),
                 Entry::Vacant { .. } => None,
             })
             .collect()
@@ -138,7 +140,7 @@ mod tests {
         assert_eq!(s.remove(a), Some("a"));
         let b = s.insert_with(|_| "b");
         assert_eq!(a.id, b.id, "slot is reused");
-        assert_ne!(a.gen, b.gen, "generation moved on");
+        assert_ne!(a.generation, b.generation, "generation moved on");
         assert!(s.get_mut(a).is_none());
         assert!(
             s.remove(a).is_none(),

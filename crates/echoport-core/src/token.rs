@@ -12,7 +12,7 @@ pub struct Token {
     /// Index of the connection's slot.
     pub id: u32,
     /// Generation of the slot when the connection was created (24 bits are significant).
-    pub gen: u32,
+    pub generation: u32,
 }
 
 /// Mask of the generation bits that survive packing into `user_data`.
@@ -22,27 +22,27 @@ impl Token {
     /// A token that names no connection; completions carrying it are dropped.
     pub const NONE: Token = Token {
         id: u32::MAX,
-        gen: GEN_MASK,
+        generation: GEN_MASK,
     };
 
     /// Creates a token; the generation is reduced to its significant bits.
-    pub const fn new(id: u32, gen: u32) -> Token {
+    pub const fn new(id: u32, generation: u32) -> Token {
         Token {
             id,
-            gen: gen & GEN_MASK,
+            generation: generation & GEN_MASK,
         }
     }
 
     /// Packs the token and the kind of operation into one `user_data` word.
     pub const fn pack(self, kind: OpKind) -> u64 {
-        ((kind as u64) << 56) | (((self.gen & GEN_MASK) as u64) << 32) | self.id as u64
+        ((kind as u64) << 56) | (((self.generation & GEN_MASK) as u64) << 32) | self.id as u64
     }
 
     /// Unpacks a `user_data` word made by [`Token::pack`]. Unknown kinds give `None`.
     pub fn unpack(user_data: u64) -> Option<(OpKind, Token)> {
         let kind = OpKind::from_u8((user_data >> 56) as u8)?;
-        let gen = ((user_data >> 32) as u32) & GEN_MASK;
-        Some((kind, Token::new(user_data as u32, gen)))
+        let generation = ((user_data >> 32) as u32) & GEN_MASK;
+        Some((kind, Token::new(user_data as u32, generation)))
     }
 }
 
@@ -100,7 +100,7 @@ mod tests {
     #[test]
     fn generation_wraps_within_24_bits() {
         let t = Token::new(1, 0x0100_0001);
-        assert_eq!(t.gen, 1);
+        assert_eq!(t.generation, 1);
         assert_eq!(Token::unpack(0), None);
     }
 }

@@ -22,7 +22,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-pub use source::{embedded_ipv4, refuse_ip, refuse_source, Embedded, SERVICE_PORTS};
+pub use source::{Embedded, SERVICE_PORTS, embedded_ipv4, refuse_ip, refuse_source};
 use table::{Bucket, SourceTable};
 
 /// Why a datagram was not echoed.

@@ -6,11 +6,14 @@ use echoport_core::stats::Stats;
 use echoport_core::testing::FakeIo;
 use echoport_core::worker::{Config, Worker};
 use echoport_core::{Backend, BufId, Completion, ListenerId, Op, OpError, Received, Socket, Token};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 const ECONNRESET: i32 = 104;
-const T: Token = Token { id: 7, gen: 3 };
+const T: Token = Token {
+    id: 7,
+    generation: 3,
+};
 const S: Socket = Socket(42);
 
 struct M {
@@ -463,7 +466,7 @@ fn worker_drops_stale_completions_for_a_reused_slot() {
     assert_eq!(w.connections(), 0);
     let new = w.adopt(Socket(5));
     assert_eq!(new.id, old.id);
-    assert_ne!(new.gen, old.gen);
+    assert_ne!(new.generation, old.generation);
     // A late receive for the old incarnation: its buffer goes back, nothing reaches the new one.
     let buf = io(&mut w).lend(b"ghost");
     push(

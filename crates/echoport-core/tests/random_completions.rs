@@ -15,7 +15,10 @@ use echoport_core::stats::Stats;
 use echoport_core::testing::FakeIo;
 use echoport_core::{BufId, Completion, Op, OpError, Received, Socket, Token};
 
-const T: Token = Token { id: 1, gen: 1 };
+const T: Token = Token {
+    id: 1,
+    generation: 1,
+};
 
 /// Gathered sends posted over all cases (they must happen for the test to mean anything).
 static GATHERED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

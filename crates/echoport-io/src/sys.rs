@@ -5,8 +5,8 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use echoport_core::{OpError, Waker};
 
@@ -215,20 +215,17 @@ pub struct ListenFd {
 }
 
 /// Takes the descriptors systemd passed to this process (`LISTEN_PID`, `LISTEN_FDS`,
-/// `LISTEN_FDNAMES`; descriptors from 3 up), as `sd_listen_fds_with_names` does, and unsets
-/// those variables so that nothing takes them twice. Empty when none were passed or when they
-/// were meant for another process (`LISTEN_PID` is not ours). Only the first call in a
-/// process can return descriptors; call it before starting threads (it changes the
-/// environment).
+/// `LISTEN_FDNAMES`; descriptors from 3 up), as `sd_listen_fds_with_names` does. Empty when
+/// none were passed or when they were meant for another process (`LISTEN_PID` is not ours, so
+/// a child that inherits the variables takes nothing). Only the first call in a process can
+/// return descriptors. The variables are left in place: unsetting them is `unsafe` in a
+/// process that may have threads, and `LISTEN_PID` already keeps children from using them.
 pub fn take_listen_fds() -> io::Result<Vec<ListenFd>> {
     static TAKEN: AtomicBool = AtomicBool::new(false);
     const FIRST: RawFd = 3;
     let pid = std::env::var("LISTEN_PID").ok();
     let count = std::env::var("LISTEN_FDS").ok();
     let names = std::env::var("LISTEN_FDNAMES").ok();
-    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
-        std::env::remove_var(var);
-    }
     let ours = pid.and_then(|p| p.trim().parse::<u32>().ok()) == Some(std::process::id());
     if !ours || TAKEN.swap(true, Ordering::AcqRel) {
         return Ok(Vec::new());
@@ -239,7 +236,7 @@ pub fn take_listen_fds() -> io::Result<Vec<ListenFd>> {
         _ => {
             return Err(bad(format!(
                 "LISTEN_FDS={count:?} is not a descriptor count"
-            )))
+            )));
         }
     };
     let mut names = names.as_deref().unwrap_or("").split(':');
@@ -335,9 +332,5 @@ pub fn process_cpu_time() -> io::Result<(std::time::Duration, std::time::Duratio
 pub fn clock_ticks_per_second() -> u64 {
     // SAFETY: sysconf takes no pointers.
     let v = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if v > 0 {
-        v as u64
-    } else {
-        100
-    }
+    if v > 0 { v as u64 } else { 100 }
 }

@@ -12,15 +12,15 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use echoport_core::{OpError, Waker};
-use windows_sys::core::BOOL;
 use windows_sys::Win32::Foundation::{ERROR_OPERATION_ABORTED, ERROR_TOO_MANY_OPEN_FILES};
 use windows_sys::Win32::Networking::WinSock::{
-    setsockopt, WSAGetLastError, SOCKET, SOL_SOCKET, SO_EXCLUSIVEADDRUSE, WSAEMFILE, WSAENOBUFS,
+    SO_EXCLUSIVEADDRUSE, SOCKET, SOL_SOCKET, WSAEMFILE, WSAENOBUFS, WSAGetLastError, setsockopt,
 };
 use windows_sys::Win32::System::Console::{
-    SetConsoleCtrlHandler, CTRL_BREAK_EVENT, CTRL_CLOSE_EVENT, CTRL_C_EVENT,
+    CTRL_BREAK_EVENT, CTRL_C_EVENT, CTRL_CLOSE_EVENT, SetConsoleCtrlHandler,
 };
 use windows_sys::Win32::System::Threading::{GetCurrentThread, SetThreadAffinityMask};
+use windows_sys::core::BOOL;
 
 /// Maps a Win32 or Winsock error code to the kinds the echo logic tells apart.
 pub fn op_error(code: i32) -> OpError {

@@ -7,7 +7,7 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use echoport_core::{
-    Backend, BufId, Completion, Op, OpError, Received, SendPart, Socket, Token, MAX_SEND_PARTS,
+    Backend, BufId, Completion, MAX_SEND_PARTS, Op, OpError, Received, SendPart, Socket, Token,
 };
 #[cfg(target_os = "linux")]
 use echoport_io::epoll::{Config as EpollConfig, Epoll};

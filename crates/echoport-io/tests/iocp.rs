@@ -11,7 +11,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -207,10 +207,12 @@ fn a_cancel_that_races_a_zero_byte_receive_still_ends_it_as_cancelled() {
     let mut seen = Vec::new();
     while seen.len() < 3 {
         match wait_for(&mut b, 2000)[..] {
-            [Completion::Recv {
-                result: Ok(Received::Data { buf, len }),
-                ..
-            }] => {
+            [
+                Completion::Recv {
+                    result: Ok(Received::Data { buf, len }),
+                    ..
+                },
+            ] => {
                 seen.extend_from_slice(&b.buf(buf)[..len as usize]);
                 b.release(buf);
                 if seen.len() < 3 {
@@ -245,11 +247,13 @@ fn a_receive_delivers_at_most_its_allowance_with_or_without_a_zero_byte_wait() {
         for max in [3, u32::MAX] {
             b.push(Op::Recv { token, sock, max });
             match wait_for(&mut b, 2000)[..] {
-                [Completion::Recv {
-                    result: Ok(Received::Data { buf, len }),
-                    more: false,
-                    ..
-                }] => {
+                [
+                    Completion::Recv {
+                        result: Ok(Received::Data { buf, len }),
+                        more: false,
+                        ..
+                    },
+                ] => {
                     if max == 3 {
                         assert_eq!(len, 3, "{zero_byte_below:?}: the allowance was 3 bytes");
                     }
@@ -311,10 +315,12 @@ fn a_double_release_and_a_send_of_a_buffer_not_lent_are_refused() {
     });
     assert_eq!(b.free_buffers(), 3, "the posted receive holds one");
     client.write_all(b"abc").unwrap();
-    let [Completion::Recv {
-        result: Ok(Received::Data { buf, len: 3 }),
-        ..
-    }] = wait_for(&mut b, 2000)[..]
+    let [
+        Completion::Recv {
+            result: Ok(Received::Data { buf, len: 3 }),
+            ..
+        },
+    ] = wait_for(&mut b, 2000)[..]
     else {
         panic!("expected the three bytes");
     };

@@ -7,7 +7,7 @@
 //! EOPNOTSUPP, EINVAL from a sandbox, ENOMEM from a locked-memory limit...), falls back to
 //! epoll and says why. Naming a backend is strict: it is used or the start fails.
 
-use anyhow::{anyhow, Context};
+use anyhow::{Context, anyhow};
 use echoport_io::pool::PoolConfig;
 
 use crate::serve::BackendChoice;
@@ -281,11 +281,12 @@ mod tests {
             };
             let c = choose(BackendChoice::Auto, &opts).unwrap();
             assert_eq!(c.kind, Kind::Epoll);
-            assert!(c
-                .fallback
-                .as_deref()
-                .unwrap()
-                .contains("Function not implemented"));
+            assert!(
+                c.fallback
+                    .as_deref()
+                    .unwrap()
+                    .contains("Function not implemented")
+            );
             assert!(matches!(open(&c, &opts).unwrap(), AnyBackend::Epoll(_)));
             assert!(choose(BackendChoice::IoUring, &opts).is_err());
         })

@@ -3,7 +3,7 @@
 //! The Windows counterpart of `backends.rs`, with the same names so that `echoport serve`
 //! reads the same on every platform; Linux's io_uring and epoll do not exist here.
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 
 use crate::serve::BackendChoice;
 

@@ -12,7 +12,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 
 /// Lines longer than this are written from a second thread while the echo is read, so that
 /// a line larger than the sockets' buffers cannot deadlock client and server.
@@ -172,7 +172,7 @@ fn read_echo(stream: &mut TcpStream, line: &[u8], echo: &mut [u8]) -> anyhow::Re
                         "the connection failed after echoing {got} of {} bytes",
                         line.len()
                     )
-                })
+                });
             }
         }
     }

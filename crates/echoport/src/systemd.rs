@@ -9,7 +9,7 @@ use std::io;
 use std::net::{TcpListener, UdpSocket};
 use std::os::unix::net::UnixDatagram;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{Context, anyhow, bail};
 use socket2::{Socket, Type};
 
 /// Sockets systemd passed in, by kind, each with a label for the logs ("fd 3 (echoport.socket)").

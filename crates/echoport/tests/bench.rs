@@ -478,11 +478,13 @@ fn sigint_gives_partial_results_and_exit_130() {
         .unwrap();
     thread::sleep(Duration::from_millis(1200));
     let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap()
-        .success());
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let started = Instant::now();
     let out = loop {
         if child.try_wait().unwrap().is_some() {

@@ -62,7 +62,7 @@ fn echo_counting(mut s: TcpStream) -> Seen {
                 return Seen {
                     bytes,
                     end: "error",
-                }
+                };
             }
         }
     }

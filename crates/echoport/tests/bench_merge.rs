@@ -14,7 +14,7 @@ use bench_common::*;
 use common::Server;
 use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
 use hdrhistogram::serialization::{Serializer as _, V2DeflateSerializer};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 #[test]
 fn a_run_carries_its_histogram_losslessly_and_writes_an_interval_log() {

@@ -9,7 +9,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use common::{run_bin, Server};
+use common::{Server, run_bin};
 
 const T: Duration = Duration::from_secs(30);
 

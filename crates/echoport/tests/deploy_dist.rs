@@ -12,8 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use deploy_support::{metrics_addr, scrape, BIN};
-use rustix::process::{kill_process, Pid, Signal};
+use deploy_support::{BIN, metrics_addr, scrape};
+use rustix::process::{Pid, Signal, kill_process};
 use serde_json::Value;
 
 fn dist(path: &str) -> String {

@@ -30,8 +30,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::Server;
-use deploy_support::{bench, metrics_addr, require, scrape, Samples};
-use rustix::process::{kill_process, Pid, Signal};
+use deploy_support::{Samples, bench, metrics_addr, require, scrape};
+use rustix::process::{Pid, Signal, kill_process};
 
 /// The backend section's options, exactly as docs/DEPLOY.md shows them (a test checks).
 pub const BACKEND_OPTIONS: &[&str] = &[

@@ -131,20 +131,24 @@ fn every_line_is_json_and_the_key_lines_carry_their_fields() {
     assert!(start["max_connections"].as_u64().unwrap() > 0, "{start}");
     assert!(start["nofile"].as_u64().unwrap() > 0, "{start}");
     assert_eq!(start["shutdown_timeout"], "5s");
-    assert!(start["adjusted"]
-        .as_str()
-        .unwrap()
-        .contains("--buffers 3 rounded up to 4"));
+    assert!(
+        start["adjusted"]
+            .as_str()
+            .unwrap()
+            .contains("--buffers 3 rounded up to 4")
+    );
     assert_eq!(start["addrs"], addr.to_string());
     assert_eq!(
         line(&lines, "listening on ")["message"],
         format!("listening on {addr}")
     );
     assert_eq!(line(&lines, "UDP echo on ")["addr"], addr.to_string());
-    assert!(line(&lines, "metrics on http://")["addr"]
-        .as_str()
-        .unwrap()
-        .starts_with("127.0.0.1:"));
+    assert!(
+        line(&lines, "metrics on http://")["addr"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
     assert_eq!(line(&lines, "stopping")["signal"].as_i64(), Some(15));
     let stopped = line(&lines, "stopped");
     let bytes: u64 = (0..3).map(|i| format!("message {i}").len() as u64).sum();

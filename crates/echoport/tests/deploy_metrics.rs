@@ -9,12 +9,12 @@ mod deploy_support;
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{run_bin, Server};
-use deploy_support::{bench, metrics_addr, num, request, scrape, scrape_until, Samples};
+use common::{Server, run_bin};
+use deploy_support::{Samples, bench, metrics_addr, num, request, scrape, scrape_until};
 
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 

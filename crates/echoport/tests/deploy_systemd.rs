@@ -14,8 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use deploy_support::{find, require, BIN};
-use rustix::process::{kill_process, Pid, Signal};
+use deploy_support::{BIN, find, require};
+use rustix::process::{Pid, Signal, kill_process};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

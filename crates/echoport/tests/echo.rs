@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::pattern::Pattern;
 use common::rng::{self, Rng};
 use common::swarm::{Flow, Plan, State, Swarm};
-use common::{expect_eof, ping, read_n, reset, run_bin, Server};
+use common::{Server, expect_eof, ping, read_n, reset, run_bin};
 use rustix::process::Signal;
 
 /// One server configuration: the arguments given to `echoport serve`, and a piece of text

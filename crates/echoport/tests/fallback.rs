@@ -7,7 +7,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{ping_pong, Server};
+use common::{Server, ping_pong};
 use echoport_io::sys::seccomp::Filter;
 
 /// The errors container profiles, kernels and sandboxes answer `io_uring_setup` with, and

@@ -7,7 +7,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 
-use common::{ping, ping_pong, Server};
+use common::{Server, ping, ping_pong};
 use std::thread;
 use std::time::{Duration, Instant};
 

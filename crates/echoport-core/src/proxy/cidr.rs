@@ -128,11 +128,7 @@ fn parse_prefix(p: &str) -> Option<u8> {
 }
 
 fn bits(a: IpAddr) -> u8 {
-    if a.is_ipv4() {
-        32
-    } else {
-        128
-    }
+    if a.is_ipv4() { 32 } else { 128 }
 }
 
 fn masked(a: IpAddr, prefix: u8) -> IpAddr {

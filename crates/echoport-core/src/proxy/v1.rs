@@ -9,7 +9,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use super::{starts_with_part, Command, Family, Header, Parsed, ProxyError, Transport};
+use super::{Command, Family, Header, Parsed, ProxyError, Transport, starts_with_part};
 
 /// The longest v1 line, CRLF included (`PROXY UNKNOWN` with two full IPv6 addresses).
 pub const V1_MAX_LEN: usize = 107;
@@ -71,7 +71,7 @@ fn fields(line: &[u8]) -> R<Header> {
         _ => {
             return Err(ProxyError::Malformed(
                 "protocol is not TCP4, TCP6 or UNKNOWN",
-            ))
+            ));
         }
     };
     let mut next = |what| f.next().ok_or(ProxyError::Malformed(what));

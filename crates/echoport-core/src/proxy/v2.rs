@@ -9,7 +9,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use super::{starts_with_part, Command, Family, Header, Parsed, ProxyError, Transport};
+use super::{Command, Family, Header, Parsed, ProxyError, Transport, starts_with_part};
 
 /// The 12 bytes every v2 header starts with.
 pub const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";

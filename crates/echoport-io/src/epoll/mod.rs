@@ -62,7 +62,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use echoport_core::{
-    Backend, BufId, Completion, ListenerId, OpError, SendPart, Socket, Token, Waker, MAX_SEND_PARTS,
+    Backend, BufId, Completion, ListenerId, MAX_SEND_PARTS, OpError, SendPart, Socket, Token, Waker,
 };
 
 use crate::pool::{Misuse, Pool, PoolConfig};
@@ -101,14 +101,14 @@ const TAG_WAKER: u64 = 2;
 const GEN_MASK: u32 = (1 << 30) - 1;
 
 /// The data word a connection is registered (and queued) with: its slot and generation.
-fn conn_key(idx: u32, gen: u32) -> u64 {
-    (TAG_CONN << TAG_SHIFT) | (((gen & GEN_MASK) as u64) << 32) | idx as u64
+fn conn_key(idx: u32, generation: u32) -> u64 {
+    (TAG_CONN << TAG_SHIFT) | (((generation & GEN_MASK) as u64) << 32) | idx as u64
 }
 
 /// The [`Socket`] the state machine knows a connection by: its slot and generation (not the
 /// descriptor, so a late operation on a closed connection cannot reach its slot's next one).
-fn sock_name(idx: u32, gen: u32) -> Socket {
-    Socket(((gen & GEN_MASK) as u64) << 32 | idx as u64)
+fn sock_name(idx: u32, generation: u32) -> Socket {
+    Socket(((generation & GEN_MASK) as u64) << 32 | idx as u64)
 }
 
 /// The slot and generation a [`Socket`] names.
@@ -171,7 +171,7 @@ struct Slot {
     fd: RawFd,
     /// Changes every time the slot is reused, so stale readiness and stale names of an
     /// earlier connection are ignored.
-    gen: u32,
+    generation: u32,
     /// The backend owns the descriptor and the state machine may name it.
     open: bool,
     /// A read may find bytes (or end of stream): set by an edge, cleared when a read says
@@ -199,7 +199,7 @@ impl Slot {
     fn vacant() -> Slot {
         Slot {
             fd: -1,
-            gen: 0,
+            generation: 0,
             open: false,
             readable: false,
             writable: false,
@@ -319,11 +319,11 @@ impl Epoll {
                 (self.slots.len() - 1) as u32
             }
         };
-        let gen = self.slots[idx as usize].gen.wrapping_add(1) & GEN_MASK;
+        let generation = self.slots[idx as usize].generation.wrapping_add(1) & GEN_MASK;
         let events =
             (libc::EPOLLIN | libc::EPOLLPRI | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET)
                 as u32;
-        if let Err(e) = self.ctl_add(fd, events, conn_key(idx, gen)) {
+        if let Err(e) = self.ctl_add(fd, events, conn_key(idx, generation)) {
             self.vacant.push(idx);
             return Err(e);
         }
@@ -331,29 +331,29 @@ impl Epoll {
         // a fresh socket has room to send.
         self.slots[idx as usize] = Slot {
             fd,
-            gen,
+            generation,
             open: true,
             readable: false,
             writable: true,
             ..Slot::vacant()
         };
-        Ok(sock_name(idx, gen))
+        Ok(sock_name(idx, generation))
     }
 
     /// The open slot `sock` names, if any (a closed or reused slot's old name finds none).
     fn slot(&mut self, sock: Socket) -> Option<&mut Slot> {
-        let (idx, gen) = sock_parts(sock);
+        let (idx, generation) = sock_parts(sock);
         self.slots
             .get_mut(idx as usize)
-            .filter(|s| s.open && s.gen == gen)
+            .filter(|s| s.open && s.generation == generation)
     }
 
     /// The open slot `sock` names, to read.
     fn slot_ref(&self, sock: Socket) -> Option<&Slot> {
-        let (idx, gen) = sock_parts(sock);
+        let (idx, generation) = sock_parts(sock);
         self.slots
             .get(idx as usize)
-            .filter(|s| s.open && s.gen == gen)
+            .filter(|s| s.open && s.generation == generation)
     }
 
     /// Slots allocated (open or vacant): what this worker's connection table costs. For
@@ -368,7 +368,7 @@ impl Epoll {
         let s = &mut self.slots[idx as usize];
         if s.open && !s.queued && s.actionable() {
             s.queued = true;
-            self.ready.push(conn_key(idx, s.gen));
+            self.ready.push(conn_key(idx, s.generation));
         }
     }
 
@@ -409,7 +409,7 @@ impl Epoll {
         let Some(s) = self.slot(sock) else { return };
         let fd = s.fd;
         *s = Slot {
-            gen: s.gen,
+            generation: s.generation,
             ..Slot::vacant()
         };
         self.vacant.push(idx);
@@ -530,7 +530,7 @@ impl Drop for Epoll {
         for idx in 0..self.slots.len() {
             let s = &self.slots[idx];
             if s.open {
-                self.close_sock(sock_name(idx as u32, s.gen));
+                self.close_sock(sock_name(idx as u32, s.generation));
             }
         }
     }

@@ -6,11 +6,11 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
-use echoport_core::{BufId, Completion, ListenerId, OpError, Received, Token, MAX_SEND_PARTS};
+use echoport_core::{BufId, Completion, ListenerId, MAX_SEND_PARTS, OpError, Received, Token};
 
 use super::syscalls::{errno, sys_epoll_wait, sys_recv, sys_send, sys_sendmsg};
 use super::{
-    send_refused, Epoll, PendingSend, PostedRecv, GEN_MASK, TAG_LISTENER, TAG_SHIFT, TAG_WAKER,
+    Epoll, GEN_MASK, PendingSend, PostedRecv, TAG_LISTENER, TAG_SHIFT, TAG_WAKER, send_refused,
 };
 use crate::sys::op_error;
 
@@ -61,11 +61,11 @@ impl Epoll {
     /// a slot since closed, or reused, is ignored.
     fn conn_ready(&mut self, data: u64, flags: u32) {
         let idx = data as u32;
-        let gen = ((data >> 32) as u32) & GEN_MASK;
+        let generation = ((data >> 32) as u32) & GEN_MASK;
         let Some(s) = self.slots.get_mut(idx as usize) else {
             return;
         };
-        if !s.open || s.gen != gen {
+        if !s.open || s.generation != generation {
             return;
         }
         let err = (libc::EPOLLERR | libc::EPOLLHUP) as u32;
@@ -93,9 +93,9 @@ impl Epoll {
                 TAG_LISTENER => self.run_listener(key as u32, out),
                 _ => {
                     let idx = key as u32;
-                    let gen = ((key >> 32) as u32) & GEN_MASK;
+                    let generation = ((key >> 32) as u32) & GEN_MASK;
                     match self.slots.get_mut(idx as usize) {
-                        Some(s) if s.open && s.gen == gen => {
+                        Some(s) if s.open && s.generation == generation => {
                             s.queued = false;
                             self.run_conn(idx, out);
                         }

@@ -4,10 +4,10 @@
 //! loop turns).
 
 use echoport_core::{
-    BufId, Completion, ListenerId, Op, OpError, SendPart, Socket, Submit, Token, MAX_SEND_PARTS,
+    BufId, Completion, ListenerId, MAX_SEND_PARTS, Op, OpError, SendPart, Socket, Submit, Token,
 };
 
-use super::{send_refused, sock_parts, Epoll, PendingSend, PostedRecv};
+use super::{Epoll, PendingSend, PostedRecv, send_refused, sock_parts};
 
 impl Submit for Epoll {
     fn push(&mut self, op: Op) {

@@ -5,7 +5,7 @@
 use std::io;
 use std::mem::size_of;
 use std::os::windows::io::IntoRawSocket;
-use std::ptr::{self, addr_of, addr_of_mut, NonNull};
+use std::ptr::{self, NonNull, addr_of, addr_of_mut};
 use std::sync::Arc;
 
 use echoport_core::{Completion, ListenerId, Socket};
@@ -13,17 +13,18 @@ use windows_sys::Win32::Foundation::{
     ERROR_CONNECTION_ABORTED, ERROR_NETNAME_DELETED, ERROR_OPERATION_ABORTED,
 };
 use windows_sys::Win32::Networking::WinSock::{
-    setsockopt, WSAIoctl, WSASocketW, AF_INET, AF_INET6, INVALID_SOCKET, IPPROTO_TCP,
-    LPFN_ACCEPTEX, SIO_GET_EXTENSION_FUNCTION_POINTER, SOCKET, SOCKET_ERROR, SOCK_STREAM,
-    SOL_SOCKET, SO_UPDATE_ACCEPT_CONTEXT, TCP_NODELAY, WSAECONNABORTED, WSAECONNRESET,
-    WSAETIMEDOUT, WSAID_ACCEPTEX, WSA_FLAG_NO_HANDLE_INHERIT, WSA_FLAG_OVERLAPPED, WSA_IO_PENDING,
+    AF_INET, AF_INET6, INVALID_SOCKET, IPPROTO_TCP, LPFN_ACCEPTEX,
+    SIO_GET_EXTENSION_FUNCTION_POINTER, SO_UPDATE_ACCEPT_CONTEXT, SOCK_STREAM, SOCKET,
+    SOCKET_ERROR, SOL_SOCKET, TCP_NODELAY, WSA_FLAG_NO_HANDLE_INHERIT, WSA_FLAG_OVERLAPPED,
+    WSA_IO_PENDING, WSAECONNABORTED, WSAECONNRESET, WSAETIMEDOUT, WSAID_ACCEPTEX, WSAIoctl,
+    WSASocketW, setsockopt,
 };
 use windows_sys::Win32::System::IO::{OVERLAPPED, OVERLAPPED_ENTRY};
 
-use super::group::{Dealt, Group, Member};
-use super::port::{close_socket, last_wsa_error, KEY_LISTENER, KEY_SOCKET};
-use super::slots::{AcceptSlot, ACCEPT_ADDR_LEN};
 use super::Iocp;
+use super::group::{Dealt, Group, Member};
+use super::port::{KEY_LISTENER, KEY_SOCKET, close_socket, last_wsa_error};
+use super::slots::{ACCEPT_ADDR_LEN, AcceptSlot};
 use crate::sys::op_error;
 
 /// `AcceptEx`, as `WSAIoctl` hands it out.

@@ -14,9 +14,9 @@ use windows_sys::Win32::Foundation::HANDLE;
 use windows_sys::Win32::Networking::WinSock::{INVALID_SOCKET, SOCKET};
 use windows_sys::Win32::System::IO::{CancelIoEx, OVERLAPPED_ENTRY};
 
-use super::port::{close_socket, KEY_HANDOFF, KEY_LISTENER, KEY_SOCKET, KEY_WAKE};
-use super::slots::{AcceptSlot, OpSlot, NONE};
 use super::Iocp;
+use super::port::{KEY_HANDOFF, KEY_LISTENER, KEY_SOCKET, KEY_WAKE, close_socket};
+use super::slots::{AcceptSlot, NONE, OpSlot};
 
 /// How long a drop waits for cancelled operations to finish.
 const DRAIN: Duration = Duration::from_secs(2);

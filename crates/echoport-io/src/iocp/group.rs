@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use windows_sys::Win32::Networking::WinSock::SOCKET;
 
-use super::port::{Port, KEY_HANDOFF, KEY_SOCKET};
+use super::port::{KEY_HANDOFF, KEY_SOCKET, Port};
 
 /// Groups whose acceptor is still accepting, found by address.
 static GROUPS: Mutex<Vec<Weak<Group>>> = Mutex::new(Vec::new());

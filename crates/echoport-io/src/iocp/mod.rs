@@ -71,12 +71,12 @@ use std::time::Duration;
 
 use echoport_core::{Backend, BufId, Completion, ListenerId, Op, OpKind, Socket, Submit, Waker};
 use windows_sys::Win32::Networking::WinSock::SOCKET;
-use windows_sys::Win32::System::Threading::INFINITE;
 use windows_sys::Win32::System::IO::OVERLAPPED_ENTRY;
+use windows_sys::Win32::System::Threading::INFINITE;
 
 use crate::pool::{Misuse, Pool, PoolConfig};
 use accept::ListenerSlot;
-use port::{Port, PortWaker, KEY_HANDOFF, KEY_LISTENER, KEY_SOCKET, KEY_WAKE};
+use port::{KEY_HANDOFF, KEY_LISTENER, KEY_SOCKET, KEY_WAKE, Port, PortWaker};
 use slots::OpSlot;
 
 /// Settings of one completion port.

@@ -12,11 +12,11 @@ use windows_sys::Win32::Foundation::{
     CloseHandle, GetLastError, HANDLE, INVALID_HANDLE_VALUE, WAIT_TIMEOUT,
 };
 use windows_sys::Win32::Networking::WinSock::{
-    closesocket, WSAGetLastError, WSAStartup, SOCKET, WSADATA,
+    SOCKET, WSADATA, WSAGetLastError, WSAStartup, closesocket,
 };
 use windows_sys::Win32::System::IO::{
-    CreateIoCompletionPort, GetQueuedCompletionStatusEx, PostQueuedCompletionStatus, OVERLAPPED,
-    OVERLAPPED_ENTRY,
+    CreateIoCompletionPort, GetQueuedCompletionStatusEx, OVERLAPPED, OVERLAPPED_ENTRY,
+    PostQueuedCompletionStatus,
 };
 
 /// Completion key of connection sockets: the `OVERLAPPED` is the head of an `OpSlot`.

@@ -12,14 +12,14 @@ use std::ptr::{self, addr_of, addr_of_mut};
 use echoport_core::{BufId, Completion, OpError, OpKind, Received, Socket, Token};
 use windows_sys::Win32::Foundation::HANDLE;
 use windows_sys::Win32::Networking::WinSock::{
-    shutdown, WSAGetOverlappedResult, WSARecv, WSASend, SD_SEND, SOCKET, SOCKET_ERROR, WSABUF,
-    WSAEFAULT, WSA_IO_PENDING,
+    SD_SEND, SOCKET, SOCKET_ERROR, WSA_IO_PENDING, WSABUF, WSAEFAULT, WSAGetOverlappedResult,
+    WSARecv, WSASend, shutdown,
 };
 use windows_sys::Win32::System::IO::{CancelIoEx, OVERLAPPED, OVERLAPPED_ENTRY};
 
-use super::port::{close_socket, last_wsa_error};
-use super::slots::{clear_slot, set_slot, NONE};
 use super::Iocp;
+use super::port::{close_socket, last_wsa_error};
+use super::slots::{NONE, clear_slot, set_slot};
 use crate::pool::Misuse;
 use crate::sys::op_error;
 

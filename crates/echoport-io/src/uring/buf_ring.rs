@@ -7,7 +7,7 @@ use std::alloc::Layout;
 use std::io;
 use std::sync::atomic::{AtomicU16, Ordering};
 
-use io_uring::{types, IoUring};
+use io_uring::{IoUring, types};
 
 /// Buffer group id of the provided buffer ring.
 pub(super) const BGID: u16 = 0;

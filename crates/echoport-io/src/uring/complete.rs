@@ -7,7 +7,7 @@ use echoport_core::{
 };
 use io_uring::cqueue;
 
-use super::{RecvMode, Uring, FIXED, NONE};
+use super::{FIXED, NONE, RecvMode, Uring};
 use crate::sys::op_error;
 
 fn result(res: i32) -> Result<u32, OpError> {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, types};
 
-use super::{setup, Uring};
+use super::{Uring, setup};
 
 /// How long a drop waits for cancelled operations to finish.
 const DRAIN: Duration = Duration::from_secs(1);

@@ -45,9 +45,9 @@ use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use echoport_core::{
-    Backend, BufId, Completion, ListenerId, OpKind, Socket, Token, Waker, MAX_SEND_PARTS,
+    Backend, BufId, Completion, ListenerId, MAX_SEND_PARTS, OpKind, Socket, Token, Waker,
 };
-use io_uring::{opcode, squeue, types, IoUring};
+use io_uring::{IoUring, opcode, squeue, types};
 
 use crate::pool::{Misuse, Pool, PoolConfig};
 use crate::sys::EventFd;

@@ -4,7 +4,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 
-use io_uring::{opcode, IoUring};
+use io_uring::{IoUring, opcode};
 
 use super::{Config, TaskRun};
 

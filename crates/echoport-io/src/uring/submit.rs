@@ -3,13 +3,13 @@
 //! receive, post a send of exactly the bytes received.
 
 use echoport_core::{
-    BufId, Completion, ListenerId, Op, OpError, OpKind, SendPart, Socket, Submit, Token,
-    MAX_SEND_PARTS,
+    BufId, Completion, ListenerId, MAX_SEND_PARTS, Op, OpError, OpKind, SendPart, Socket, Submit,
+    Token,
 };
 use io_uring::{opcode, squeue, types};
 
 use super::buf_ring::BGID;
-use super::{with_fd, MsgSlot, RecvMode, Uring, FIXED, NONE};
+use super::{FIXED, MsgSlot, NONE, RecvMode, Uring, with_fd};
 use crate::pool::Returned;
 
 /// Offset of `optlen` in a submission queue entry (`struct io_uring_sqe`): for a multishot

@@ -12,8 +12,8 @@ use std::time::Duration;
 use echoport_core::Completion;
 use io_uring::types;
 
-use super::setup::{ENTER_EXT_ARG, ENTER_GETEVENTS, ENTER_REGISTERED_RING};
 use super::Uring;
+use super::setup::{ENTER_EXT_ARG, ENTER_GETEVENTS, ENTER_REGISTERED_RING};
 
 /// How long a wait may sleep while entries wait in the backlog for room in the queue.
 const BACKLOG_RETRY: Duration = Duration::from_millis(1);

@@ -78,5 +78,7 @@ fn main() {
         client.read_exact(&mut buf).unwrap();
     }
     let server = server_ns as f64 / 1000.0 / reps as f64;
-    println!("{{\"size\": {size}, \"echoes\": {n}, \"cpu_us_per_echo\": {total:.3}, \"server_side_us_per_echo\": {server:.3}}}");
+    println!(
+        "{{\"size\": {size}, \"echoes\": {n}, \"cpu_us_per_echo\": {total:.3}, \"server_side_us_per_echo\": {server:.3}}}"
+    );
 }

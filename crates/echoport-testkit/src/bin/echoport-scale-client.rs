@@ -15,7 +15,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use socket2::{Domain, Protocol, Socket, Type};
 
 fn main() {

@@ -5,7 +5,7 @@
 //! percentiles read from them, so any number of runs can be merged exactly later.
 
 use hdrhistogram::Histogram;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use super::hdr;
 use super::params::{Load, Params};

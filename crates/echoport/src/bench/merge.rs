@@ -14,13 +14,13 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
 use serde_json::Value;
 
 use super::hdr;
 use super::report::Cpu;
-use super::tally::{new_histogram, Errors, UdpCounts};
+use super::tally::{Errors, UdpCounts, new_histogram};
 
 mod out;
 

@@ -3,7 +3,7 @@
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 
 use super::args::{Args, CloseMode, DEFAULT_ADDR};
 use super::parse::parse_sources;

@@ -1,13 +1,13 @@
 //! One run at one load: start the worker threads (each opens its backend and says so), start
 //! them together with the connector, watch them ([`super::watch`]), collect.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 
 use super::args::CloseMode;
 use super::connector::{self, ChurnPolicy, ConnectReport, Request};
@@ -18,7 +18,7 @@ use super::sink::{RunInfo, Sink};
 use super::tally::Tally;
 use super::watch::{self, Watched};
 use super::worker::{self, Delivery, Live, Plan, Task, ThreadLoad};
-use super::{unix_now, WakerSet};
+use super::{WakerSet, unix_now};
 
 /// What every run of one invocation shares.
 pub struct Env<'a> {

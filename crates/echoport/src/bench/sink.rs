@@ -129,11 +129,7 @@ fn print_intervals(a: &Args) -> bool {
 }
 
 fn rate(n: f64, length_s: f64) -> f64 {
-    if length_s > 0.0 {
-        n / length_s
-    } else {
-        0.0
-    }
+    if length_s > 0.0 { n / length_s } else { 0.0 }
 }
 
 fn interval_json(

@@ -12,17 +12,17 @@ mod flow;
 
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use anyhow::{Context, bail};
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
 
 use super::interval::{self, Recorder};
 use super::params::Load;
-use super::run::{count_share, end_ns, recorder, share, thread_load, Env, Running};
+use super::run::{Env, Running, count_share, end_ns, recorder, share, thread_load};
 use super::tally::Tally;
 use super::unix_now;
 use super::worker::{Live, Outcome, Plan, ThreadLoad};

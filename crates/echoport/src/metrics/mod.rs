@@ -16,7 +16,7 @@ use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use rustix::event::{PollFd, PollFlags, Timespec};
 
 pub use render::Source;

@@ -2,8 +2,8 @@
 
 use std::fmt::Write;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
 use echoport_core::live::LiveStats;
@@ -47,20 +47,76 @@ fn counters(s: &Stats) -> [(&'static str, &'static str, u64); 14] {
         buffer_misuses,
     } = *s;
     [
-        ("echoport_connections_accepted_total", "Connections accepted.", accepted),
-        ("echoport_connections_closed_total", "Connections closed, for any reason.", closed),
-        ("echoport_connection_errors_total", "Connections closed by an error (reset, broken pipe, ...).", errors),
-        ("echoport_connections_refused_total", "Connections refused at accept (server stopping, or over --max-connections or --max-connections-per-ip).", refused),
-        ("echoport_bytes_echoed_total", "Bytes received and echoed back.", bytes_echoed),
-        ("echoport_short_sends_total", "Sends that sent fewer bytes than asked.", short_sends),
-        ("echoport_gathered_sends_total", "Sends that gathered several queued buffers.", gathered_sends),
-        ("echoport_receives_parked_total", "Receives that found no free buffer and parked their connection.", parked),
-        ("echoport_receives_paused_total", "Times a connection's receive paused at its byte or buffer budget.", paused),
-        ("echoport_accept_backoffs_total", "Times accepting paused because descriptors ran out.", accept_backoffs),
-        ("echoport_cq_overflows_total", "Completions the kernel held back because the completion queue was full.", cq_overflows),
-        ("echoport_connection_timeouts_total", "Connections closed by --idle-timeout or --write-timeout.", timeouts),
-        ("echoport_receives_compacted_total", "Small receives copied onto the connection's last queued buffer.", compacted),
-        ("echoport_buffer_misuses_total", "Buffer hand-overs the pool refused (0 unless echoport has a bug).", buffer_misuses),
+        (
+            "echoport_connections_accepted_total",
+            "Connections accepted.",
+            accepted,
+        ),
+        (
+            "echoport_connections_closed_total",
+            "Connections closed, for any reason.",
+            closed,
+        ),
+        (
+            "echoport_connection_errors_total",
+            "Connections closed by an error (reset, broken pipe, ...).",
+            errors,
+        ),
+        (
+            "echoport_connections_refused_total",
+            "Connections refused at accept (server stopping, or over --max-connections or --max-connections-per-ip).",
+            refused,
+        ),
+        (
+            "echoport_bytes_echoed_total",
+            "Bytes received and echoed back.",
+            bytes_echoed,
+        ),
+        (
+            "echoport_short_sends_total",
+            "Sends that sent fewer bytes than asked.",
+            short_sends,
+        ),
+        (
+            "echoport_gathered_sends_total",
+            "Sends that gathered several queued buffers.",
+            gathered_sends,
+        ),
+        (
+            "echoport_receives_parked_total",
+            "Receives that found no free buffer and parked their connection.",
+            parked,
+        ),
+        (
+            "echoport_receives_paused_total",
+            "Times a connection's receive paused at its byte or buffer budget.",
+            paused,
+        ),
+        (
+            "echoport_accept_backoffs_total",
+            "Times accepting paused because descriptors ran out.",
+            accept_backoffs,
+        ),
+        (
+            "echoport_cq_overflows_total",
+            "Completions the kernel held back because the completion queue was full.",
+            cq_overflows,
+        ),
+        (
+            "echoport_connection_timeouts_total",
+            "Connections closed by --idle-timeout or --write-timeout.",
+            timeouts,
+        ),
+        (
+            "echoport_receives_compacted_total",
+            "Small receives copied onto the connection's last queued buffer.",
+            compacted,
+        ),
+        (
+            "echoport_buffer_misuses_total",
+            "Buffer hand-overs the pool refused (0 unless echoport has a bug).",
+            buffer_misuses,
+        ),
     ]
 }
 
@@ -172,7 +228,12 @@ fn render_udp(out: &mut String, src: &Source) {
         sample(out, echoed, &[("addr", &addr.to_string())], udp_drops(s).0);
     }
     let dropped = "echoport_udp_datagrams_dropped_total";
-    family(out, dropped, "UDP datagrams not echoed, by reason (refused_source: a reflection guard; rate_limited; truncated; would_block: the reply would have blocked).", "counter");
+    family(
+        out,
+        dropped,
+        "UDP datagrams not echoed, by reason (refused_source: a reflection guard; rate_limited; truncated; would_block: the reply would have blocked).",
+        "counter",
+    );
     for (addr, s) in src.udp_addrs.iter().zip(&stats) {
         for (reason, v) in udp_drops(s).1 {
             sample(

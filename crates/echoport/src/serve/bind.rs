@@ -3,10 +3,10 @@
 
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs, UdpSocket};
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::args::{Args, ListenerMode, DEFAULT_LISTEN};
+use super::args::{Args, DEFAULT_LISTEN, ListenerMode};
 
 /// Winsock's codes for the two errors `bind_all` forgives on default addresses.
 #[cfg(windows)]
@@ -41,7 +41,9 @@ pub fn open(args: &Args, threads: usize) -> anyhow::Result<Sockets> {
     };
     let mode = args.listener.unwrap_or_else(ListenerMode::platform_default);
     if cfg!(windows) && mode == ListenerMode::Reuseport {
-        bail!("--listener reuseport: Windows has no SO_REUSEPORT; its threads always share one listening socket");
+        bail!(
+            "--listener reuseport: Windows has no SO_REUSEPORT; its threads always share one listening socket"
+        );
     }
     let tcp = bind_all(&specs, threads, explicit, mode)?;
     let addrs: Vec<SocketAddr> = tcp[0]

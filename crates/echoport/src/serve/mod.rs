@@ -13,7 +13,7 @@ mod settings;
 use std::net::{SocketAddr, TcpListener};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 
 use anyhow::Context;
@@ -26,7 +26,7 @@ use echoport_core::{Backend, Waker};
 pub use args::{Args, BackendChoice, ListenerMode};
 // Used by the Linux-only parts: the io_uring options and the load generator.
 #[cfg(target_os = "linux")]
-pub use args::{parse_cpu_list, TaskRunChoice};
+pub use args::{TaskRunChoice, parse_cpu_list};
 use settings::Settings;
 
 /// Runs the server until stopped; exit code 0 after a graceful stop.

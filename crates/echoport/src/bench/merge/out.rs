@@ -5,12 +5,12 @@ use std::io::Write as _;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
-use super::{InRun, MergeArgs, Merged, CONN_COUNTS, MIN_RATE_RATIO};
+use super::{CONN_COUNTS, InRun, MIN_RATE_RATIO, MergeArgs, Merged};
 use crate::bench::json::{cpu_json, errors_json, histograms_json, latency_json, round, udp_json};
 use crate::bench::parse::rfc3339_utc;
-use crate::bench::report::{self, group, us, Cpu};
+use crate::bench::report::{self, Cpu, group, us};
 
 /// Name and version of the merged document's schema.
 pub const SCHEMA: &str = "echoport-bench-merge/1";

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 
 use echoport_core::{Backend, BufId, Completion, Op, OpError, Received, Token};
 
-use super::{classify, Conn, Failure, Incoming, Phase, ThreadLoad, Worker};
+use super::{Conn, Failure, Incoming, Phase, ThreadLoad, Worker, classify};
 use crate::bench::pattern;
 
 impl<B: Backend> Worker<B> {
