@@ -78,6 +78,8 @@ struct Listener {
     retry_at: Option<Instant>,
     backoff: Duration,
     errors_in_row: u32,
+    /// The pause was logged (once, until an accept succeeds again).
+    warned: bool,
 }
 
 /// One event loop over one backend.
@@ -128,6 +130,18 @@ pub struct Worker<B: Backend> {
     live_last: (Stats, usize, u32),
 }
 
+/// What to raise when accepts fail for want of a resource.
+fn accept_hint(e: &OpError) -> &'static str {
+    match e {
+        OpError::TooManyFiles => {
+            "out of descriptors: the process's limit (ulimit -n), fs.file-max, or (io_uring) \
+             every ring's direct-descriptor table; see the start-up line's max_connections"
+        }
+        OpError::NoBuffers => "out of receive buffers: raise --buffers",
+        _ => "",
+    }
+}
+
 fn ticks(d: Option<Duration>) -> Option<u32> {
     d.map(|d| (d.as_nanos().div_ceil(TICK.as_nanos())).clamp(1, u32::MAX as u128 / 2) as u32)
 }
@@ -163,6 +177,7 @@ impl<B: Backend> Worker<B> {
                     retry_at: None,
                     backoff: BACKOFF_MIN,
                     errors_in_row: 0,
+                    warned: false,
                 })
                 .collect(),
             parked_light: VecDeque::new(),
@@ -429,6 +444,9 @@ impl<B: Backend> Worker<B> {
             Ok(sock) => {
                 l.backoff = BACKOFF_MIN;
                 l.errors_in_row = 0;
+                if std::mem::take(&mut l.warned) {
+                    tracing::info!("accepting again");
+                }
                 self.admit(sock);
             }
             Err(OpError::Canceled) => {}
@@ -440,8 +458,11 @@ impl<B: Backend> Worker<B> {
                     l.retry_at = Some(self.clock + pause);
                     l.backoff = (l.backoff * 2).min(BACKOFF_MAX);
                     self.stats.accept_backoffs += 1;
-                    if pause == BACKOFF_MIN || pause == BACKOFF_MAX {
-                        tracing::warn!(error = %e, pause_ms = pause.as_millis() as u64, "accept failed; pausing accepts");
+                    if !std::mem::replace(&mut l.warned, true) {
+                        tracing::warn!(error = %e, pause_ms = pause.as_millis() as u64, hint = accept_hint(&e),
+                            "accept failed; pausing accepts (said once until an accept succeeds)");
+                    } else {
+                        tracing::debug!(error = %e, pause_ms = pause.as_millis() as u64, "accept failed; pausing accepts");
                     }
                 } else {
                     tracing::debug!(error = %e, "accept failed; retrying");
@@ -465,6 +486,14 @@ impl<B: Backend> Worker<B> {
         };
         let Some(admitted) = admitted else {
             self.stats.refused += 1;
+            if self.stopping.is_none() && adm.live() >= adm.max() && adm.first_refusal() {
+                tracing::warn!(
+                    max_connections = adm.max(),
+                    "connection limit reached: new connections are closed at once until some \
+                     close (said once; the start-up line's max_connections_from names the \
+                     bound: raise --max-connections, or fs.file-max or memory)"
+                );
+            }
             self.backend.push(Op::Close {
                 token: Token::NONE,
                 sock,

@@ -47,6 +47,10 @@ pub struct Options {
     pub direct_accept: bool,
     /// io_uring task-running mode.
     pub taskrun: echoport_io::uring::TaskRun,
+    /// io_uring: slots per direct-descriptor table (0: the descriptor limit).
+    pub direct_files: u32,
+    /// io_uring: most rings per worker (more direct-descriptor tables as they fill).
+    pub max_rings: u32,
 }
 
 impl Default for Options {
@@ -58,6 +62,8 @@ impl Default for Options {
             batch_wait_us: 0,
             direct_accept: true,
             taskrun: echoport_io::uring::TaskRun::Defer,
+            direct_files: 0,
+            max_rings: 1,
         }
     }
 }
@@ -80,6 +86,8 @@ impl Options {
                 crate::serve::TaskRunChoice::Coop => echoport_io::uring::TaskRun::Coop,
                 crate::serve::TaskRunChoice::Interrupt => echoport_io::uring::TaskRun::Interrupt,
             },
+            direct_files: 0,
+            max_rings: 1,
         }
     }
 
@@ -92,6 +100,8 @@ impl Options {
             batch_wait_us: self.batch_wait_us,
             direct_accept: self.direct_accept,
             taskrun: self.taskrun,
+            direct_files: self.direct_files,
+            max_rings: self.max_rings,
             ..Default::default()
         }
     }
@@ -278,6 +288,7 @@ mod tests {
                 batch_wait_us: 0,
                 direct_accept: true,
                 taskrun: echoport_io::uring::TaskRun::Defer,
+                ..Options::default()
             };
             let c = choose(BackendChoice::Auto, &opts).unwrap();
             assert_eq!(c.kind, Kind::Epoll);
