@@ -37,7 +37,10 @@ impl Uring {
             return;
         };
         match kind {
-            OpKind::Accept => self.complete_accept(ring, token, res, more, out),
+            OpKind::Accept if self.table_mode() => {
+                self.complete_table_accept(ring, token.id as usize, res, out)
+            }
+            OpKind::Accept => self.complete_accept(token, res, more, out),
             OpKind::Recv => {
                 let result = match self.recv_mode {
                     RecvMode::OneshotOwn => self.received_into_own(token, res),
@@ -54,6 +57,10 @@ impl Uring {
             OpKind::Send => self.complete_send(token, res, out),
             OpKind::Wake if token != Token::NONE => self.complete_table_wake(token.id, res),
             OpKind::Wake => self.complete_wake(res, out),
+            OpKind::Close if self.direct_accept && ring < self.tables.used.len() => {
+                // A direct descriptor's slot is free again.
+                self.tables.used[ring] = self.tables.used[ring].saturating_sub(1);
+            }
             OpKind::Cancel | OpKind::Close | OpKind::Shutdown => {
                 if res < 0 && !matches!(-res, libc::ENOENT | libc::EALREADY | libc::ENOTCONN) {
                     tracing::debug!(?kind, error = %std::io::Error::from_raw_os_error(-res), "io_uring housekeeping op failed");
@@ -63,51 +70,18 @@ impl Uring {
     }
 
     /// An accept finished: a new socket (direct descriptor on the fast path), or an error.
-    /// On a closing listener, the socket is closed at once. An accept moved to another ring
-    /// (`rings.rs`) still hands over what it took, but its end is not the listener's.
-    fn complete_accept(
-        &mut self,
-        ring: usize,
-        token: Token,
-        res: i32,
-        more: bool,
-        out: &mut Vec<Completion>,
-    ) {
+    /// On a closing listener, the socket is closed at once.
+    fn complete_accept(&mut self, token: Token, res: i32, more: bool, out: &mut Vec<Completion>) {
         let i = token.id as usize;
         let Some(l) = self.listeners.get_mut(i) else {
             return;
         };
-        let current = l.ring as usize == ring;
-        if !more && current {
+        if !more {
             l.armed = false;
         }
         let closing = l.closing;
         let direct = self.direct_accept;
-        if res >= 0 && direct {
-            self.tables.used[ring] += 1;
-        }
-        let sock = result(res).map(|v| {
-            Socket(if direct {
-                FIXED | (ring as u64) << 32 | v as u64
-            } else {
-                v as u64
-            })
-        });
-        if !current {
-            if let Ok(s) = sock {
-                let s = Ok(s);
-                out.push(Completion::Accept {
-                    listener: ListenerId(i as u32),
-                    result: s,
-                    more: true,
-                });
-            }
-            return;
-        }
-        if !more && res == -libc::ENFILE && direct && !closing && self.accept_elsewhere(i) {
-            // The table filled before the accept could move: it goes on with another ring.
-            return;
-        }
+        let sock = result(res).map(|v| Socket(if direct { FIXED | v as u64 } else { v as u64 }));
         if closing {
             if let Ok(s) = sock {
                 self.push(Op::Close {
@@ -115,7 +89,7 @@ impl Uring {
                     sock: s,
                 });
             }
-            if !more && current {
+            if !more {
                 self.listeners[i].fd = None;
             }
             return;

@@ -39,6 +39,7 @@
 //! owns up to [`Config::max_rings`] rings, added as tables fill (`rings.rs`). A direct
 //! [`Socket`] names its ring (bits 32..48) and its slot in that ring's table (bits 0..32).
 
+mod accept;
 mod buf_ring;
 mod complete;
 mod drop;
@@ -157,8 +158,8 @@ struct ListenerSlot {
     armed: bool,
     /// Closing: accepted sockets are closed at once, and the socket when the accept ends.
     closing: bool,
-    /// The ring its accept is posted on.
-    ring: u16,
+    /// One-shot accepts posted and not yet completed (`accept.rs`).
+    posted: u32,
 }
 
 /// An io_uring ring serving one worker thread.
@@ -413,7 +414,7 @@ impl Backend for Uring {
             fd: Some(listener.into()),
             armed: false,
             closing: false,
-            ring: 0,
+            posted: 0,
         });
         Ok(ListenerId(self.listeners.len() as u32 - 1))
     }

@@ -9,9 +9,7 @@
 //! one wait. A connection's [`Socket`] names its ring and its slot in that ring's table, and
 //! every operation on it is posted there.
 //!
-//! The accept lives on one ring at a time: when that ring's table is nearly full (a margin of
-//! a listen queue's worth of slots is left, for what a multishot accept takes before the loop
-//! sees it), the accept is cancelled there and posted on the emptiest ring, or a new one.
+//! Accepts (`accept.rs`) go to the ring whose table has room, a new one when none has.
 //!
 //! Buffers: all rings lend from the worker's one pool (`pool.rs`); only which buffer ring a
 //! buffer the kernel holds sits in differs. A buffer in a ring's buffer ring cannot be taken
@@ -30,7 +28,7 @@ use std::os::fd::AsRawFd;
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
-use echoport_core::{Completion, ListenerId, OpKind, Token};
+use echoport_core::{Completion, OpKind, Token};
 
 use super::buf_ring::BufRing;
 use super::{Config, TaskRun, Uring, setup};
@@ -40,32 +38,20 @@ use crate::sys::EventFd;
 const TABLE_SQ: u32 = 1024;
 /// Completion queue entries of a table ring (the kernel keeps any overflow: `NODROP`).
 const TABLE_CQ: u32 = 8192;
-/// Slots left free when the accept moves on: about one listen queue's worth.
-const ACCEPT_MARGIN: u32 = 4608;
 /// Fewest buffers an extra ring's buffer ring is topped up to.
 const MIN_SHARE: u32 = 8;
 
-/// Slots a table keeps free before the accept moves on to another ring.
-fn margin_of(table: u32) -> u32 {
-    ACCEPT_MARGIN.min(table / 4)
-}
-
-/// Connections `rings` rings with tables of `table` slots hold for sure: every table up to
-/// its margin but the last, which fills (the accept has nowhere else to go).
+/// Connections `rings` rings with tables of `table` slots hold (every slot: accepts are
+/// posted only for free slots, `accept.rs`).
 pub fn capacity(table: u32, rings: u32) -> usize {
-    let rings = rings.max(1) as usize;
-    (rings - 1) * (table - margin_of(table)) as usize + table as usize
+    rings.max(1) as usize * table as usize
 }
 
 /// Rings one worker needs to hold `conns` connections with tables of `table` slots.
 pub fn rings_for(conns: usize, table: u32) -> u32 {
-    let table = table.max(4);
-    if conns <= table as usize {
-        return 1;
-    }
-    let per = (table - margin_of(table)) as usize;
-    let extra = (conns - table as usize).div_ceil(per);
-    (1 + extra).min(u16::MAX as usize) as u32
+    conns
+        .div_ceil(table.max(4) as usize)
+        .clamp(1, u16::MAX as usize) as u32
 }
 
 /// One extra ring: its own table of direct descriptors and its own buffer ring.
@@ -226,6 +212,8 @@ pub(super) struct Tables {
     pub(super) extra: Vec<TableRing>,
     /// Direct descriptors in use, by ring (0: the worker's own).
     pub(super) used: Vec<u32>,
+    /// Accepts posted on each ring and not yet completed (each may take a slot).
+    pub(super) pending: Vec<u32>,
     /// Buffers in each ring's buffer ring.
     pub(super) bufs: Vec<u32>,
     /// A receive found the ring's buffer ring empty since it was last given one.
@@ -252,6 +240,7 @@ impl Tables {
         Tables {
             extra: Vec::new(),
             used: vec![0],
+            pending: vec![0],
             bufs: vec![0],
             starved: vec![false],
             home: vec![0; buffers as usize],
@@ -277,11 +266,6 @@ impl Tables {
     /// The ring receive buffer `buf` last came from.
     pub(super) fn home(&self, buf: u32) -> usize {
         self.home.get(buf as usize).copied().unwrap_or(0) as usize
-    }
-
-    /// Slots a ring keeps free before the accept moves on.
-    pub(super) fn margin(&self) -> u32 {
-        margin_of(self.size)
     }
 
     /// Connections the rings hold for sure ([`capacity`]).
@@ -313,16 +297,16 @@ impl Tables {
         !self.extra.is_empty() && self.starved.iter().any(|&s| s)
     }
 
-    /// True when the ring taking accepts has reached its margin.
-    pub(super) fn accept_ring_full(&self) -> bool {
-        self.used[self.accepting as usize] + self.margin() >= self.size
+    /// Slots of ring `r` neither in use nor promised to a posted accept.
+    pub(super) fn free_slots(&self, r: usize) -> u32 {
+        self.size.saturating_sub(self.used[r] + self.pending[r])
     }
 
-    /// The ring with the most free slots above the margin, if any.
+    /// The ring with the most free slots, if any has one.
     pub(super) fn roomiest(&self) -> Option<usize> {
         (0..self.rings())
-            .filter(|&r| self.used[r] + self.margin() < self.size)
-            .min_by_key(|&r| self.used[r])
+            .filter(|&r| self.free_slots(r) > 0)
+            .max_by_key(|&r| self.free_slots(r))
     }
 
     /// Adds a ring with `share` buffers' room taken from the pool's reserve by the caller;
@@ -335,6 +319,7 @@ impl Tables {
             Ok(t) => {
                 self.extra.push(t);
                 self.used.push(0);
+                self.pending.push(0);
                 self.bufs.push(0);
                 self.starved.push(false);
                 tracing::debug!(rings = self.rings(), "added an io_uring ring");
@@ -394,23 +379,8 @@ impl Uring {
         }
     }
 
-    /// The ring a new accept goes on: the one taking accepts while it has room, else the
-    /// emptiest, else a new ring; the current one when none can be had.
-    pub(super) fn accept_ring(&mut self) -> usize {
-        let t = &self.tables;
-        if !self.direct_accept || t.max_rings <= 1 || !t.accept_ring_full() {
-            return t.accepting as usize;
-        }
-        let r = match self.tables.roomiest() {
-            Some(r) => r,
-            None => self.new_ring().unwrap_or(self.tables.accepting as usize),
-        };
-        self.tables.accepting = r as u16;
-        r
-    }
-
     /// Adds a ring, gives it its share of the reserve, and posts the read of its eventfd.
-    fn new_ring(&mut self) -> Option<usize> {
+    pub(super) fn new_ring(&mut self) -> Option<usize> {
         let r = self.tables.add_ring(&self.cfg, self.pool.recv_count())?;
         self.top_up_ring(r);
         self.arm_table_wake(r);
@@ -442,39 +412,6 @@ impl Uring {
         if let Some(t) = self.tables.extra.get_mut(r - 1) {
             let e = t.wake_read(ud);
             self.enqueue(e);
-        }
-    }
-
-    /// A listener's accept ended on a full table: post it on another ring if one can be
-    /// had (true), else leave the error to the caller (false).
-    pub(super) fn accept_elsewhere(&mut self, i: usize) -> bool {
-        let from = self.listeners[i].ring as usize;
-        if self.accept_ring() == from {
-            if self.tables.max_rings > 1 {
-                self.tables.log_full(None);
-            }
-            return false;
-        }
-        self.post_accept(ListenerId(i as u32));
-        true
-    }
-
-    /// Moves every accept off a ring that has reached its margin (cancelled there, posted on
-    /// the ring [`Uring::accept_ring`] picks); its connections stay where they are.
-    pub(super) fn move_accepts(&mut self) {
-        let from = self.tables.accepting as usize;
-        let to = self.accept_ring();
-        if to == from {
-            return;
-        }
-        for i in 0..self.listeners.len() {
-            let l = &self.listeners[i];
-            if l.armed && !l.closing && l.ring as usize == from {
-                let ud = Token::new(i as u32, 0).pack(OpKind::Accept);
-                let e = opcode::AsyncCancel::new(ud).build();
-                self.enqueue_on(from, e.user_data(Token::NONE.pack(OpKind::Cancel)));
-                self.post_accept(ListenerId(i as u32));
-            }
         }
     }
 

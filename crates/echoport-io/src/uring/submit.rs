@@ -101,9 +101,10 @@ impl Uring {
         else {
             return;
         };
-        let ring = self.accept_ring();
         self.listeners[i].armed = true;
-        self.listeners[i].ring = ring as u16;
+        if self.table_mode() {
+            return self.fill_accepts(i);
+        }
         let e = if self.fast {
             opcode::AcceptMulti::new(types::Fd(fd))
                 .allocate_file_index(self.direct_accept)
@@ -113,20 +114,12 @@ impl Uring {
                 .flags(libc::SOCK_CLOEXEC)
                 .build()
         };
-        self.enqueue_on(
-            ring,
-            e.user_data(Token::new(listener.0, 0).pack(OpKind::Accept)),
-        );
+        self.enqueue(e.user_data(Token::new(listener.0, 0).pack(OpKind::Accept)));
     }
 
-    /// Close a socket; a direct descriptor's slot counts as free from here on.
-    fn post_close(&mut self, token: Token, sock: Socket) {
+    /// Close a socket (a direct descriptor's slot counts as free once the close completes).
+    pub(super) fn post_close(&mut self, token: Token, sock: Socket) {
         let ring = Self::ring_of(sock);
-        if sock.0 & FIXED != 0
-            && let Some(u) = self.tables.used.get_mut(ring)
-        {
-            *u = u.saturating_sub(1);
-        }
         let e = with_fd!(sock, |fd| opcode::Close::new(fd).build());
         self.enqueue_on(ring, e.user_data(token.pack(OpKind::Close)));
     }
@@ -138,11 +131,12 @@ impl Uring {
             return;
         };
         l.closing = true;
-        if l.armed {
-            let ring = l.ring as usize;
+        if l.posted > 0 {
+            self.cancel_table_accepts(listener.0 as usize);
+        } else if l.armed {
             let ud = Token::new(listener.0, 0).pack(OpKind::Accept);
             let e = opcode::AsyncCancel::new(ud).build();
-            self.enqueue_on(ring, e.user_data(Token::NONE.pack(OpKind::Cancel)));
+            self.enqueue(e.user_data(Token::NONE.pack(OpKind::Cancel)));
         } else {
             l.fd = None;
         }

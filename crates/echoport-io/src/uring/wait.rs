@@ -67,9 +67,6 @@ impl Uring {
         self.reap(out);
         // The extra rings whose eventfds fired during the wait.
         self.service_tables(out, true)?;
-        if self.tables.accept_ring_full() {
-            self.move_accepts();
-        }
         Ok(())
     }
 
