@@ -10,7 +10,7 @@ use crate::stats::Stats;
 use crate::udp::UdpStats;
 
 /// Counters in a [`Stats`].
-const STATS_LEN: usize = 14;
+const STATS_LEN: usize = 24;
 /// Counters in a [`UdpStats`].
 const UDP_LEN: usize = 5;
 
@@ -173,6 +173,16 @@ fn stats_to(s: &Stats) -> [u64; STATS_LEN] {
         timeouts,
         compacted,
         buffer_misuses,
+        proxy_v1,
+        proxy_v2,
+        proxy_local,
+        proxy_unknown,
+        proxy_untrusted,
+        proxy_not_proxy,
+        proxy_malformed,
+        proxy_too_long,
+        proxy_timeouts,
+        proxy_truncated,
     } = *s;
     [
         accepted,
@@ -189,6 +199,16 @@ fn stats_to(s: &Stats) -> [u64; STATS_LEN] {
         timeouts,
         compacted,
         buffer_misuses,
+        proxy_v1,
+        proxy_v2,
+        proxy_local,
+        proxy_unknown,
+        proxy_untrusted,
+        proxy_not_proxy,
+        proxy_malformed,
+        proxy_too_long,
+        proxy_timeouts,
+        proxy_truncated,
     ]
 }
 
@@ -208,6 +228,16 @@ fn stats_from(c: [u64; STATS_LEN]) -> Stats {
         timeouts,
         compacted,
         buffer_misuses,
+        proxy_v1,
+        proxy_v2,
+        proxy_local,
+        proxy_unknown,
+        proxy_untrusted,
+        proxy_not_proxy,
+        proxy_malformed,
+        proxy_too_long,
+        proxy_timeouts,
+        proxy_truncated,
     ] = c;
     Stats {
         accepted,
@@ -224,6 +254,16 @@ fn stats_from(c: [u64; STATS_LEN]) -> Stats {
         timeouts,
         compacted,
         buffer_misuses,
+        proxy_v1,
+        proxy_v2,
+        proxy_local,
+        proxy_unknown,
+        proxy_untrusted,
+        proxy_not_proxy,
+        proxy_malformed,
+        proxy_too_long,
+        proxy_timeouts,
+        proxy_truncated,
     }
 }
 
@@ -249,6 +289,16 @@ mod tests {
             timeouts: 12,
             compacted: 13,
             buffer_misuses: 14,
+            proxy_v1: 15,
+            proxy_v2: 16,
+            proxy_local: 17,
+            proxy_unknown: 18,
+            proxy_untrusted: 19,
+            proxy_not_proxy: 20,
+            proxy_malformed: 21,
+            proxy_too_long: 22,
+            proxy_timeouts: 23,
+            proxy_truncated: 24,
         };
         live.worker_slot(1).publish(&s, 42);
         assert_eq!(live.worker(1), (s, 42));

@@ -34,6 +34,27 @@ pub struct Stats {
     pub compacted: u64,
     /// Buffer hand-overs the pool refused (double or foreign releases): 0 unless a bug.
     pub buffer_misuses: u64,
+    /// PROXY v1 headers accepted (`UNKNOWN` included).
+    pub proxy_v1: u64,
+    /// PROXY v2 headers with the `PROXY` command accepted.
+    pub proxy_v2: u64,
+    /// PROXY v2 `LOCAL` headers accepted (a balancer's health checks).
+    pub proxy_local: u64,
+    /// Accepted PROXY headers that named no client (v1 `UNKNOWN`, v2 unspecified or UNIX):
+    /// served as the real peer.
+    pub proxy_unknown: u64,
+    /// Connections from a peer outside `--proxy-from`: closed at accept (also in `refused`).
+    pub proxy_untrusted: u64,
+    /// Connections that began with neither PROXY signature.
+    pub proxy_not_proxy: u64,
+    /// Connections whose PROXY header was malformed or of an unsupported version.
+    pub proxy_malformed: u64,
+    /// Connections whose PROXY header was longer than the protocol allows.
+    pub proxy_too_long: u64,
+    /// Connections whose PROXY header was not complete by `--proxy-timeout` after accept.
+    pub proxy_timeouts: u64,
+    /// Connections that ended (end of stream or an error) before their PROXY header was complete.
+    pub proxy_truncated: u64,
 }
 
 impl Stats {
@@ -53,6 +74,16 @@ impl Stats {
         self.timeouts += o.timeouts;
         self.compacted += o.compacted;
         self.buffer_misuses += o.buffer_misuses;
+        self.proxy_v1 += o.proxy_v1;
+        self.proxy_v2 += o.proxy_v2;
+        self.proxy_local += o.proxy_local;
+        self.proxy_unknown += o.proxy_unknown;
+        self.proxy_untrusted += o.proxy_untrusted;
+        self.proxy_not_proxy += o.proxy_not_proxy;
+        self.proxy_malformed += o.proxy_malformed;
+        self.proxy_too_long += o.proxy_too_long;
+        self.proxy_timeouts += o.proxy_timeouts;
+        self.proxy_truncated += o.proxy_truncated;
     }
 }
 
@@ -77,6 +108,22 @@ impl fmt::Display for Stats {
             self.timeouts,
             self.compacted,
             self.buffer_misuses
+        )?;
+        write!(
+            f,
+            " proxy_v1={} proxy_v2={} proxy_local={} proxy_unknown={} proxy_untrusted={} \
+             proxy_not_proxy={} proxy_malformed={} proxy_too_long={} proxy_timeouts={} \
+             proxy_truncated={}",
+            self.proxy_v1,
+            self.proxy_v2,
+            self.proxy_local,
+            self.proxy_unknown,
+            self.proxy_untrusted,
+            self.proxy_not_proxy,
+            self.proxy_malformed,
+            self.proxy_too_long,
+            self.proxy_timeouts,
+            self.proxy_truncated
         )
     }
 }

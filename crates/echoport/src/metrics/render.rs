@@ -45,6 +45,17 @@ fn counters(s: &Stats) -> [(&'static str, &'static str, u64); 14] {
         timeouts,
         compacted,
         buffer_misuses,
+        // Labelled families of their own: `proxy_counters`.
+        proxy_v1: _,
+        proxy_v2: _,
+        proxy_local: _,
+        proxy_unknown: _,
+        proxy_untrusted: _,
+        proxy_not_proxy: _,
+        proxy_malformed: _,
+        proxy_too_long: _,
+        proxy_timeouts: _,
+        proxy_truncated: _,
     } = *s;
     [
         (
@@ -64,7 +75,7 @@ fn counters(s: &Stats) -> [(&'static str, &'static str, u64); 14] {
         ),
         (
             "echoport_connections_refused_total",
-            "Connections refused at accept (server stopping, or over --max-connections or --max-connections-per-ip).",
+            "Connections refused at accept (server stopping, over --max-connections or --max-connections-per-ip, or a peer not in --proxy-from), or once a PROXY header named a client over --max-connections-per-ip.",
             refused,
         ),
         (
@@ -120,6 +131,75 @@ fn counters(s: &Stats) -> [(&'static str, &'static str, u64); 14] {
     ]
 }
 
+/// Up to two labels of a sample (an empty name: none).
+type Labels = [(&'static str, &'static str); 2];
+
+/// The PROXY protocol counters, as labelled samples: (family, labels, value).
+fn proxy_counters(s: &Stats) -> [(usize, Labels, u64); 10] {
+    const HEADERS: usize = 0;
+    const REFUSED: usize = 1;
+    const UNKNOWN: usize = 2;
+    let none = ("", "");
+    let why = |r| [("reason", r), none];
+    [
+        (
+            HEADERS,
+            [("version", "1"), ("command", "proxy")],
+            s.proxy_v1,
+        ),
+        (
+            HEADERS,
+            [("version", "2"), ("command", "proxy")],
+            s.proxy_v2,
+        ),
+        (
+            HEADERS,
+            [("version", "2"), ("command", "local")],
+            s.proxy_local,
+        ),
+        (UNKNOWN, [none, none], s.proxy_unknown),
+        (REFUSED, why("untrusted"), s.proxy_untrusted),
+        (REFUSED, why("not_proxy"), s.proxy_not_proxy),
+        (REFUSED, why("malformed"), s.proxy_malformed),
+        (REFUSED, why("too_long"), s.proxy_too_long),
+        (REFUSED, why("timeout"), s.proxy_timeouts),
+        (REFUSED, why("truncated"), s.proxy_truncated),
+    ]
+}
+
+/// The PROXY families: (name, help), indexed as `proxy_counters` says.
+const PROXY_FAMILIES: [(&str, &str); 3] = [
+    (
+        "echoport_proxy_headers_total",
+        "PROXY protocol headers accepted (serve --proxy-protocol), by version and command (local: a balancer's health check).",
+    ),
+    (
+        "echoport_proxy_refused_total",
+        "Connections closed by the PROXY header gate, by reason (untrusted: peer not in --proxy-from, closed at accept; not_proxy; malformed; too_long; timeout: no header by --proxy-timeout; truncated: ended mid-header).",
+    ),
+    (
+        "echoport_proxy_unknown_source_total",
+        "Accepted PROXY headers that named no client (v1 UNKNOWN, v2 unspecified or UNIX), served as the real peer.",
+    ),
+];
+
+fn render_proxy(out: &mut String, workers: &[(Stats, u64)]) {
+    for (k, (name, help)) in PROXY_FAMILIES.iter().enumerate() {
+        family(out, name, help, "counter");
+        for (i, (s, _)) in workers.iter().enumerate() {
+            let worker = i.to_string();
+            for (f, labels, v) in proxy_counters(s) {
+                if f != k {
+                    continue;
+                }
+                let mut all = vec![("worker", worker.as_str())];
+                all.extend(labels.iter().filter(|(l, _)| !l.is_empty()).copied());
+                sample(out, name, &all, v);
+            }
+        }
+    }
+}
+
 /// Every counter of a UDP socket: (reason label, value); `echoed` is its own metric.
 fn udp_drops(s: &UdpStats) -> (u64, [(&'static str, u64); 4]) {
     let UdpStats {
@@ -158,6 +238,7 @@ pub fn render(src: &Source) -> String {
             );
         }
     }
+    render_proxy(&mut out, &workers);
     let conns = "echoport_connections";
     family(
         &mut out,
@@ -289,6 +370,8 @@ mod tests {
             &Stats {
                 accepted: 7,
                 bytes_echoed: 640,
+                proxy_local: 4,
+                proxy_timeouts: 5,
                 ..Stats::default()
             },
             3,
@@ -306,6 +389,9 @@ mod tests {
             "echoport_connections_accepted_total{worker=\"1\"} 7\n",
             "echoport_bytes_echoed_total{worker=\"0\"} 0\n",
             "echoport_bytes_echoed_total{worker=\"1\"} 640\n",
+            "echoport_proxy_headers_total{worker=\"1\",version=\"2\",command=\"local\"} 4\n",
+            "echoport_proxy_refused_total{worker=\"1\",reason=\"timeout\"} 5\n",
+            "echoport_proxy_unknown_source_total{worker=\"0\"} 0\n",
             "echoport_connections{worker=\"1\"} 3\n",
             "echoport_connections_max 100\n",
             "echoport_udp_datagrams_dropped_total{addr=\"127.0.0.1:7\",reason=\"rate_limited\"} 0\n",

@@ -183,6 +183,16 @@ fn log_stopped(t: &Stats, udp: Option<&UdpStats>, per_thread: &str) {
         timeouts = t.timeouts,
         compacted = t.compacted,
         buffer_misuses = t.buffer_misuses,
+        proxy_v1 = t.proxy_v1,
+        proxy_v2 = t.proxy_v2,
+        proxy_local = t.proxy_local,
+        proxy_unknown = t.proxy_unknown,
+        proxy_untrusted = t.proxy_untrusted,
+        proxy_not_proxy = t.proxy_not_proxy,
+        proxy_malformed = t.proxy_malformed,
+        proxy_too_long = t.proxy_too_long,
+        proxy_timeouts = t.proxy_timeouts,
+        proxy_truncated = t.proxy_truncated,
         udp_echoed = udp.map(|u| u.echoed),
         udp_refused = udp.map(|u| u.refused),
         udp_rate_limited = udp.map(|u| u.rate_limited),
@@ -230,6 +240,7 @@ fn worker_config(args: &Args, s: &Settings) -> Config {
         idle_timeout: s.idle_timeout,
         write_timeout: s.write_timeout,
         live: None,
+        proxy: s.proxy.clone(),
     }
 }
 
@@ -465,6 +476,11 @@ fn log_start(
         .collect::<Vec<_>>()
         .join(",");
     let adjusted = (!s.adjusted.is_empty()).then(|| s.adjusted.join("; "));
+    // With --proxy-protocol: who may send headers, as in effect (the default included).
+    let proxy_from = s.proxy.as_ref().map(|p| {
+        let list: Vec<String> = p.from.iter().map(|c| c.to_string()).collect();
+        list.join(",")
+    });
     tracing::info!(
         backend = %started.describe,
         why_not_io_uring = chosen.fallback.as_ref().map(display),
@@ -480,6 +496,8 @@ fn log_start(
         shutdown_timeout = %settings::show(Some(s.shutdown_timeout)),
         idle_timeout = %settings::show(s.idle_timeout),
         write_timeout = %settings::show(s.write_timeout),
+        proxy_from = proxy_from.as_ref().map(display),
+        proxy_timeout = s.proxy.as_ref().map(|p| settings::show(Some(p.timeout))).map(display),
         adjusted = adjusted.as_ref().map(display),
         addrs = %addrs_list,
         "echoport serving"
