@@ -10,6 +10,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+#[macro_use]
+mod counters;
+
 pub mod admission;
 pub mod backend;
 pub mod conn;
