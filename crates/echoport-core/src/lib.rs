@@ -10,10 +10,14 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+#[macro_use]
+mod counters;
+
 pub mod admission;
 pub mod backend;
 pub mod conn;
 pub mod live;
+pub mod moderation;
 pub mod op;
 pub mod proxy;
 pub mod slab;

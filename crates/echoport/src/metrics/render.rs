@@ -27,218 +27,24 @@ pub struct Source {
     pub started: SystemTime,
 }
 
-/// Every counter of a worker's [`Stats`]: (metric name, help, value).
-fn counters(s: &Stats) -> [(&'static str, &'static str, u64); 14] {
-    // Exhaustive, so a new counter cannot be forgotten here.
-    let Stats {
-        accepted,
-        closed,
-        errors,
-        refused,
-        bytes_echoed,
-        short_sends,
-        gathered_sends,
-        parked,
-        paused,
-        accept_backoffs,
-        cq_overflows,
-        timeouts,
-        compacted,
-        buffer_misuses,
-        // Labelled families of their own: `proxy_counters`.
-        proxy_v1: _,
-        proxy_v2: _,
-        proxy_local: _,
-        proxy_unknown: _,
-        proxy_untrusted: _,
-        proxy_not_proxy: _,
-        proxy_malformed: _,
-        proxy_too_long: _,
-        proxy_timeouts: _,
-        proxy_truncated: _,
-    } = *s;
-    [
-        (
-            "echoport_connections_accepted_total",
-            "Connections accepted.",
-            accepted,
-        ),
-        (
-            "echoport_connections_closed_total",
-            "Connections closed, for any reason.",
-            closed,
-        ),
-        (
-            "echoport_connection_errors_total",
-            "Connections closed by an error (reset, broken pipe, ...).",
-            errors,
-        ),
-        (
-            "echoport_connections_refused_total",
-            "Connections refused at accept (server stopping, over --max-connections or --max-connections-per-ip, or a peer not in --proxy-from), or once a PROXY header named a client over --max-connections-per-ip.",
-            refused,
-        ),
-        (
-            "echoport_bytes_echoed_total",
-            "Bytes received and echoed back.",
-            bytes_echoed,
-        ),
-        (
-            "echoport_short_sends_total",
-            "Sends that sent fewer bytes than asked.",
-            short_sends,
-        ),
-        (
-            "echoport_gathered_sends_total",
-            "Sends that gathered several queued buffers.",
-            gathered_sends,
-        ),
-        (
-            "echoport_receives_parked_total",
-            "Receives that found no free buffer and parked their connection.",
-            parked,
-        ),
-        (
-            "echoport_receives_paused_total",
-            "Times a connection's receive paused at its byte or buffer budget.",
-            paused,
-        ),
-        (
-            "echoport_accept_backoffs_total",
-            "Times accepting paused because descriptors ran out.",
-            accept_backoffs,
-        ),
-        (
-            "echoport_cq_overflows_total",
-            "Completions the kernel held back because the completion queue was full.",
-            cq_overflows,
-        ),
-        (
-            "echoport_connection_timeouts_total",
-            "Connections closed by --idle-timeout or --write-timeout.",
-            timeouts,
-        ),
-        (
-            "echoport_receives_compacted_total",
-            "Small receives copied onto the connection's last queued buffer.",
-            compacted,
-        ),
-        (
-            "echoport_buffer_misuses_total",
-            "Buffer hand-overs the pool refused (0 unless echoport has a bug).",
-            buffer_misuses,
-        ),
-    ]
-}
-
-/// Up to two labels of a sample (an empty name: none).
-type Labels = [(&'static str, &'static str); 2];
-
-/// The PROXY protocol counters, as labelled samples: (family, labels, value).
-fn proxy_counters(s: &Stats) -> [(usize, Labels, u64); 10] {
-    const HEADERS: usize = 0;
-    const REFUSED: usize = 1;
-    const UNKNOWN: usize = 2;
-    let none = ("", "");
-    let why = |r| [("reason", r), none];
-    [
-        (
-            HEADERS,
-            [("version", "1"), ("command", "proxy")],
-            s.proxy_v1,
-        ),
-        (
-            HEADERS,
-            [("version", "2"), ("command", "proxy")],
-            s.proxy_v2,
-        ),
-        (
-            HEADERS,
-            [("version", "2"), ("command", "local")],
-            s.proxy_local,
-        ),
-        (UNKNOWN, [none, none], s.proxy_unknown),
-        (REFUSED, why("untrusted"), s.proxy_untrusted),
-        (REFUSED, why("not_proxy"), s.proxy_not_proxy),
-        (REFUSED, why("malformed"), s.proxy_malformed),
-        (REFUSED, why("too_long"), s.proxy_too_long),
-        (REFUSED, why("timeout"), s.proxy_timeouts),
-        (REFUSED, why("truncated"), s.proxy_truncated),
-    ]
-}
-
-/// The PROXY families: (name, help), indexed as `proxy_counters` says.
-const PROXY_FAMILIES: [(&str, &str); 3] = [
-    (
-        "echoport_proxy_headers_total",
-        "PROXY protocol headers accepted (serve --proxy-protocol), by version and command (local: a balancer's health check).",
-    ),
-    (
-        "echoport_proxy_refused_total",
-        "Connections closed by the PROXY header gate, by reason (untrusted: peer not in --proxy-from, closed at accept; not_proxy; malformed; too_long; timeout: no header by --proxy-timeout; truncated: ended mid-header).",
-    ),
-    (
-        "echoport_proxy_unknown_source_total",
-        "Accepted PROXY headers that named no client (v1 UNKNOWN, v2 unspecified or UNIX), served as the real peer.",
-    ),
-];
-
-fn render_proxy(out: &mut String, workers: &[(Stats, u64)]) {
-    for (k, (name, help)) in PROXY_FAMILIES.iter().enumerate() {
-        family(out, name, help, "counter");
-        for (i, (s, _)) in workers.iter().enumerate() {
-            let worker = i.to_string();
-            for (f, labels, v) in proxy_counters(s) {
-                if f != k {
-                    continue;
-                }
-                let mut all = vec![("worker", worker.as_str())];
-                all.extend(labels.iter().filter(|(l, _)| !l.is_empty()).copied());
-                sample(out, name, &all, v);
-            }
-        }
-    }
-}
-
-/// Every counter of a UDP socket: (reason label, value); `echoed` is its own metric.
-fn udp_drops(s: &UdpStats) -> (u64, [(&'static str, u64); 4]) {
-    let UdpStats {
-        echoed,
-        refused,
-        rate_limited,
-        truncated,
-        dropped,
-    } = *s;
-    (
-        echoed,
-        [
-            ("refused_source", refused),
-            ("rate_limited", rate_limited),
-            ("truncated", truncated),
-            ("would_block", dropped),
-        ],
-    )
-}
-
 /// The whole exposition.
 pub fn render(src: &Source) -> String {
     let mut out = String::with_capacity(8192);
     let workers: Vec<(Stats, u64)> = (0..src.live.workers())
         .map(|i| src.live.worker(i))
         .collect();
-    let names = counters(&Stats::default());
-    for (k, (name, help, _)) in names.iter().enumerate() {
-        family(&mut out, name, help, "counter");
+    for (k, (_, metric)) in Stats::COUNTERS.iter().enumerate() {
+        // Counters of one labelled metric are listed together: one family line for them.
+        if k == 0 || Stats::COUNTERS[k - 1].1.name != metric.name {
+            family(&mut out, metric.name, metric.help, "counter");
+        }
         for (i, (s, _)) in workers.iter().enumerate() {
-            sample(
-                &mut out,
-                name,
-                &[("worker", &i.to_string())],
-                counters(s)[k].2,
-            );
+            let worker = i.to_string();
+            let mut labels = vec![("worker", worker.as_str())];
+            labels.extend_from_slice(metric.labels);
+            sample(&mut out, metric.name, &labels, s.to_array()[k]);
         }
     }
-    render_proxy(&mut out, &workers);
     let conns = "echoport_connections";
     family(
         &mut out,
@@ -306,7 +112,7 @@ fn render_udp(out: &mut String, src: &Source) {
     let echoed = "echoport_udp_datagrams_echoed_total";
     family(out, echoed, "UDP datagrams echoed.", "counter");
     for (addr, s) in src.udp_addrs.iter().zip(&stats) {
-        sample(out, echoed, &[("addr", &addr.to_string())], udp_drops(s).0);
+        sample(out, echoed, &[("addr", &addr.to_string())], s.echoed);
     }
     let dropped = "echoport_udp_datagrams_dropped_total";
     family(
@@ -316,7 +122,8 @@ fn render_udp(out: &mut String, src: &Source) {
         "counter",
     );
     for (addr, s) in src.udp_addrs.iter().zip(&stats) {
-        for (reason, v) in udp_drops(s).1 {
+        let drops = UdpStats::COUNTERS.iter().zip(s.to_array());
+        for (reason, v) in drops.filter_map(|((_, reason), v)| Some(((*reason)?, v))) {
             sample(
                 out,
                 dropped,

@@ -166,41 +166,33 @@ fn finish(
     }
 }
 
+/// Writes the stopped line from the two counter lists (`stats_counters!`, then
+/// `udp_counters!`): one `tracing` field a counter, named by its key.
+macro_rules! stopped_line {
+    (
+        @udp $t:ident $udp:ident $per_thread:ident [$($field:ident)*]
+        $(#[$m:meta])* pub struct $n:ident: $f:ty;
+        $( $(#[$um:meta])* $ufield:ident as $ukey:ident: $uv:expr; )*
+    ) => {
+        tracing::info!(
+            $($field = $t.$field,)*
+            $($ukey = $udp.map(|u| u.$ufield),)*
+            accepted_per_thread = %$per_thread,
+            "stopped"
+        )
+    };
+    (
+        $t:ident $udp:ident $per_thread:ident
+        $(#[$m:meta])* pub struct $n:ident: $f:ty;
+        $( $(#[$fm:meta])* $field:ident: $v:expr; )*
+    ) => {
+        echoport_core::udp_counters!(stopped_line @udp $t $udp $per_thread [$($field)*])
+    };
+}
+
 /// The final counters, one field each (so JSON logs carry them as numbers).
 fn log_stopped(t: &Stats, udp: Option<&UdpStats>, per_thread: &str) {
-    tracing::info!(
-        accepted = t.accepted,
-        closed = t.closed,
-        errors = t.errors,
-        refused = t.refused,
-        bytes_echoed = t.bytes_echoed,
-        short_sends = t.short_sends,
-        gathered_sends = t.gathered_sends,
-        parked = t.parked,
-        paused = t.paused,
-        accept_backoffs = t.accept_backoffs,
-        cq_overflows = t.cq_overflows,
-        timeouts = t.timeouts,
-        compacted = t.compacted,
-        buffer_misuses = t.buffer_misuses,
-        proxy_v1 = t.proxy_v1,
-        proxy_v2 = t.proxy_v2,
-        proxy_local = t.proxy_local,
-        proxy_unknown = t.proxy_unknown,
-        proxy_untrusted = t.proxy_untrusted,
-        proxy_not_proxy = t.proxy_not_proxy,
-        proxy_malformed = t.proxy_malformed,
-        proxy_too_long = t.proxy_too_long,
-        proxy_timeouts = t.proxy_timeouts,
-        proxy_truncated = t.proxy_truncated,
-        udp_echoed = udp.map(|u| u.echoed),
-        udp_refused = udp.map(|u| u.refused),
-        udp_rate_limited = udp.map(|u| u.rate_limited),
-        udp_truncated = udp.map(|u| u.truncated),
-        udp_dropped = udp.map(|u| u.dropped),
-        accepted_per_thread = %per_thread,
-        "stopped"
-    );
+    echoport_core::stats_counters!(stopped_line t udp per_thread);
 }
 
 /// The descriptor limit the server runs with, after raising the soft limit to the hard one.
