@@ -263,7 +263,7 @@ impl<B: Backend> Worker<B> {
     /// timeouts, the shutdown deadline) without sleeping.
     pub fn turn_at(&mut self, now: Instant, timeout: Option<Duration>) -> io::Result<()> {
         self.clock = now;
-        self.now = (now.saturating_duration_since(self.epoch).as_nanos() / TICK.as_nanos()) as u32;
+        self.now = self.tick_at(now);
         self.on_timers(now);
         self.expire_connections();
         self.arm_listeners();
@@ -277,6 +277,11 @@ impl<B: Backend> Worker<B> {
         self.events = events;
         self.unpark();
         Ok(())
+    }
+
+    /// The tick (of [`TICK`] since `epoch`) that `t` falls in.
+    fn tick_at(&self, t: Instant) -> u32 {
+        (t.saturating_duration_since(self.epoch).as_nanos() / TICK.as_nanos()) as u32
     }
 
     /// The backend failed for good (the transient errors of normal operation never get
