@@ -20,6 +20,7 @@ pub mod live;
 pub mod op;
 pub mod proxy;
 pub mod slab;
+pub mod sources;
 pub mod stats;
 pub mod testing;
 pub mod token;
