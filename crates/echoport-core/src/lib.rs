@@ -17,6 +17,7 @@ pub mod admission;
 pub mod backend;
 pub mod conn;
 pub mod live;
+pub mod moderation;
 pub mod op;
 pub mod proxy;
 pub mod slab;

@@ -43,6 +43,8 @@ pub struct Options {
     pub cq_entries: u32,
     /// io_uring batched wait, in microseconds (0: off).
     pub batch_wait_us: u32,
+    /// io_uring adaptive moderation bound, in microseconds (0: off).
+    pub max_added_latency_us: u32,
     /// io_uring: accept into direct descriptors (off when peers' addresses are needed).
     pub direct_accept: bool,
     /// io_uring task-running mode.
@@ -56,6 +58,7 @@ impl Default for Options {
             fast_path: true,
             cq_entries: 65536,
             batch_wait_us: 0,
+            max_added_latency_us: 0,
             direct_accept: true,
             taskrun: echoport_io::uring::TaskRun::Defer,
         }
@@ -74,6 +77,7 @@ impl Options {
             fast_path: !a.no_fast_path,
             cq_entries: a.cq_entries,
             batch_wait_us: a.batch_wait_us,
+            max_added_latency_us: a.max_added_latency_us,
             direct_accept: a.max_connections_per_ip.is_none(),
             taskrun: match a.taskrun {
                 crate::serve::TaskRunChoice::Defer => echoport_io::uring::TaskRun::Defer,
@@ -90,6 +94,7 @@ impl Options {
             cq_entries: self.cq_entries.max(1),
             sq_entries: 4096.min(self.cq_entries.max(1)),
             batch_wait_us: self.batch_wait_us,
+            max_added_latency_us: self.max_added_latency_us,
             direct_accept: self.direct_accept,
             taskrun: self.taskrun,
             ..Default::default()
@@ -276,6 +281,7 @@ mod tests {
                 fast_path: true,
                 cq_entries: 4096,
                 batch_wait_us: 0,
+                max_added_latency_us: 0,
                 direct_accept: true,
                 taskrun: echoport_io::uring::TaskRun::Defer,
             };

@@ -141,6 +141,15 @@ pub struct Args {
     #[arg(help_heading = TUNING, long, value_name = "USEC", default_value_t = 0)]
     pub batch_wait_us: u32,
 
+    /// io_uring: adaptive completion moderation. While completions arrive fast enough that
+    /// a batch fills within this many microseconds (0 to 10000), a wait holds up to this
+    /// long for more before the loop wakes: fewer wake-ups per echo under load, at most this
+    /// much added latency, and none at low load (the hold is granted only while the rate
+    /// says it pays). Needs the kernel's minimum wait (6.12+). 0 = off.
+    #[arg(help_heading = TUNING, long, value_name = "USEC",
+          default_value_t = crate::serve::settings::DEFAULT_MAX_ADDED_LATENCY_US)]
+    pub max_added_latency_us: u32,
+
     /// io_uring: how the kernel runs completion work: `defer` (DEFER_TASKRUN, the default,
     /// falling back to `coop` on kernels before 6.1), `coop` (COOP_TASKRUN), or `interrupt`
     /// (neither; only for measuring what the flags buy).

@@ -34,6 +34,10 @@ pub const MIN_CQ_ENTRIES: u32 = 256;
 pub const MAX_CQ_ENTRIES: u32 = 1 << 16;
 /// Longest batched wait (1 s): past that the loop would hold echoes back for seconds.
 pub const MAX_BATCH_WAIT_US: u32 = 1_000_000;
+/// Largest `--max-added-latency-us`.
+pub const MAX_ADDED_LATENCY_US: u32 = 10_000;
+/// Default `--max-added-latency-us` (docs/BENCHMARKS.md "Adaptive completion moderation").
+pub const DEFAULT_MAX_ADDED_LATENCY_US: u32 = 20;
 
 /// The checked settings that are not plain copies of the flags.
 #[derive(Debug, Clone)]
@@ -85,6 +89,12 @@ impl Settings {
         args.cq_entries = round_up_pow2("cq-entries", args.cq_entries, &mut adjusted);
         in_range("max-pending", args.max_pending, 1, u32::MAX)?;
         in_range("batch-wait-us", args.batch_wait_us, 0, MAX_BATCH_WAIT_US)?;
+        in_range(
+            "max-added-latency-us",
+            args.max_added_latency_us,
+            0,
+            MAX_ADDED_LATENCY_US,
+        )?;
         if let Some(n) = args.max_connections {
             in_range("max-connections", n, 1, usize::MAX)?;
         }
@@ -218,6 +228,10 @@ mod tests {
                 "--max-connections-per-ip 0",
             ),
             (&["--batch-wait-us", "5000000"], "--batch-wait-us 5000000"),
+            (
+                &["--max-added-latency-us", "20000"],
+                "--max-added-latency-us 20000",
+            ),
             (&["--shutdown-timeout=-1"], "--shutdown-timeout -1: must be"),
             (&["--idle-timeout", "NaN"], "--idle-timeout NaN: must be"),
             (&["--udp-rate", "0"], "--udp-rate 0: must be a positive"),
