@@ -78,7 +78,9 @@ impl Options {
             cq_entries: a.cq_entries,
             batch_wait_us: a.batch_wait_us,
             max_added_latency_us: a.max_added_latency_us,
-            direct_accept: a.max_connections_per_ip.is_none(),
+            // Peers' addresses are needed (plain descriptors) to limit per IP and to check
+            // --proxy-from.
+            direct_accept: a.max_connections_per_ip.is_none() && !a.proxy_protocol,
             taskrun: match a.taskrun {
                 crate::serve::TaskRunChoice::Defer => echoport_io::uring::TaskRun::Defer,
                 crate::serve::TaskRunChoice::Coop => echoport_io::uring::TaskRun::Coop,

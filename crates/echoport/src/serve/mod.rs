@@ -232,6 +232,7 @@ fn worker_config(args: &Args, s: &Settings) -> Config {
         idle_timeout: s.idle_timeout,
         write_timeout: s.write_timeout,
         live: None,
+        proxy: s.proxy.clone(),
     }
 }
 
@@ -467,6 +468,11 @@ fn log_start(
         .collect::<Vec<_>>()
         .join(",");
     let adjusted = (!s.adjusted.is_empty()).then(|| s.adjusted.join("; "));
+    // With --proxy-protocol: who may send headers, as in effect (the default included).
+    let proxy_from = s.proxy.as_ref().map(|p| {
+        let list: Vec<String> = p.from.iter().map(|c| c.to_string()).collect();
+        list.join(",")
+    });
     tracing::info!(
         backend = %started.describe,
         why_not_io_uring = chosen.fallback.as_ref().map(display),
@@ -482,6 +488,8 @@ fn log_start(
         shutdown_timeout = %settings::show(Some(s.shutdown_timeout)),
         idle_timeout = %settings::show(s.idle_timeout),
         write_timeout = %settings::show(s.write_timeout),
+        proxy_from = proxy_from.as_ref().map(display),
+        proxy_timeout = s.proxy.as_ref().map(|p| settings::show(Some(p.timeout))).map(display),
         adjusted = adjusted.as_ref().map(display),
         addrs = %addrs_list,
         "echoport serving"
