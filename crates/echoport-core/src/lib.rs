@@ -21,6 +21,7 @@ pub mod moderation;
 pub mod op;
 pub mod proxy;
 pub mod slab;
+pub mod sources;
 pub mod stats;
 pub mod testing;
 pub mod token;

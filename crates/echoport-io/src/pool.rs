@@ -365,6 +365,22 @@ impl Pool {
         Ok(())
     }
 
+    /// [`Pool::copy`], with a refusal reported (see [`report`]) rather than returned: what a
+    /// backend's `Submit::copy` does.
+    pub(crate) fn copy_reported(&mut self, dst: u32, at: u32, src: u32, len: u32) {
+        if let Err(m) = self.copy(dst, at, src, len) {
+            report(&m, self.misuses);
+        }
+    }
+
+    /// [`Pool::release`], with a refusal reported (see [`report`]) rather than returned: what
+    /// a backend's `Submit::release` does. `None` when refused.
+    pub(crate) fn release_reported(&mut self, buf: u32, recv_to_kernel: bool) -> Option<Returned> {
+        self.release(buf, recv_to_kernel)
+            .map_err(|m| report(&m, self.misuses))
+            .ok()
+    }
+
     /// Gives up the region without freeing it: the kernel may still write into it.
     pub(crate) fn leak(&mut self) {
         std::mem::forget(self.region.take());
