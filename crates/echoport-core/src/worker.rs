@@ -381,6 +381,9 @@ impl<B: Backend> Worker<B> {
         for token in self.conns.tokens() {
             if self.gated(token) {
                 // No echo is owed before the header: just close.
+                if let Some(g) = &mut self.gate {
+                    g.forget(token);
+                }
                 self.with_conn(token, |c, cx| c.abort(cx));
             } else {
                 self.with_conn(token, |c, cx| c.shutdown(cx));
