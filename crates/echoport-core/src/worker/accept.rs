@@ -18,7 +18,6 @@ fn accept_hint(e: &OpError) -> &'static str {
     }
 }
 
-
 impl<B: Backend> Worker<B> {
     pub(super) fn on_accept(
         &mut self,
