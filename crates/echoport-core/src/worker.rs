@@ -86,6 +86,8 @@ struct Listener {
     retry_at: Option<Instant>,
     backoff: Duration,
     errors_in_row: u32,
+    /// The pause was logged (once, until an accept succeeds again).
+    warned: bool,
 }
 
 /// One event loop over one backend.
@@ -174,6 +176,7 @@ impl<B: Backend> Worker<B> {
                     retry_at: None,
                     backoff: BACKOFF_MIN,
                     errors_in_row: 0,
+                    warned: false,
                 })
                 .collect(),
             parked_light: VecDeque::new(),

@@ -6,6 +6,18 @@ use crate::op::{ListenerId, Op, OpError, Socket};
 
 use super::{ACCEPT_ERRORS_BEFORE_BACKOFF, BACKOFF_MAX, BACKOFF_MIN, Worker};
 
+/// What to raise when accepts fail for want of a resource.
+fn accept_hint(e: &OpError) -> &'static str {
+    match e {
+        OpError::TooManyFiles => {
+            "out of descriptors: the process's limit (ulimit -n), fs.file-max, or (io_uring) \
+             every ring's direct-descriptor table; see the start-up line's max_connections"
+        }
+        OpError::NoBuffers => "out of receive buffers: raise --buffers",
+        _ => "",
+    }
+}
+
 impl<B: Backend> Worker<B> {
     pub(super) fn on_accept(
         &mut self,
@@ -23,6 +35,9 @@ impl<B: Backend> Worker<B> {
             Ok(sock) => {
                 l.backoff = BACKOFF_MIN;
                 l.errors_in_row = 0;
+                if std::mem::take(&mut l.warned) {
+                    tracing::info!("accepting again");
+                }
                 self.admit(sock);
             }
             Err(OpError::Canceled) => {}
@@ -34,8 +49,11 @@ impl<B: Backend> Worker<B> {
                     l.retry_at = Some(self.clock + pause);
                     l.backoff = (l.backoff * 2).min(BACKOFF_MAX);
                     self.stats.accept_backoffs += 1;
-                    if pause == BACKOFF_MIN || pause == BACKOFF_MAX {
-                        tracing::warn!(error = %e, pause_ms = pause.as_millis() as u64, "accept failed; pausing accepts");
+                    if !std::mem::replace(&mut l.warned, true) {
+                        tracing::warn!(error = %e, pause_ms = pause.as_millis() as u64, hint = accept_hint(&e),
+                            "accept failed; pausing accepts (said once until an accept succeeds)");
+                    } else {
+                        tracing::debug!(error = %e, pause_ms = pause.as_millis() as u64, "accept failed; pausing accepts");
                     }
                 } else {
                     tracing::debug!(error = %e, "accept failed; retrying");

@@ -126,6 +126,15 @@ impl<B: Backend> Worker<B> {
     /// Closes a socket at accept, counted as refused.
     pub(super) fn refuse(&mut self, sock: Socket) {
         self.stats.refused += 1;
+        let adm = &self.cfg.admission;
+        if self.stopping.is_none() && adm.live() >= adm.max() && adm.first_refusal() {
+            tracing::warn!(
+                max_connections = adm.max(),
+                "connection limit reached: new connections are closed at once until some \
+                 close (said once; the start-up line's max_connections_from names the \
+                 bound: raise --max-connections, or fs.file-max or memory)"
+            );
+        }
         self.backend.push(Op::Close {
             token: Token::NONE,
             sock,

@@ -149,6 +149,13 @@ pub struct Args {
     #[arg(help_heading = TUNING, long, value_name = "N", default_value_t = 65536)]
     pub cq_entries: u32,
 
+    /// io_uring: slots in each ring's direct-descriptor table, 4 to 1048576 (at most the
+    /// process's descriptor limit, the kernel's ceiling). Default: that limit. Each worker
+    /// adds rings as tables fill, so this changes how many rings hold the connections, not
+    /// how many connections there may be; for tests and measurement.
+    #[arg(help_heading = TUNING, long, value_name = "N")]
+    pub ring_table_size: Option<u32>,
+
     /// Testing only: let --cq-entries go below 256 (down to 1), so a test can force the
     /// completion queue to overflow and check that no completion is lost.
     #[arg(long, hide = true)]

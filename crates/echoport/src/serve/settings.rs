@@ -108,6 +108,9 @@ impl Settings {
         if let Some(n) = args.max_connections {
             in_range("max-connections", n, 1, usize::MAX)?;
         }
+        if let Some(n) = args.ring_table_size {
+            in_range("ring-table-size", n, 4, 1 << 20)?;
+        }
         if let Some(n) = args.max_connections_per_ip {
             in_range("max-connections-per-ip", n, 1, u32::MAX)?;
         }
