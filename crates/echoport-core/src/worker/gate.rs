@@ -130,9 +130,9 @@ impl<B: Backend> Worker<B> {
         if self.stopping.is_none() && adm.live() >= adm.max() && adm.first_refusal() {
             tracing::warn!(
                 max_connections = adm.max(),
+                bound = adm.bound(),
                 "connection limit reached: new connections are closed at once until some \
-                 close (said once; the start-up line's max_connections_from names the \
-                 bound: raise --max-connections, or fs.file-max or memory)"
+                 close (said once until a tenth of the places are free again)"
             );
         }
         self.backend.push(Op::Close {
