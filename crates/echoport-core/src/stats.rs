@@ -4,21 +4,38 @@
 //! its doc, its key on the stopped line and its Prometheus metric. The struct, `merge`,
 //! `Display`, the live atomics and the metrics endpoint all expand that one list.
 
-/// A counter's Prometheus metric: its name and its `# HELP` text.
+/// A counter's Prometheus metric: its name, its `# HELP` text, and the labels that tell it
+/// from the other counters of the same metric (listed next to each other).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Metric {
     /// The metric's name (`echoport_..._total`).
     pub name: &'static str,
-    /// What the metric counts, for `# HELP`.
+    /// What the metric counts, for `# HELP` (the first counter of a metric gives it).
     pub help: &'static str,
+    /// Labels of this counter's samples (beside `worker`).
+    pub labels: &'static [(&'static str, &'static str)],
 }
 
 impl Metric {
     /// A metric named `name` described by `help`.
     pub const fn new(name: &'static str, help: &'static str) -> Metric {
-        Metric { name, help }
+        Metric::labelled(name, help, &[])
+    }
+
+    /// One labelled part of metric `name`.
+    pub const fn labelled(
+        name: &'static str,
+        help: &'static str,
+        labels: &'static [(&'static str, &'static str)],
+    ) -> Metric {
+        Metric { name, help, labels }
     }
 }
+
+/// `echoport_proxy_headers_total`'s help.
+const PROXY_HEADERS: &str = "PROXY protocol headers accepted (serve --proxy-protocol), by version and command (local: a balancer's health check).";
+/// `echoport_proxy_refused_total`'s help.
+const PROXY_REFUSED: &str = "Connections closed by the PROXY header gate, by reason (untrusted: peer not in --proxy-from, closed at accept; not_proxy; malformed; too_long; timeout: no whole header by --proxy-timeout; truncated: ended mid-header).";
 
 /// The list of a worker's counters (see [`crate::counters`]): calls `$m!` with the
 /// tokens after `$m`, then the struct header and one entry a counter
@@ -45,10 +62,11 @@ macro_rules! stats_counters {
                 "echoport_connection_errors_total",
                 "Connections closed by an error (reset, broken pipe, ...).",
             );
-            /// Connections refused at accept (server stopping or at its limit).
+            /// Connections refused at accept (server stopping, at a limit, or a peer outside
+            /// `--proxy-from`), or once their PROXY header named a client over its per-IP limit.
             refused: $crate::stats::Metric::new(
                 "echoport_connections_refused_total",
-                "Connections refused at accept (server stopping, or over --max-connections or --max-connections-per-ip).",
+                "Connections refused at accept (server stopping, over --max-connections or --max-connections-per-ip, or a peer not in --proxy-from), or once a PROXY header named a client over --max-connections-per-ip.",
             );
             /// Bytes received and echoed back.
             bytes_echoed: $crate::stats::Metric::new(
@@ -102,6 +120,66 @@ macro_rules! stats_counters {
                 "echoport_buffer_misuses_total",
                 "Buffer hand-overs the pool refused (0 unless echoport has a bug).",
             );
+            /// PROXY v1 headers accepted (`UNKNOWN` included).
+            proxy_v1: $crate::stats::Metric::labelled(
+                "echoport_proxy_headers_total",
+                $crate::stats::PROXY_HEADERS,
+                &[("version", "1"), ("command", "proxy")],
+            );
+            /// PROXY v2 headers with the `PROXY` command accepted.
+            proxy_v2: $crate::stats::Metric::labelled(
+                "echoport_proxy_headers_total",
+                $crate::stats::PROXY_HEADERS,
+                &[("version", "2"), ("command", "proxy")],
+            );
+            /// PROXY v2 `LOCAL` headers accepted (a balancer's health checks).
+            proxy_local: $crate::stats::Metric::labelled(
+                "echoport_proxy_headers_total",
+                $crate::stats::PROXY_HEADERS,
+                &[("version", "2"), ("command", "local")],
+            );
+            /// Accepted PROXY headers that named no client (v1 `UNKNOWN`, v2 unspecified or
+            /// UNIX): served as the real peer.
+            proxy_unknown: $crate::stats::Metric::new(
+                "echoport_proxy_unknown_source_total",
+                "Accepted PROXY headers that named no client (v1 UNKNOWN, v2 unspecified or UNIX), served as the real peer.",
+            );
+            /// Connections from a peer outside `--proxy-from`: closed at accept (also in `refused`).
+            proxy_untrusted: $crate::stats::Metric::labelled(
+                "echoport_proxy_refused_total",
+                $crate::stats::PROXY_REFUSED,
+                &[("reason", "untrusted")],
+            );
+            /// Connections that began with neither PROXY signature.
+            proxy_not_proxy: $crate::stats::Metric::labelled(
+                "echoport_proxy_refused_total",
+                $crate::stats::PROXY_REFUSED,
+                &[("reason", "not_proxy")],
+            );
+            /// Connections whose PROXY header was malformed or of an unsupported version.
+            proxy_malformed: $crate::stats::Metric::labelled(
+                "echoport_proxy_refused_total",
+                $crate::stats::PROXY_REFUSED,
+                &[("reason", "malformed")],
+            );
+            /// Connections whose PROXY header was longer than the protocol allows.
+            proxy_too_long: $crate::stats::Metric::labelled(
+                "echoport_proxy_refused_total",
+                $crate::stats::PROXY_REFUSED,
+                &[("reason", "too_long")],
+            );
+            /// Connections whose PROXY header was not whole by `--proxy-timeout` after accept.
+            proxy_timeouts: $crate::stats::Metric::labelled(
+                "echoport_proxy_refused_total",
+                $crate::stats::PROXY_REFUSED,
+                &[("reason", "timeout")],
+            );
+            /// Connections that ended (end of stream or an error) before their PROXY header was whole.
+            proxy_truncated: $crate::stats::Metric::labelled(
+                "echoport_proxy_refused_total",
+                $crate::stats::PROXY_REFUSED,
+                &[("reason", "truncated")],
+            );
         }
     };
 }
@@ -119,7 +197,9 @@ mod tests {
             a.to_string(),
             "accepted=1 closed=2 errors=3 refused=4 bytes_echoed=5 short_sends=6 \
              gathered_sends=7 parked=8 paused=9 accept_backoffs=10 cq_overflows=11 \
-             timeouts=12 compacted=13 buffer_misuses=14"
+             timeouts=12 compacted=13 buffer_misuses=14 proxy_v1=15 proxy_v2=16 proxy_local=17 \
+             proxy_unknown=18 proxy_untrusted=19 proxy_not_proxy=20 proxy_malformed=21 \
+             proxy_too_long=22 proxy_timeouts=23 proxy_truncated=24"
         );
         a.merge(&Stats::from_array([10; Stats::LEN]));
         assert_eq!(a.to_array(), std::array::from_fn(|i| i as u64 + 11));

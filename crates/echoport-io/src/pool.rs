@@ -258,17 +258,6 @@ impl Pool {
         Ok(Returned::Free)
     }
 
-    /// Moves every free receive buffer to the kernel (filling io_uring's ring at start) and
-    /// returns them.
-    #[cfg_attr(not(target_os = "linux"), allow(dead_code))] // io_uring's ring only
-    pub(crate) fn all_free_to_kernel(&mut self) -> Vec<u32> {
-        let mut out = Vec::with_capacity(self.recv_free.len());
-        while let Some(b) = self.take_recv() {
-            out.push(b);
-        }
-        out
-    }
-
     /// Lends a buffer for the caller's own bytes.
     pub(crate) fn alloc(&mut self) -> Option<u32> {
         let buf = self.send_free.pop()?;

@@ -49,6 +49,10 @@ pub struct Options {
     pub direct_accept: bool,
     /// io_uring task-running mode.
     pub taskrun: echoport_io::uring::TaskRun,
+    /// io_uring: slots per direct-descriptor table (0: the descriptor limit).
+    pub direct_files: u32,
+    /// io_uring: most rings per worker (more direct-descriptor tables as they fill).
+    pub max_rings: u32,
 }
 
 impl Default for Options {
@@ -61,6 +65,8 @@ impl Default for Options {
             max_added_latency_us: 0,
             direct_accept: true,
             taskrun: echoport_io::uring::TaskRun::Defer,
+            direct_files: 0,
+            max_rings: 1,
         }
     }
 }
@@ -78,12 +84,16 @@ impl Options {
             cq_entries: a.cq_entries,
             batch_wait_us: a.batch_wait_us,
             max_added_latency_us: a.max_added_latency_us,
-            direct_accept: a.max_connections_per_ip.is_none(),
+            // Peers' addresses are needed (plain descriptors) to limit per IP and to check
+            // --proxy-from.
+            direct_accept: a.max_connections_per_ip.is_none() && !a.proxy_protocol,
             taskrun: match a.taskrun {
                 crate::serve::TaskRunChoice::Defer => echoport_io::uring::TaskRun::Defer,
                 crate::serve::TaskRunChoice::Coop => echoport_io::uring::TaskRun::Coop,
                 crate::serve::TaskRunChoice::Interrupt => echoport_io::uring::TaskRun::Interrupt,
             },
+            direct_files: 0,
+            max_rings: 1,
         }
     }
 
@@ -97,6 +107,8 @@ impl Options {
             max_added_latency_us: self.max_added_latency_us,
             direct_accept: self.direct_accept,
             taskrun: self.taskrun,
+            direct_files: self.direct_files,
+            max_rings: self.max_rings,
             ..Default::default()
         }
     }
@@ -284,6 +296,7 @@ mod tests {
                 max_added_latency_us: 0,
                 direct_accept: true,
                 taskrun: echoport_io::uring::TaskRun::Defer,
+                ..Options::default()
             };
             let c = choose(BackendChoice::Auto, &opts).unwrap();
             assert_eq!(c.kind, Kind::Epoll);

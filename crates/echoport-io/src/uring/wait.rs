@@ -29,7 +29,7 @@ struct Plan {
 }
 
 /// True for the errors a submit or wait may return in normal operation, to be retried.
-fn transient(e: &io::Error) -> bool {
+pub(super) fn transient(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN | libc::ENOMEM)
@@ -44,9 +44,15 @@ impl Uring {
         timeout: Option<Duration>,
     ) -> io::Result<()> {
         out.append(&mut self.synthetic);
+        if !self.tables.extra.is_empty() {
+            self.top_up();
+        }
         if let Some(r) = self.buf_ring.as_mut() {
             r.publish();
         }
+        // The extra rings first: what they have queued goes out, and what they have ready
+        // makes this wait a poll.
+        self.service_tables(out, false)?;
         self.flush_backlog()?;
         let plan = self.plan(timeout, !out.is_empty());
         match self.enter(&plan) {
@@ -59,6 +65,11 @@ impl Uring {
             Err(e) => return Err(e),
         }
         self.reap(out);
+        // The extra rings whose eventfds fired during the wait.
+        self.service_tables(out, true)?;
+        if self.tables.accept_ring_full() {
+            self.move_accepts();
+        }
         Ok(())
     }
 
@@ -215,7 +226,7 @@ impl Uring {
         let now = self.epoch.elapsed().as_nanos() as u64;
         self.moderator.observe(now, cqes.len());
         for &(ud, res, flags) in &cqes {
-            self.complete(ud, res, flags, out);
+            self.complete(0, ud, res, flags, out);
         }
         cqes.clear();
         self.cqes = cqes;

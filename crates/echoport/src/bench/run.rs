@@ -238,6 +238,7 @@ fn start_tcp(
     let connector = connector::Connector {
         server: p.server,
         sources: p.sources.clone(),
+        proxy: p.proxy,
         connections: p.connections,
         rate: p.connect_rate,
         timeout: p.timeout,

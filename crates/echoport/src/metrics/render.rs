@@ -34,14 +34,15 @@ pub fn render(src: &Source) -> String {
         .map(|i| src.live.worker(i))
         .collect();
     for (k, (_, metric)) in Stats::COUNTERS.iter().enumerate() {
-        family(&mut out, metric.name, metric.help, "counter");
+        // Counters of one labelled metric are listed together: one family line for them.
+        if k == 0 || Stats::COUNTERS[k - 1].1.name != metric.name {
+            family(&mut out, metric.name, metric.help, "counter");
+        }
         for (i, (s, _)) in workers.iter().enumerate() {
-            sample(
-                &mut out,
-                metric.name,
-                &[("worker", &i.to_string())],
-                s.to_array()[k],
-            );
+            let worker = i.to_string();
+            let mut labels = vec![("worker", worker.as_str())];
+            labels.extend_from_slice(metric.labels);
+            sample(&mut out, metric.name, &labels, s.to_array()[k]);
         }
     }
     let conns = "echoport_connections";
@@ -176,6 +177,8 @@ mod tests {
             &Stats {
                 accepted: 7,
                 bytes_echoed: 640,
+                proxy_local: 4,
+                proxy_timeouts: 5,
                 ..Stats::default()
             },
             3,
@@ -193,6 +196,9 @@ mod tests {
             "echoport_connections_accepted_total{worker=\"1\"} 7\n",
             "echoport_bytes_echoed_total{worker=\"0\"} 0\n",
             "echoport_bytes_echoed_total{worker=\"1\"} 640\n",
+            "echoport_proxy_headers_total{worker=\"1\",version=\"2\",command=\"local\"} 4\n",
+            "echoport_proxy_refused_total{worker=\"1\",reason=\"timeout\"} 5\n",
+            "echoport_proxy_unknown_source_total{worker=\"0\"} 0\n",
             "echoport_connections{worker=\"1\"} 3\n",
             "echoport_connections_max 100\n",
             "echoport_udp_datagrams_dropped_total{addr=\"127.0.0.1:7\",reason=\"rate_limited\"} 0\n",
