@@ -156,14 +156,14 @@ pub struct Opts {
     /// CPU per echo at high rates); their latency still counts from the intended time, so
     /// the wait shows in the results (pessimistic, never flattering). Default: wake for
     /// each message on time.
-    #[arg(help_heading = "Load", long, value_name = "TIME", default_value = "0", value_parser = parse_duration)]
+    #[arg(help_heading = "Tuning and measurement", long, value_name = "TIME", default_value = "0", value_parser = parse_duration)]
     pub tick: Duration,
 
     /// Open loop: when the next message is due within this long, poll for it instead of
     /// sleeping on a timer. A timer costs a kernel round trip (on a virtual machine tens of
     /// microseconds of exits), so at high rates polling is both cheaper and on time; the
     /// client then uses its whole core. 0 = always sleep on the timer.
-    #[arg(help_heading = "Load", long, value_name = "TIME", default_value = "0", value_parser = parse_duration)]
+    #[arg(help_heading = "Tuning and measurement", long, value_name = "TIME", default_value = "0", value_parser = parse_duration)]
     pub spin: Duration,
 
     /// A connection with echoes owed and no byte back for this long counts as timed out;
@@ -246,7 +246,7 @@ pub struct Opts {
 
     /// Also measure this process's CPU time (the server's) over the measured window and
     /// report its CPU per echo next to the client's.
-    #[arg(help_heading = "Output", long, value_name = "PID")]
+    #[arg(help_heading = "Tuning and measurement", long, value_name = "PID")]
     pub server_pid: Option<u32>,
 
     /// No live progress line, even on a terminal.

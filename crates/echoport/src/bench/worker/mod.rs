@@ -25,6 +25,8 @@
 mod churn;
 mod close;
 mod conn;
+#[cfg(test)]
+mod tests;
 
 use std::collections::VecDeque;
 use std::io;
