@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The connection budget shared by every worker of a server: admission at accept.
@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 pub struct Admission {
     max: AtomicUsize,
     live: AtomicUsize,
+    /// A refusal at the limit was logged; cleared once a tenth of the places are free.
+    refusal_logged: AtomicBool,
     per_ip: Option<(u32, Mutex<HashMap<IpAddr, u32>>)>,
 }
 
@@ -26,6 +28,7 @@ impl Admission {
         Arc::new(Admission {
             max: AtomicUsize::new(max),
             live: AtomicUsize::new(0),
+            refusal_logged: AtomicBool::new(false),
             per_ip: per_ip.map(|n| (n, Mutex::new(HashMap::new()))),
         })
     }
@@ -89,7 +92,19 @@ impl Admission {
 
     /// Gives a place back.
     pub fn release(&self) {
-        self.live.fetch_sub(1, Ordering::AcqRel);
+        let was = self.live.fetch_sub(1, Ordering::AcqRel);
+        if self.refusal_logged.load(Ordering::Relaxed) {
+            let max = self.max();
+            if was <= max - max / 10 {
+                self.refusal_logged.store(false, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// True for the first refusal at the limit since the budget last had room to spare (a
+    /// tenth of it free): the caller logs that one, not every refused connection.
+    pub fn first_refusal(&self) -> bool {
+        !self.refusal_logged.swap(true, Ordering::Relaxed)
     }
 }
 

@@ -258,17 +258,6 @@ impl Pool {
         Ok(Returned::Free)
     }
 
-    /// Moves every free receive buffer to the kernel (filling io_uring's ring at start) and
-    /// returns them.
-    #[cfg_attr(not(target_os = "linux"), allow(dead_code))] // io_uring's ring only
-    pub(crate) fn all_free_to_kernel(&mut self) -> Vec<u32> {
-        let mut out = Vec::with_capacity(self.recv_free.len());
-        while let Some(b) = self.take_recv() {
-            out.push(b);
-        }
-        out
-    }
-
     /// Lends a buffer for the caller's own bytes.
     pub(crate) fn alloc(&mut self) -> Option<u32> {
         let buf = self.send_free.pop()?;
@@ -363,6 +352,22 @@ impl Pool {
         // bytes `at..at + len` of `dst` (they lie past every byte it has queued).
         unsafe { std::ptr::copy_nonoverlapping(from as *const u8, to, len as usize) };
         Ok(())
+    }
+
+    /// [`Pool::copy`], with a refusal reported (see [`report`]) rather than returned: what a
+    /// backend's `Submit::copy` does.
+    pub(crate) fn copy_reported(&mut self, dst: u32, at: u32, src: u32, len: u32) {
+        if let Err(m) = self.copy(dst, at, src, len) {
+            report(&m, self.misuses);
+        }
+    }
+
+    /// [`Pool::release`], with a refusal reported (see [`report`]) rather than returned: what
+    /// a backend's `Submit::release` does. `None` when refused.
+    pub(crate) fn release_reported(&mut self, buf: u32, recv_to_kernel: bool) -> Option<Returned> {
+        self.release(buf, recv_to_kernel)
+            .map_err(|m| report(&m, self.misuses))
+            .ok()
     }
 
     /// Gives up the region without freeing it: the kernel may still write into it.

@@ -43,10 +43,16 @@ pub struct Options {
     pub cq_entries: u32,
     /// io_uring batched wait, in microseconds (0: off).
     pub batch_wait_us: u32,
+    /// io_uring adaptive moderation bound, in microseconds (0: off).
+    pub max_added_latency_us: u32,
     /// io_uring: accept into direct descriptors (off when peers' addresses are needed).
     pub direct_accept: bool,
     /// io_uring task-running mode.
     pub taskrun: echoport_io::uring::TaskRun,
+    /// io_uring: slots per direct-descriptor table (0: the descriptor limit).
+    pub direct_files: u32,
+    /// io_uring: most rings per worker (more direct-descriptor tables as they fill).
+    pub max_rings: u32,
 }
 
 impl Default for Options {
@@ -56,8 +62,11 @@ impl Default for Options {
             fast_path: true,
             cq_entries: 65536,
             batch_wait_us: 0,
+            max_added_latency_us: 0,
             direct_accept: true,
             taskrun: echoport_io::uring::TaskRun::Defer,
+            direct_files: 0,
+            max_rings: 1,
         }
     }
 }
@@ -74,12 +83,17 @@ impl Options {
             fast_path: !a.no_fast_path,
             cq_entries: a.cq_entries,
             batch_wait_us: a.batch_wait_us,
-            direct_accept: a.max_connections_per_ip.is_none(),
+            max_added_latency_us: a.max_added_latency_us,
+            // Peers' addresses are needed (plain descriptors) to limit per IP and to check
+            // --proxy-from.
+            direct_accept: a.max_connections_per_ip.is_none() && !a.proxy_protocol,
             taskrun: match a.taskrun {
                 crate::serve::TaskRunChoice::Defer => echoport_io::uring::TaskRun::Defer,
                 crate::serve::TaskRunChoice::Coop => echoport_io::uring::TaskRun::Coop,
                 crate::serve::TaskRunChoice::Interrupt => echoport_io::uring::TaskRun::Interrupt,
             },
+            direct_files: 0,
+            max_rings: 1,
         }
     }
 
@@ -90,8 +104,11 @@ impl Options {
             cq_entries: self.cq_entries.max(1),
             sq_entries: 4096.min(self.cq_entries.max(1)),
             batch_wait_us: self.batch_wait_us,
+            max_added_latency_us: self.max_added_latency_us,
             direct_accept: self.direct_accept,
             taskrun: self.taskrun,
+            direct_files: self.direct_files,
+            max_rings: self.max_rings,
             ..Default::default()
         }
     }
@@ -276,8 +293,10 @@ mod tests {
                 fast_path: true,
                 cq_entries: 4096,
                 batch_wait_us: 0,
+                max_added_latency_us: 0,
                 direct_accept: true,
                 taskrun: echoport_io::uring::TaskRun::Defer,
+                ..Options::default()
             };
             let c = choose(BackendChoice::Auto, &opts).unwrap();
             assert_eq!(c.kind, Kind::Epoll);

@@ -171,24 +171,9 @@ fn doubles(mut s: TcpStream) {
     }
 }
 
-/// Echoes faithfully, but once 64,000 bytes have come in it stops for 200 ms.
-fn stalls_200ms(mut s: TcpStream) {
-    let mut buf = [0u8; 16384];
-    let mut at = 0usize;
-    let mut stalled = false;
-    while let Ok(n) = s.read(&mut buf) {
-        if n == 0 {
-            return;
-        }
-        at += n;
-        if !stalled && at >= 64_000 {
-            stalled = true;
-            thread::sleep(Duration::from_millis(200));
-        }
-        if s.write_all(&buf[..n]).is_err() {
-            return;
-        }
-    }
+/// Echoes faithfully, except that once 64,000 bytes have come in it stops for 200 ms.
+fn stalls_200ms(s: TcpStream) {
+    common::echo_stalling(s, 64_000, Duration::from_millis(200));
 }
 
 #[test]

@@ -37,9 +37,7 @@ impl Submit for Epoll {
 
     fn release(&mut self, buf: BufId) {
         // A receive buffer goes back to the free list: a read takes it at readiness.
-        if let Err(m) = self.pool.release(buf.0, false) {
-            self.misuse(m);
-        }
+        self.pool.release_reported(buf.0, false);
     }
 
     fn max_send_parts(&self) -> usize {
@@ -51,9 +49,7 @@ impl Submit for Epoll {
     }
 
     fn copy(&mut self, dst: BufId, at: u32, src: BufId, len: u32) {
-        if let Err(m) = self.pool.copy(dst.0, at, src.0, len) {
-            self.misuse(m);
-        }
+        self.pool.copy_reported(dst.0, at, src.0, len);
     }
 
     fn free_buffers(&self) -> usize {

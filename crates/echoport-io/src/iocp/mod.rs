@@ -275,9 +275,7 @@ impl Submit for Iocp {
     fn release(&mut self, buf: BufId) {
         // Receives here are posted one at a time, each with a buffer taken when posted: a
         // released buffer goes back to the free list, never straight to the kernel.
-        if let Err(m) = self.pool.release(buf.0, false) {
-            self.misuse(m);
-        }
+        self.pool.release_reported(buf.0, false);
     }
 
     fn buf_size(&self) -> u32 {
@@ -285,9 +283,7 @@ impl Submit for Iocp {
     }
 
     fn copy(&mut self, dst: BufId, at: u32, src: BufId, len: u32) {
-        if let Err(m) = self.pool.copy(dst.0, at, src.0, len) {
-            self.misuse(m);
-        }
+        self.pool.copy_reported(dst.0, at, src.0, len);
     }
 
     fn free_buffers(&self) -> usize {

@@ -19,21 +19,29 @@ fn result(res: i32) -> Result<u32, OpError> {
 }
 
 impl Uring {
-    /// Turns one completion queue entry into zero or one [`Completion`].
-    pub(super) fn complete(&mut self, ud: u64, res: i32, flags: u32, out: &mut Vec<Completion>) {
+    /// Turns one completion queue entry of ring `ring` (0: this one; the extra rings count
+    /// their own operations in flight) into zero or one [`Completion`].
+    pub(super) fn complete(
+        &mut self,
+        ring: usize,
+        ud: u64,
+        res: i32,
+        flags: u32,
+        out: &mut Vec<Completion>,
+    ) {
         let more = cqueue::more(flags);
-        if !more {
+        if !more && ring == 0 {
             self.inflight = self.inflight.saturating_sub(1);
         }
         let Some((kind, token)) = Token::unpack(ud) else {
             return;
         };
         match kind {
-            OpKind::Accept => self.complete_accept(token, res, more, out),
+            OpKind::Accept => self.complete_accept(ring, token, res, more, out),
             OpKind::Recv => {
                 let result = match self.recv_mode {
                     RecvMode::OneshotOwn => self.received_into_own(token, res),
-                    _ => self.received_from_ring(res, flags),
+                    _ => self.received_from_ring(ring, res, flags),
                 };
                 // An error or end of stream always ends the receive.
                 let more = more && matches!(result, Ok(Received::Data { .. }));
@@ -44,6 +52,7 @@ impl Uring {
                 });
             }
             OpKind::Send => self.complete_send(token, res, out),
+            OpKind::Wake if token != Token::NONE => self.complete_table_wake(token.id, res),
             OpKind::Wake => self.complete_wake(res, out),
             OpKind::Cancel | OpKind::Close | OpKind::Shutdown => {
                 if res < 0 && !matches!(-res, libc::ENOENT | libc::EALREADY | libc::ENOTCONN) {
@@ -54,18 +63,51 @@ impl Uring {
     }
 
     /// An accept finished: a new socket (direct descriptor on the fast path), or an error.
-    /// On a closing listener, the socket is closed at once.
-    fn complete_accept(&mut self, token: Token, res: i32, more: bool, out: &mut Vec<Completion>) {
+    /// On a closing listener, the socket is closed at once. An accept moved to another ring
+    /// (`rings.rs`) still hands over what it took, but its end is not the listener's.
+    fn complete_accept(
+        &mut self,
+        ring: usize,
+        token: Token,
+        res: i32,
+        more: bool,
+        out: &mut Vec<Completion>,
+    ) {
         let i = token.id as usize;
         let Some(l) = self.listeners.get_mut(i) else {
             return;
         };
-        if !more {
+        let current = l.ring as usize == ring;
+        if !more && current {
             l.armed = false;
         }
         let closing = l.closing;
         let direct = self.direct_accept;
-        let sock = result(res).map(|v| Socket(if direct { FIXED | v as u64 } else { v as u64 }));
+        if res >= 0 && direct {
+            self.tables.used[ring] += 1;
+        }
+        let sock = result(res).map(|v| {
+            Socket(if direct {
+                FIXED | (ring as u64) << 32 | v as u64
+            } else {
+                v as u64
+            })
+        });
+        if !current {
+            if let Ok(s) = sock {
+                let s = Ok(s);
+                out.push(Completion::Accept {
+                    listener: ListenerId(i as u32),
+                    result: s,
+                    more: true,
+                });
+            }
+            return;
+        }
+        if !more && res == -libc::ENFILE && direct && !closing && self.accept_elsewhere(i) {
+            // The table filled before the accept could move: it goes on with another ring.
+            return;
+        }
         if closing {
             if let Ok(s) = sock {
                 self.push(Op::Close {
@@ -73,7 +115,7 @@ impl Uring {
                     sock: s,
                 });
             }
-            if !more {
+            if !more && current {
                 self.listeners[i].fd = None;
             }
             return;
@@ -87,8 +129,18 @@ impl Uring {
 
     /// A receive from the buffer ring: the buffer the kernel picked is lent to the state
     /// machine when bytes came; without bytes it goes straight back to the ring.
-    fn received_from_ring(&mut self, res: i32, flags: u32) -> Result<Received, OpError> {
+    fn received_from_ring(
+        &mut self,
+        ring: usize,
+        res: i32,
+        flags: u32,
+    ) -> Result<Received, OpError> {
         let bid = cqueue::buffer_select(flags).map(u32::from);
+        if bid.is_some() {
+            self.tables.taken(ring);
+        } else if res == -libc::ENOBUFS {
+            self.tables.starved[ring] = true;
+        }
         match (res, bid) {
             (n, Some(b)) if n > 0 => match self.pool.lend(b) {
                 Ok(()) => Ok(Received::Data {
@@ -104,7 +156,7 @@ impl Uring {
             (n, b) => {
                 if let Some(b) = b {
                     // Picked but unused: still the kernel's; publish it again.
-                    self.publish_to_ring(b);
+                    self.publish_to(ring, b);
                 }
                 if n == 0 {
                     Ok(Received::Eof)
@@ -167,5 +219,19 @@ impl Uring {
         self.waker.drain();
         self.arm_waker();
         out.push(Completion::Wake);
+    }
+
+    /// An extra ring's eventfd fired: collect its completions this turn, read it again.
+    fn complete_table_wake(&mut self, ring: u32, res: i32) {
+        if res < 0 && res != -libc::ECANCELED {
+            tracing::warn!(ring, error = %std::io::Error::from_raw_os_error(-res), "ring wake-up read failed");
+        }
+        let r = ring as usize;
+        if let Some(t) = r.checked_sub(1).and_then(|i| self.tables.extra.get_mut(i)) {
+            t.flagged = true;
+            if res != -libc::ECANCELED {
+                self.arm_table_wake(r);
+            }
+        }
     }
 }

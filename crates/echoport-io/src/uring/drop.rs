@@ -32,8 +32,22 @@ impl Drop for Uring {
                 .count() as u64;
             self.inflight = self.inflight.saturating_sub(done);
         }
-        if self.inflight > 0 {
+        let mut tables_left = 0;
+        for t in &mut self.tables.extra {
+            if !t.drain(deadline) {
+                tables_left += t.inflight;
+            }
+        }
+        if self.inflight > 0 || tables_left > 0 {
+            for t in &mut self.tables.extra {
+                t.release_buf_ring(false);
+            }
+            // The reads of the extra rings' eventfds may still land in their words.
+            for t in std::mem::take(&mut self.tables.extra) {
+                std::mem::forget(t);
+            }
             tracing::warn!(
+                tables_left,
                 left = self.inflight,
                 "io_uring operations did not finish; leaking their memory"
             );
@@ -42,8 +56,13 @@ impl Drop for Uring {
             std::mem::forget(std::mem::take(&mut self.send_msgs));
             // The buffer ring's entries stay allocated: `BufRing` has no destructor.
             self.buf_ring = None;
-        } else if let Some(r) = self.buf_ring.take() {
-            r.free(&self.ring);
+        } else {
+            if let Some(r) = self.buf_ring.take() {
+                r.free(&self.ring);
+            }
+            for t in &mut self.tables.extra {
+                t.release_buf_ring(true);
+            }
         }
         if let Some(index) = self.ring_index.take() {
             setup::unregister_ring_fd(&self.ring, index);

@@ -30,11 +30,19 @@
 //!
 //! The files: `setup.rs` (probe, ring flags, kernel features), `buf_ring.rs` (the provided
 //! buffer ring), `submit.rs` (one function per operation posted), `complete.rs` (one per kind
-//! of completion reaped), `wait.rs` (submit, sleep, reap), `drop.rs` (cancel and drain).
+//! of completion reaped), `wait.rs` (submit, sleep, reap), `drop.rs` (cancel and drain),
+//! `rings.rs` (more rings than threads: a worker's extra direct-descriptor tables, and where
+//! accepts and buffers go).
+//!
+//! # Capacity
+//! A ring's direct-descriptor table holds at most `RLIMIT_NOFILE` entries, so a worker
+//! owns up to [`Config::max_rings`] rings, added as tables fill (`rings.rs`). A direct
+//! [`Socket`] names its ring (bits 32..48) and its slot in that ring's table (bits 0..32).
 
 mod buf_ring;
 mod complete;
 mod drop;
+mod rings;
 mod setup;
 mod submit;
 mod wait;
@@ -43,6 +51,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
+use std::time::Instant;
 
 use echoport_core::{
     Backend, BufId, Completion, ListenerId, MAX_SEND_PARTS, OpKind, Socket, Token, Waker,
@@ -52,6 +61,8 @@ use io_uring::{IoUring, opcode, squeue, types};
 use crate::pool::{Misuse, Pool, PoolConfig};
 use crate::sys::EventFd;
 use buf_ring::BufRing;
+use echoport_core::moderation::Moderator;
+pub use rings::{capacity, rings_for};
 pub use setup::probe;
 
 /// Tags a [`Socket`] that is a direct descriptor (an index into the ring's file table).
@@ -71,6 +82,9 @@ pub struct Config {
     pub fast_path: bool,
     /// Size of the direct descriptor table (0: the process's descriptor limit).
     pub direct_files: u32,
+    /// Most rings this backend may own (1: only its own), each with a direct descriptor
+    /// table of `direct_files`: the rings after the first are added as tables fill.
+    pub max_rings: u32,
     /// Accept into direct descriptors on the fast path. Off when the caller needs to know
     /// peers' addresses (a direct descriptor cannot be asked).
     pub direct_accept: bool,
@@ -85,6 +99,11 @@ pub struct Config {
     pub batch_wait_us: u32,
     /// Completions a batched wait aims for.
     pub batch: u32,
+    /// Adaptive completion moderation: the most latency, in microseconds, a wait may add by
+    /// holding for more completions, granted only while the completion rate says a batch
+    /// will fill within it ([`echoport_core::moderation`]); 0 turns it off. Needs the
+    /// kernel's minimum wait (6.12); a fixed [`Config::batch_wait_us`] takes precedence.
+    pub max_added_latency_us: u32,
     /// How the kernel runs completion work for this ring.
     pub taskrun: TaskRun,
 }
@@ -108,9 +127,11 @@ impl Default for Config {
             pool: PoolConfig::default(),
             fast_path: true,
             direct_files: 0,
+            max_rings: 1,
             direct_accept: true,
             batch_wait_us: 0,
             batch: 32,
+            max_added_latency_us: 0,
             taskrun: TaskRun::Defer,
         }
     }
@@ -144,6 +165,8 @@ struct ListenerSlot {
     armed: bool,
     /// Closing: accepted sockets are closed at once, and the socket when the accept ends.
     closing: bool,
+    /// The ring its accept is posted on.
+    ring: u16,
 }
 
 /// An io_uring ring serving one worker thread.
@@ -171,6 +194,8 @@ pub struct Uring {
     synthetic: Vec<Completion>,
     /// Completion entries of the current wait (kept to reuse the allocation).
     cqes: Vec<(u64, i32, u32)>,
+    /// The same, for the extra rings.
+    table_cqes: Vec<(u64, i32, u32)>,
     /// The waker's eventfd; a read of it is always posted.
     waker: Arc<EventFd>,
     /// Where that read lands; the kernel holds it while the read is posted.
@@ -186,6 +211,10 @@ pub struct Uring {
     last_reaped: usize,
     /// The kernel has `IORING_FEAT_MIN_TIMEOUT`: batched waits use its minimum wait.
     min_timeout: bool,
+    /// Adaptive moderation: how long the next wait may hold for more completions.
+    moderator: Moderator,
+    /// The origin of the moderator's clock.
+    epoch: Instant,
     /// The ring's own descriptor registered with it (`IORING_REGISTER_RING_FDS`, 5.18): the
     /// loop's waits name the ring by this index, sparing the kernel a descriptor lookup.
     /// The registration belongs to the thread that made it; `Uring` is not `Send` (see the
@@ -199,6 +228,10 @@ pub struct Uring {
     overflows: u64,
     /// Completions the kernel dropped outright (only without `IORING_FEAT_NODROP`).
     dropped: u64,
+    /// The rings beyond this one, and which ring holds what (`rings.rs`).
+    tables: rings::Tables,
+    /// The settings, for the rings added later.
+    cfg: Config,
     /// Gathered sends in flight, by connection id (at most one send per connection).
     send_msgs: HashMap<u32, Box<MsgSlot>>,
     /// Headers of finished gathered sends, for reuse. Boxed on purpose: a slot moves between
@@ -224,7 +257,7 @@ macro_rules! with_fd {
     ($sock:expr, |$fd:ident| $body:expr) => {{
         let s: Socket = $sock;
         if s.0 & $crate::uring::FIXED != 0 {
-            let $fd = io_uring::types::Fixed((s.0 & !$crate::uring::FIXED) as u32);
+            let $fd = io_uring::types::Fixed(s.0 as u32);
             $body
         } else {
             let $fd = io_uring::types::Fd(s.0 as std::os::fd::RawFd);
@@ -258,6 +291,7 @@ impl Uring {
             backlog: VecDeque::new(),
             synthetic: Vec::new(),
             cqes: Vec::with_capacity(1024),
+            table_cqes: Vec::new(),
             waker: Arc::new(EventFd::new()?),
             wake_buf: Box::new(0),
             inflight: 0,
@@ -265,11 +299,15 @@ impl Uring {
             batch: cfg.batch.max(1),
             last_reaped: 0,
             min_timeout: false,
+            moderator: Moderator::new(cfg.max_added_latency_us),
+            epoch: Instant::now(),
             ring_index: None,
             direct_files: None,
             direct_accept: fast && cfg.direct_accept,
             overflows: 0,
             dropped: 0,
+            tables: rings::Tables::new(0, 1, 0),
+            cfg: cfg.clone(),
             send_msgs: HashMap::new(),
             msg_free: Vec::new(),
         };
@@ -277,6 +315,13 @@ impl Uring {
         uring.ring_index = setup::register_ring_fd(&uring.ring);
         if uring.ring_index.is_some() {
             features.push("registered-ring");
+        }
+        if cfg.batch_wait_us == 0 && cfg.max_added_latency_us > 0 {
+            features.push(if uring.min_timeout {
+                "adaptive-moderation"
+            } else {
+                "no moderation (needs the kernel's minimum wait, 6.12+)"
+            });
         }
         if cfg.batch_wait_us > 0 {
             features.push(if uring.min_timeout {
@@ -319,13 +364,37 @@ impl Uring {
         };
         self.ring.submitter().register_files_sparse(direct)?;
         self.direct_files = Some(direct);
-        let mut ring = BufRing::register(&self.ring, self.pool.recv_count())?;
-        for b in self.pool.all_free_to_kernel() {
+        let count = self.pool.recv_count();
+        let max_rings = if self.direct_accept { cfg.max_rings } else { 1 };
+        self.tables = rings::Tables::new(direct, max_rings, count);
+        let mut ring = BufRing::register(&self.ring, count)?;
+        for _ in 0..self.tables.cap(0) {
+            let Some(b) = self.pool.take_recv() else {
+                break;
+            };
             ring.add(b as u16, self.pool.addr(b, 0), self.pool.buf_size());
+            self.tables.placed(0, b);
         }
         ring.publish();
         self.buf_ring = Some(ring);
         Ok(())
+    }
+
+    /// The ring a socket's operations are posted on: a direct descriptor's own, else 0.
+    fn ring_of(sock: Socket) -> usize {
+        if sock.0 & FIXED != 0 {
+            ((sock.0 >> 32) & 0xffff) as usize
+        } else {
+            0
+        }
+    }
+
+    /// Queues an entry on ring `r` (0: this ring; the others are `rings.rs`'s).
+    fn enqueue_on(&mut self, r: usize, e: squeue::Entry) {
+        match r.checked_sub(1).and_then(|i| self.tables.extra.get_mut(i)) {
+            Some(t) => t.push(e),
+            None => self.enqueue(e),
+        }
     }
 
     /// Posts the read of the waker's eventfd.
@@ -365,6 +434,7 @@ impl Backend for Uring {
             fd: Some(listener.into()),
             armed: false,
             closing: false,
+            ring: 0,
         });
         Ok(ListenerId(self.listeners.len() as u32 - 1))
     }
@@ -405,7 +475,7 @@ impl Backend for Uring {
     fn max_connections(&self) -> Option<usize> {
         self.direct_files
             .filter(|_| self.direct_accept)
-            .map(|n| n as usize)
+            .map(|_| self.tables.capacity())
     }
 
     fn peer_ip(&self, sock: Socket) -> Option<std::net::IpAddr> {

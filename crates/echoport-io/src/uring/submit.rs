@@ -39,19 +39,19 @@ impl Submit for Uring {
                 sock,
                 &parts[..(count as usize).clamp(1, MAX_SEND_PARTS)],
             ),
-            Op::CancelRecv { token, .. } => self.post_cancel(token, OpKind::Recv),
-            Op::CancelSend { token, .. } => self.post_cancel(token, OpKind::Send),
+            Op::CancelRecv { token, sock } => self.post_cancel(token, sock, OpKind::Recv),
+            Op::CancelSend { token, sock } => self.post_cancel(token, sock, OpKind::Send),
             Op::Shutdown { token, sock } => self.post_shutdown(token, sock),
-            Op::Close { token, sock } => {
-                let e = with_fd!(sock, |fd| opcode::Close::new(fd).build());
-                self.enqueue(e.user_data(token.pack(OpKind::Close)));
-            }
+            Op::Close { token, sock } => self.post_close(token, sock),
         }
     }
 
     fn release(&mut self, buf: BufId) {
-        match self.pool.release(buf.0, self.buf_ring.is_some()) {
-            Ok(Returned::Kernel) => self.publish_to_ring(buf.0),
+        // Back to the buffer ring it came from while that ring is below its cap (`rings.rs`).
+        let home = self.tables.home(buf.0);
+        let to_kernel = self.buf_ring.is_some() && self.tables.bufs[home] < self.tables.cap(home);
+        match self.pool.release(buf.0, to_kernel) {
+            Ok(Returned::Kernel) => self.publish_to(home, buf.0),
             Ok(Returned::Free) => {}
             Err(m) => self.misuse(m),
         }
@@ -72,7 +72,11 @@ impl Submit for Uring {
     }
 
     fn free_buffers(&self) -> usize {
-        if self.buf_ring.is_some() {
+        if self.tables.any_starved() {
+            // Some ring has receives waiting for a buffer: the next release goes there, and
+            // nobody retries until then (a retry on that ring would only fail again).
+            0
+        } else if self.buf_ring.is_some() {
             self.pool.in_kernel()
         } else {
             self.pool.free_recv()
@@ -85,16 +89,9 @@ impl Submit for Uring {
 }
 
 impl Uring {
-    /// Puts a receive buffer the pool has just made the kernel's back in the buffer ring.
-    pub(super) fn publish_to_ring(&mut self, buf: u32) {
-        let (addr, size) = (self.pool.addr(buf, 0), self.pool.buf_size());
-        if let Some(ring) = self.buf_ring.as_mut() {
-            ring.add(buf as u16, addr, size);
-        }
-    }
-
-    /// Accept on a listener: multishot into direct descriptors on the fast path.
-    fn post_accept(&mut self, listener: ListenerId) {
+    /// Accept on a listener: multishot into direct descriptors on the fast path, on the
+    /// ring whose table has room (`rings.rs`).
+    pub(super) fn post_accept(&mut self, listener: ListenerId) {
         let i = listener.0 as usize;
         let Some(fd) = self
             .listeners
@@ -104,7 +101,9 @@ impl Uring {
         else {
             return;
         };
+        let ring = self.accept_ring();
         self.listeners[i].armed = true;
+        self.listeners[i].ring = ring as u16;
         let e = if self.fast {
             opcode::AcceptMulti::new(types::Fd(fd))
                 .allocate_file_index(self.direct_accept)
@@ -114,7 +113,22 @@ impl Uring {
                 .flags(libc::SOCK_CLOEXEC)
                 .build()
         };
-        self.enqueue(e.user_data(Token::new(listener.0, 0).pack(OpKind::Accept)));
+        self.enqueue_on(
+            ring,
+            e.user_data(Token::new(listener.0, 0).pack(OpKind::Accept)),
+        );
+    }
+
+    /// Close a socket; a direct descriptor's slot counts as free from here on.
+    fn post_close(&mut self, token: Token, sock: Socket) {
+        let ring = Self::ring_of(sock);
+        if sock.0 & FIXED != 0
+            && let Some(u) = self.tables.used.get_mut(ring)
+        {
+            *u = u.saturating_sub(1);
+        }
+        let e = with_fd!(sock, |fd| opcode::Close::new(fd).build());
+        self.enqueue_on(ring, e.user_data(token.pack(OpKind::Close)));
     }
 
     /// Stop accepting: cancel the posted accept (the listener closes when it ends), or close
@@ -125,9 +139,10 @@ impl Uring {
         };
         l.closing = true;
         if l.armed {
+            let ring = l.ring as usize;
             let ud = Token::new(listener.0, 0).pack(OpKind::Accept);
             let e = opcode::AsyncCancel::new(ud).build();
-            self.enqueue(e.user_data(Token::NONE.pack(OpKind::Cancel)));
+            self.enqueue_on(ring, e.user_data(Token::NONE.pack(OpKind::Cancel)));
         } else {
             l.fd = None;
         }
@@ -167,7 +182,7 @@ impl Uring {
                 with_fd!(sock, |fd| opcode::Recv::new(fd, ptr, len).build())
             }
         };
-        self.enqueue(e.user_data(ud));
+        self.enqueue_on(Self::ring_of(sock), e.user_data(ud));
     }
 
     /// Send `len` bytes of a lent buffer; a buffer not lent is refused (the send fails).
@@ -179,7 +194,7 @@ impl Uring {
         let e = with_fd!(sock, |fd| opcode::Send::new(fd, ptr, len)
             .flags(libc::MSG_NOSIGNAL)
             .build());
-        self.enqueue(e.user_data(token.pack(OpKind::Send)));
+        self.enqueue_on(Self::ring_of(sock), e.user_data(token.pack(OpKind::Send)));
     }
 
     /// A gathered send (`SENDMSG`) of several lent buffers, its header boxed until completion.
@@ -219,7 +234,7 @@ impl Uring {
             debug_assert!(false, "two sends in flight on connection {}", token.id);
             std::mem::forget(old); // the kernel may still read it
         }
-        self.enqueue(e.user_data(token.pack(OpKind::Send)));
+        self.enqueue_on(Self::ring_of(sock), e.user_data(token.pack(OpKind::Send)));
     }
 
     /// Shut down the write side. A direct descriptor goes through the ring (its slot cannot
@@ -230,7 +245,10 @@ impl Uring {
     fn post_shutdown(&mut self, token: Token, sock: Socket) {
         if sock.0 & FIXED != 0 {
             let e = with_fd!(sock, |fd| opcode::Shutdown::new(fd, libc::SHUT_WR).build());
-            self.enqueue(e.user_data(token.pack(OpKind::Shutdown)));
+            self.enqueue_on(
+                Self::ring_of(sock),
+                e.user_data(token.pack(OpKind::Shutdown)),
+            );
             return;
         }
         // SAFETY: a plain descriptor handed out by this backend's accept (or adopted) stays
@@ -251,10 +269,11 @@ impl Uring {
         });
     }
 
-    /// Cancel the connection's posted receive or send (by its user data, never by descriptor).
-    fn post_cancel(&mut self, token: Token, target: OpKind) {
+    /// Cancel the connection's posted receive or send (by its user data, never by
+    /// descriptor), on the ring the socket belongs to.
+    fn post_cancel(&mut self, token: Token, sock: Socket, target: OpKind) {
         let e = opcode::AsyncCancel::new(token.pack(target)).build();
-        self.enqueue(e.user_data(token.pack(OpKind::Cancel)));
+        self.enqueue_on(Self::ring_of(sock), e.user_data(token.pack(OpKind::Cancel)));
     }
 }
 

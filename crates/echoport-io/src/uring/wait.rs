@@ -29,7 +29,7 @@ struct Plan {
 }
 
 /// True for the errors a submit or wait may return in normal operation, to be retried.
-fn transient(e: &io::Error) -> bool {
+pub(super) fn transient(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN | libc::ENOMEM)
@@ -44,9 +44,15 @@ impl Uring {
         timeout: Option<Duration>,
     ) -> io::Result<()> {
         out.append(&mut self.synthetic);
+        if !self.tables.extra.is_empty() {
+            self.top_up();
+        }
         if let Some(r) = self.buf_ring.as_mut() {
             r.publish();
         }
+        // The extra rings first: what they have queued goes out, and what they have ready
+        // makes this wait a poll.
+        self.service_tables(out, false)?;
         self.flush_backlog()?;
         let plan = self.plan(timeout, !out.is_empty());
         match self.enter(&plan) {
@@ -59,6 +65,11 @@ impl Uring {
             Err(e) => return Err(e),
         }
         self.reap(out);
+        // The extra rings whose eventfds fired during the wait.
+        self.service_tables(out, true)?;
+        if self.tables.accept_ring_full() {
+            self.move_accepts();
+        }
         Ok(())
     }
 
@@ -82,7 +93,10 @@ impl Uring {
         Ok(())
     }
 
-    /// Decides how long to sleep and for how many completions. Batched waits: with the
+    /// Decides how long to sleep and for how many completions. Adaptive moderation (on
+    /// kernels with the minimum wait): while the completion rate says a batch fills within
+    /// the bound, sleep until `batch` completions are ready or the bound has passed with at
+    /// least one; otherwise a plain wait. Fixed batched waits: with the
     /// kernel's minimum wait, sleep until `batch` completions are ready, or `batch_wait_us`
     /// has passed and at least one is. Without it: under load, ask for as many completions
     /// as the last turn brought (up to `batch`) for at most `batch_wait_us`; at light load a
@@ -107,6 +121,13 @@ impl Uring {
                 timeout: t,
                 min_wait_us: self.batch_wait_us,
             },
+            t if self.batch_wait_us == 0 && self.min_timeout && self.moderator.hold_us() > 0 => {
+                Plan {
+                    want: self.batch,
+                    timeout: t,
+                    min_wait_us: self.moderator.hold_us(),
+                }
+            }
             t if self.batch_wait_us > 0 && self.last_reaped > 1 => {
                 let b = Duration::from_micros(self.batch_wait_us as u64);
                 Plan {
@@ -202,8 +223,10 @@ impl Uring {
         self.dropped = self.dropped.max(cq.overflow() as u64);
         cqes.extend(cq.map(|c| (c.user_data(), c.result(), c.flags())));
         self.last_reaped = cqes.len();
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        self.moderator.observe(now, cqes.len());
         for &(ud, res, flags) in &cqes {
-            self.complete(ud, res, flags, out);
+            self.complete(0, ud, res, flags, out);
         }
         cqes.clear();
         self.cqes = cqes;

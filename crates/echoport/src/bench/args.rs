@@ -93,6 +93,32 @@ pub struct Opts {
     #[arg(help_heading = "Connections", long, value_name = "LIST")]
     pub source: Option<String>,
 
+    /// Begin every connection with a PROXY protocol header, as a load balancer would, for a
+    /// server started with --proxy-protocol (to load-test its per-client limits without a
+    /// balancer): `v1` (text) or `v2` (binary). The header names a client from --proxy-src;
+    /// it is written once per connection (reconnects included), is not counted as sent,
+    /// and is never expected back.
+    #[arg(
+        help_heading = "Connections",
+        long,
+        value_enum,
+        value_name = "VERSION",
+        conflicts_with = "udp"
+    )]
+    pub proxy_protocol: Option<ProxyVersion>,
+
+    /// With --proxy-protocol: the clients the headers name, a network or one address
+    /// (198.51.100.0/24, 2001:db8::/64): the n-th connection opened names the n-th address,
+    /// wrapping round, and port 1024 + the number of wraps (so every client is new).
+    /// Default: 192.0.2.0/24.
+    #[arg(
+        help_heading = "Connections",
+        long,
+        value_name = "CIDR",
+        requires = "proxy_protocol"
+    )]
+    pub proxy_src: Option<String>,
+
     /// Message size in bytes, or MIN-MAX for sizes drawn uniformly per message
     /// (rust_echo_bench's `-l`).
     #[arg(help_heading = "Load", short = 's', long, visible_short_alias = 'l', alias = "length", value_name = "BYTES|MIN-MAX", default_value = "64", value_parser = parse_size)]
@@ -230,6 +256,15 @@ pub struct Opts {
     /// Tests only: write every measured latency (ns, one a line) here.
     #[arg(long, value_name = "FILE", hide = true)]
     pub raw_samples: Option<PathBuf>,
+}
+
+/// Which PROXY protocol header a connection begins with (see `--proxy-protocol`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyVersion {
+    /// The text header (`PROXY TCP4 ...\r\n`).
+    V1,
+    /// The binary header.
+    V2,
 }
 
 /// How the client closes a connection.

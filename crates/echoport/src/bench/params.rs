@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use super::args::{Args, CloseMode, DEFAULT_ADDR};
+use echoport_core::proxy::Cidr;
+
+use super::args::{Args, CloseMode, DEFAULT_ADDR, ProxyVersion};
 use super::parse::parse_sources;
 use crate::serve::BackendChoice;
 
@@ -106,6 +108,9 @@ pub struct Params {
     pub reconnect: bool,
     /// Load a UDP echo service.
     pub udp: bool,
+    /// Begin each connection with a PROXY header of this version, naming clients from this
+    /// network (None: no header).
+    pub proxy: Option<(ProxyVersion, Cidr)>,
 }
 
 impl Params {
@@ -180,6 +185,7 @@ impl Params {
             close: a.close,
             reconnect: a.reconnect,
             udp: udp(a)?,
+            proxy: proxy(a)?,
         })
     }
 
@@ -230,6 +236,21 @@ fn messages_per_conn(a: &Args) -> anyhow::Result<Option<u64>> {
         k => Ok(k),
     }
 }
+
+/// `--proxy-protocol` and `--proxy-src`, checked.
+fn proxy(a: &Args) -> anyhow::Result<Option<(ProxyVersion, Cidr)>> {
+    let Some(version) = a.proxy_protocol else {
+        return Ok(None);
+    };
+    let spec = a.proxy_src.as_deref().unwrap_or(DEFAULT_PROXY_SRC);
+    let cidr = spec
+        .parse::<Cidr>()
+        .map_err(|e| anyhow::anyhow!("--proxy-src {spec}: {e} (e.g. 198.51.100.0/24)"))?;
+    Ok(Some((version, cidr)))
+}
+
+/// The clients PROXY headers name when `--proxy-src` is not given (TEST-NET-1).
+pub const DEFAULT_PROXY_SRC: &str = "192.0.2.0/24";
 
 /// The server's address: ADDR, `-a`, or the default.
 fn server_addr(a: &Args) -> anyhow::Result<SocketAddr> {

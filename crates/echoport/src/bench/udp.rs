@@ -22,7 +22,7 @@ use rustix::event::{PollFd, PollFlags, Timespec, poll};
 
 use super::interval::{self, Recorder};
 use super::params::Load;
-use super::run::{Env, Running, count_share, end_ns, recorder, share, thread_load};
+use super::run::{Env, Running, recorder, share, thread_plan};
 use super::tally::Tally;
 use super::unix_now;
 use super::worker::{Live, Outcome, Plan, ThreadLoad};
@@ -138,18 +138,11 @@ impl UdpWorker {
         live: Arc<Live>,
     ) -> UdpWorker {
         let p = env.p;
+        // A datagram flow has no connection to end or reopen.
         let plan = Plan {
-            load: thread_load(p, load, t),
-            size: p.size,
-            warmup_ns: p.warmup.as_nanos() as u64,
-            end_ns: end_ns(p),
-            count: count_share(p, t),
-            timeout_ns: p.timeout.as_nanos() as u64,
-            tick_ns: p.tick.as_nanos() as u64,
-            spin_ns: p.spin.as_nanos() as u64,
-            keep_samples: p.keep_samples,
             messages_per_conn: None,
             reconnect: false,
+            ..thread_plan(p, load, t)
         };
         debug_assert_eq!(flows.len(), share(p.connections, p.threads, t));
         let mut tally = Tally::default();

@@ -8,6 +8,7 @@
 
 mod args;
 mod bind;
+mod capacity;
 mod settings;
 
 use std::net::{SocketAddr, TcpListener};
@@ -27,6 +28,7 @@ pub use args::{Args, BackendChoice, ListenerMode};
 // Used by the Linux-only parts: the io_uring options and the load generator.
 #[cfg(target_os = "linux")]
 pub use args::{TaskRunChoice, parse_cpu_list};
+use capacity::{Capacity, Plan};
 use settings::Settings;
 
 /// Runs the server until stopped; exit code 0 after a graceful stop.
@@ -49,14 +51,21 @@ pub fn run(mut args: Args) -> anyhow::Result<ExitCode> {
         .map(|_| LiveStats::new(settings.threads, udp.len()));
     let cfg = worker_config(&args, &settings);
     let admission = cfg.admission.clone();
-    let opts = crate::backends::Options::from_serve(&args);
+    let plan = Plan::new(&args, settings.threads, nofile);
+    #[cfg_attr(not(target_os = "linux"), allow(unused_mut))]
+    let mut opts = crate::backends::Options::from_serve(&args);
+    #[cfg(target_os = "linux")]
+    {
+        opts.direct_files = plan.table;
+        opts.max_rings = plan.rings;
+    }
     let chosen = crate::backends::choose(args.backend, &opts)?;
     let stop = Arc::new(AtomicBool::new(false));
     echoport_io::sys::block_stop_signals()?;
 
     let workers = spawn_workers(tcp, &cfg, live.as_ref(), &settings, &opts, &chosen, &stop)?;
     let started = wait_ready(&workers.ready, settings.threads);
-    let capacity = Capacity::derive(&args, started.tables, nofile);
+    let capacity = Capacity::derive(&args, started.tables, nofile, &plan, settings.threads);
     admission.set_max(capacity.max);
     let abort = |e: anyhow::Error| {
         stop.store(true, Ordering::Release);
@@ -166,31 +175,33 @@ fn finish(
     }
 }
 
+/// Writes the stopped line from the two counter lists (`stats_counters!`, then
+/// `udp_counters!`): one `tracing` field a counter, named by its key.
+macro_rules! stopped_line {
+    (
+        @udp $t:ident $udp:ident $per_thread:ident [$($field:ident)*]
+        $(#[$m:meta])* pub struct $n:ident: $f:ty;
+        $( $(#[$um:meta])* $ufield:ident as $ukey:ident: $uv:expr; )*
+    ) => {
+        tracing::info!(
+            $($field = $t.$field,)*
+            $($ukey = $udp.map(|u| u.$ufield),)*
+            accepted_per_thread = %$per_thread,
+            "stopped"
+        )
+    };
+    (
+        $t:ident $udp:ident $per_thread:ident
+        $(#[$m:meta])* pub struct $n:ident: $f:ty;
+        $( $(#[$fm:meta])* $field:ident: $v:expr; )*
+    ) => {
+        echoport_core::udp_counters!(stopped_line @udp $t $udp $per_thread [$($field)*])
+    };
+}
+
 /// The final counters, one field each (so JSON logs carry them as numbers).
 fn log_stopped(t: &Stats, udp: Option<&UdpStats>, per_thread: &str) {
-    tracing::info!(
-        accepted = t.accepted,
-        closed = t.closed,
-        errors = t.errors,
-        refused = t.refused,
-        bytes_echoed = t.bytes_echoed,
-        short_sends = t.short_sends,
-        gathered_sends = t.gathered_sends,
-        parked = t.parked,
-        paused = t.paused,
-        accept_backoffs = t.accept_backoffs,
-        cq_overflows = t.cq_overflows,
-        timeouts = t.timeouts,
-        compacted = t.compacted,
-        buffer_misuses = t.buffer_misuses,
-        udp_echoed = udp.map(|u| u.echoed),
-        udp_refused = udp.map(|u| u.refused),
-        udp_rate_limited = udp.map(|u| u.rate_limited),
-        udp_truncated = udp.map(|u| u.truncated),
-        udp_dropped = udp.map(|u| u.dropped),
-        accepted_per_thread = %per_thread,
-        "stopped"
-    );
+    echoport_core::stats_counters!(stopped_line t udp per_thread);
 }
 
 /// The descriptor limit the server runs with, after raising the soft limit to the hard one.
@@ -230,41 +241,7 @@ fn worker_config(args: &Args, s: &Settings) -> Config {
         idle_timeout: s.idle_timeout,
         write_timeout: s.write_timeout,
         live: None,
-    }
-}
-
-/// How many connections the server holds, and what that number came from.
-struct Capacity {
-    max: usize,
-    from: String,
-}
-
-impl Capacity {
-    fn derive(args: &Args, tables: Option<usize>, nofile: u64) -> Capacity {
-        // Listeners, rings, eventfds, logs and the UDP sockets need a few descriptors, and
-        // the metrics endpoint its connections.
-        let metrics = if args.metrics.is_some() {
-            crate::metrics::MAX_CONNS as u64
-        } else {
-            0
-        };
-        let reserve = 64 + metrics;
-        if let Some(n) = args.max_connections {
-            return Capacity {
-                max: n,
-                from: "--max-connections".into(),
-            };
-        }
-        match tables {
-            Some(t) => Capacity {
-                max: t.max(1),
-                from: "io_uring direct-descriptor tables".into(),
-            },
-            None => Capacity {
-                max: (nofile.saturating_sub(reserve) as usize).max(1),
-                from: format!("descriptor limit {nofile} less {reserve} in reserve"),
-            },
-        }
+        proxy: s.proxy.clone(),
     }
 }
 
@@ -465,6 +442,11 @@ fn log_start(
         .collect::<Vec<_>>()
         .join(",");
     let adjusted = (!s.adjusted.is_empty()).then(|| s.adjusted.join("; "));
+    // With --proxy-protocol: who may send headers, as in effect (the default included).
+    let proxy_from = s.proxy.as_ref().map(|p| {
+        let list: Vec<String> = p.from.iter().map(|c| c.to_string()).collect();
+        list.join(",")
+    });
     tracing::info!(
         backend = %started.describe,
         why_not_io_uring = chosen.fallback.as_ref().map(display),
@@ -472,6 +454,10 @@ fn log_start(
         listener = %mode.name(),
         max_connections = capacity.max,
         max_connections_from = %capacity.from,
+        rings_per_thread = started.tables.map(|_| capacity.plan.rings),
+        ring_table = started.tables.map(|_| capacity.plan.table),
+        machine_limit = capacity.plan.machine.max,
+        machine_limit_from = %capacity.plan.machine.from,
         nofile = echoport_io::sys::nofile_limit(),
         buf_size = args.buf_size,
         buffers = args.buffers,
@@ -480,6 +466,8 @@ fn log_start(
         shutdown_timeout = %settings::show(Some(s.shutdown_timeout)),
         idle_timeout = %settings::show(s.idle_timeout),
         write_timeout = %settings::show(s.write_timeout),
+        proxy_from = proxy_from.as_ref().map(display),
+        proxy_timeout = s.proxy.as_ref().map(|p| settings::show(Some(p.timeout))).map(display),
         adjusted = adjusted.as_ref().map(display),
         addrs = %addrs_list,
         "echoport serving"

@@ -1,0 +1,503 @@
+//! More rings than threads: the capacity of one worker beyond one direct-descriptor table.
+//!
+//! A ring's direct-descriptor table holds at most `RLIMIT_NOFILE` entries (the kernel refuses
+//! a bigger one), so a worker that holds more connections than that owns several rings. Ring
+//! 0 is the worker's own (the one it sleeps on, with the waker and the listeners); rings
+//! 1.. ("table rings", [`TableRing`]) are added as tables fill, up to [`Config::max_rings`].
+//! Each has its own table, its own provided-buffer ring and an eventfd registered with it;
+//! ring 0 keeps a read posted on every such eventfd, so a completion on any ring wakes the
+//! one wait. A connection's [`Socket`] names its ring and its slot in that ring's table, and
+//! every operation on it is posted there.
+//!
+//! The accept lives on one ring at a time: when that ring's table is nearly full (a margin of
+//! a listen queue's worth of slots is left, for what a multishot accept takes before the loop
+//! sees it), the accept is cancelled there and posted on the emptiest ring, or a new one.
+//!
+//! Buffers: all rings lend from the worker's one pool (`pool.rs`); only which buffer ring a
+//! buffer the kernel holds sits in differs. A buffer in a ring's buffer ring cannot be taken
+//! back (the kernel picks it when data comes), so each ring holds at most a cap
+//! ([`Tables::cap`]) and the rest of the pool stays free: a released buffer goes back to the
+//! ring it came from while that ring is below its cap, else to the pool, and every loop turn
+//! tops up the rings that run short, a new ring first of all. So an idle ring never holds
+//! the buffers a busy one needs.
+//!
+//! [`Config::max_rings`]: super::Config::max_rings
+//! [`Socket`]: echoport_core::Socket
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::AsRawFd;
+
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+
+use echoport_core::{Completion, ListenerId, OpKind, Token};
+
+use super::buf_ring::BufRing;
+use super::{Config, TaskRun, Uring, setup};
+use crate::sys::EventFd;
+
+/// Submission queue entries of a table ring (a backlog takes the rest of a burst).
+const TABLE_SQ: u32 = 1024;
+/// Completion queue entries of a table ring (the kernel keeps any overflow: `NODROP`).
+const TABLE_CQ: u32 = 8192;
+/// Slots left free when the accept moves on: about one listen queue's worth.
+const ACCEPT_MARGIN: u32 = 4608;
+/// Fewest buffers an extra ring's buffer ring is topped up to.
+const MIN_SHARE: u32 = 8;
+
+/// Slots a table keeps free before the accept moves on to another ring.
+fn margin_of(table: u32) -> u32 {
+    ACCEPT_MARGIN.min(table / 4)
+}
+
+/// Connections `rings` rings with tables of `table` slots hold for sure: every table up to
+/// its margin but the last, which fills (the accept has nowhere else to go).
+pub fn capacity(table: u32, rings: u32) -> usize {
+    let rings = rings.max(1) as usize;
+    (rings - 1) * (table - margin_of(table)) as usize + table as usize
+}
+
+/// Rings one worker needs to hold `conns` connections with tables of `table` slots.
+pub fn rings_for(conns: usize, table: u32) -> u32 {
+    let table = table.max(4);
+    if conns <= table as usize {
+        return 1;
+    }
+    let per = (table - margin_of(table)) as usize;
+    let extra = (conns - table as usize).div_ceil(per);
+    (1 + extra).min(u16::MAX as usize) as u32
+}
+
+/// One extra ring: its own table of direct descriptors and its own buffer ring.
+pub(super) struct TableRing {
+    pub(super) ring: IoUring,
+    pub(super) buf_ring: Option<BufRing>,
+    /// Registered with the ring: signalled when it has completion work.
+    evfd: EventFd,
+    /// Where ring 0's read of `evfd` lands; the kernel holds it while that read is posted.
+    pub(super) evfd_buf: Box<u64>,
+    /// Entries that did not fit in the submission queue, in order.
+    backlog: VecDeque<squeue::Entry>,
+    /// Operations posted on this ring and not yet finished.
+    pub(super) inflight: u64,
+    /// Its eventfd fired: enter it for completions this turn.
+    pub(super) flagged: bool,
+}
+
+impl TableRing {
+    fn new(cfg: &Config, table: u32, buffers: u32) -> io::Result<TableRing> {
+        let small = Config {
+            sq_entries: TABLE_SQ,
+            cq_entries: TABLE_CQ.min(cfg.cq_entries.max(TABLE_SQ)),
+            taskrun: if cfg.taskrun == TaskRun::Interrupt {
+                TaskRun::Interrupt
+            } else {
+                TaskRun::Defer
+            },
+            ..cfg.clone()
+        };
+        let (ring, _) = setup::build_ring(&small)?;
+        ring.submitter().register_files_sparse(table)?;
+        let evfd = EventFd::new()?;
+        ring.submitter().register_eventfd(evfd.as_raw_fd())?;
+        let buf_ring = BufRing::register(&ring, buffers)?;
+        Ok(TableRing {
+            ring,
+            buf_ring: Some(buf_ring),
+            evfd,
+            evfd_buf: Box::new(0),
+            backlog: VecDeque::new(),
+            inflight: 0,
+            flagged: false,
+        })
+    }
+
+    /// Cancels everything posted on this ring and waits until `deadline` for the kernel to
+    /// finish; true when nothing is left in flight.
+    pub(super) fn drain(&mut self, deadline: std::time::Instant) -> bool {
+        self.backlog.clear();
+        if self.inflight == 0 {
+            return true;
+        }
+        let e = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+            .build()
+            .user_data(0);
+        // SAFETY: a cancel entry references no memory.
+        if unsafe { self.ring.submission().push(&e) }.is_ok() {
+            self.inflight += 1;
+        }
+        while self.inflight > 0 && std::time::Instant::now() < deadline {
+            let ts = types::Timespec::new().nsec(10_000_000);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            let _ = self.ring.submitter().submit_with_args(1, &args);
+            let done = self
+                .ring
+                .completion()
+                .filter(|c| !cqueue::more(c.flags()))
+                .count() as u64;
+            self.inflight = self.inflight.saturating_sub(done);
+        }
+        self.inflight == 0
+    }
+
+    /// Frees the buffer ring (only when drained) or leaks it.
+    pub(super) fn release_buf_ring(&mut self, drained: bool) {
+        match self.buf_ring.take() {
+            Some(r) if drained => r.free(&self.ring),
+            _ => {}
+        }
+    }
+
+    /// The read ring 0 keeps posted on this ring's eventfd.
+    pub(super) fn wake_read(&mut self, user_data: u64) -> squeue::Entry {
+        let ptr = &mut *self.evfd_buf as *mut u64 as *mut u8;
+        opcode::Read::new(types::Fd(self.evfd.as_raw_fd()), ptr, 8)
+            .build()
+            .user_data(user_data)
+    }
+
+    /// Queues an entry on this ring (handed to the kernel at the next turn).
+    pub(super) fn push(&mut self, e: squeue::Entry) {
+        self.inflight += 1;
+        if self.backlog.is_empty() {
+            // SAFETY: as in `Uring::enqueue`: every entry points only at memory that outlives
+            // its completion (the pool's region, whose buffers the kernel or a send holds
+            // until then, a gathered send's boxed header, or nothing).
+            if unsafe { self.ring.submission().push(&e) }.is_ok() {
+                return;
+            }
+        }
+        self.backlog.push_back(e);
+    }
+
+    /// True when this ring has something to submit or completions to collect.
+    pub(super) fn busy(&mut self) -> bool {
+        self.flagged || !self.backlog.is_empty() || !self.ring.submission().is_empty()
+    }
+
+    /// Submits what is queued and runs the ring's completion work without sleeping, then
+    /// takes its completions as `(user_data, result, flags)`.
+    pub(super) fn turn(&mut self, cqes: &mut Vec<(u64, i32, u32)>) -> io::Result<()> {
+        self.flagged = false;
+        if let Some(r) = self.buf_ring.as_mut() {
+            r.publish();
+        }
+        // A backlog longer than the queue takes a few rounds; each round's submit makes room.
+        for _ in 0..8 {
+            while let Some(e) = self.backlog.front() {
+                // SAFETY: as in `push`.
+                if unsafe { self.ring.submission().push(e) }.is_err() {
+                    break;
+                }
+                self.backlog.pop_front();
+            }
+            let to_submit = self.ring.submission().len() as u32;
+            // SAFETY: no argument is passed; every queued entry is valid as `push` says.
+            let r = unsafe {
+                self.ring.submitter().enter::<libc::sigset_t>(
+                    to_submit,
+                    0,
+                    setup::ENTER_GETEVENTS,
+                    None,
+                )
+            };
+            match r {
+                Ok(_) => {}
+                Err(e) if super::wait::transient(&e) => {}
+                Err(e) => return Err(e),
+            }
+            for c in self.ring.completion() {
+                if !cqueue::more(c.flags()) {
+                    self.inflight = self.inflight.saturating_sub(1);
+                }
+                cqes.push((c.user_data(), c.result(), c.flags()));
+            }
+            if self.backlog.is_empty() {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every ring of a worker beyond ring 0, and what each holds.
+pub(super) struct Tables {
+    /// Ring `i + 1`.
+    pub(super) extra: Vec<TableRing>,
+    /// Direct descriptors in use, by ring (0: the worker's own).
+    pub(super) used: Vec<u32>,
+    /// Buffers in each ring's buffer ring.
+    pub(super) bufs: Vec<u32>,
+    /// A receive found the ring's buffer ring empty since it was last given one.
+    pub(super) starved: Vec<bool>,
+    /// The ring each receive buffer last came from (where it goes back).
+    home: Vec<u16>,
+    /// Slots per table.
+    pub(super) size: u32,
+    /// Most rings (ring 0 included).
+    pub(super) max_rings: u32,
+    /// The ring the accepts are posted on.
+    pub(super) accepting: u16,
+    /// Receive buffers in the pool.
+    buffers: u32,
+    /// The one "tables full" message was logged.
+    full_logged: bool,
+}
+
+impl Tables {
+    /// The bookkeeping for a worker whose ring 0 has a table of `size` and whose pool has
+    /// `buffers` receive buffers.
+    pub(super) fn new(size: u32, max_rings: u32, buffers: u32) -> Tables {
+        let max_rings = max_rings.clamp(1, u16::MAX as u32);
+        Tables {
+            extra: Vec::new(),
+            used: vec![0],
+            bufs: vec![0],
+            starved: vec![false],
+            home: vec![0; buffers as usize],
+            size,
+            max_rings,
+            accepting: 0,
+            buffers,
+            full_logged: false,
+        }
+    }
+
+    /// Buffers ring `r`'s buffer ring holds at most; the rest of the pool waits free, so
+    /// that every ring, a new one too, can be given buffers from it ([`Uring::top_up`]). Ring 0
+    /// alone holds them all; beside others it holds half, and the others share a quarter.
+    pub(super) fn cap(&self, r: usize) -> u32 {
+        match (r, self.max_rings) {
+            (0, 1) => self.buffers,
+            (0, _) => self.buffers / 2,
+            _ => (self.buffers / 4 / (self.max_rings - 1)).max(MIN_SHARE),
+        }
+    }
+
+    /// The ring receive buffer `buf` last came from.
+    pub(super) fn home(&self, buf: u32) -> usize {
+        self.home.get(buf as usize).copied().unwrap_or(0) as usize
+    }
+
+    /// Slots a ring keeps free before the accept moves on.
+    pub(super) fn margin(&self) -> u32 {
+        margin_of(self.size)
+    }
+
+    /// Connections the rings hold for sure ([`capacity`]).
+    pub(super) fn capacity(&self) -> usize {
+        capacity(self.size, self.max_rings)
+    }
+
+    /// Rings in use, ring 0 included.
+    pub(super) fn rings(&self) -> usize {
+        self.extra.len() + 1
+    }
+
+    /// Records that `buf` now sits in ring `r`'s buffer ring.
+    pub(super) fn placed(&mut self, r: usize, buf: u32) {
+        self.bufs[r] += 1;
+        self.starved[r] = false;
+        if let Some(h) = self.home.get_mut(buf as usize) {
+            *h = r as u16;
+        }
+    }
+
+    /// Records that ring `r`'s kernel took a buffer out of its buffer ring.
+    pub(super) fn taken(&mut self, r: usize) {
+        self.bufs[r] = self.bufs[r].saturating_sub(1);
+    }
+
+    /// True when some ring's receives are waiting for a buffer it does not have.
+    pub(super) fn any_starved(&self) -> bool {
+        !self.extra.is_empty() && self.starved.iter().any(|&s| s)
+    }
+
+    /// True when the ring taking accepts has reached its margin.
+    pub(super) fn accept_ring_full(&self) -> bool {
+        self.used[self.accepting as usize] + self.margin() >= self.size
+    }
+
+    /// The ring with the most free slots above the margin, if any.
+    pub(super) fn roomiest(&self) -> Option<usize> {
+        (0..self.rings())
+            .filter(|&r| self.used[r] + self.margin() < self.size)
+            .min_by_key(|&r| self.used[r])
+    }
+
+    /// Adds a ring with `share` buffers' room taken from the pool's reserve by the caller;
+    /// `None` when the limit is reached or the kernel refuses (said once in the log).
+    pub(super) fn add_ring(&mut self, cfg: &Config, buffers: u32) -> Option<usize> {
+        if self.rings() >= self.max_rings as usize {
+            self.log_full(None);
+            return None;
+        }
+        match TableRing::new(cfg, self.size, buffers) {
+            Ok(t) => {
+                self.extra.push(t);
+                self.used.push(0);
+                self.bufs.push(0);
+                self.starved.push(false);
+                tracing::debug!(rings = self.rings(), "added an io_uring ring");
+                Some(self.rings() - 1)
+            }
+            Err(e) => {
+                self.log_full(Some(e));
+                None
+            }
+        }
+    }
+
+    /// The once-only message that this worker's rings cannot take more connections.
+    fn log_full(&mut self, why: Option<io::Error>) {
+        if std::mem::replace(&mut self.full_logged, true) {
+            return;
+        }
+        let held = self.used.iter().map(|&u| u as u64).sum::<u64>();
+        match why {
+            None => tracing::warn!(
+                rings = self.rings(),
+                table = self.size,
+                held,
+                "connection limit reached: every io_uring direct-descriptor table of this \
+                 worker is full; new connections wait in the listen queue or are refused \
+                 (raise --max-connections, --threads, or fs.file-max, which size the rings)"
+            ),
+            Some(e) => tracing::warn!(
+                rings = self.rings(),
+                table = self.size,
+                held,
+                error = %e,
+                "connection limit reached: the kernel refused another io_uring ring; new \
+                 connections wait in the listen queue or are refused (check memory and \
+                 RLIMIT_NOFILE)"
+            ),
+        }
+    }
+}
+
+impl Uring {
+    /// Puts a receive buffer the pool has just made the kernel's in ring `r`'s buffer ring.
+    pub(super) fn publish_to(&mut self, r: usize, buf: u32) {
+        let (addr, size) = (self.pool.addr(buf, 0), self.pool.buf_size());
+        let ring = match r {
+            0 => self.buf_ring.as_mut(),
+            _ => self
+                .tables
+                .extra
+                .get_mut(r - 1)
+                .and_then(|t| t.buf_ring.as_mut()),
+        };
+        if let Some(ring) = ring {
+            ring.add(buf as u16, addr, size);
+            self.tables.placed(r, buf);
+        }
+    }
+
+    /// The ring a new accept goes on: the one taking accepts while it has room, else the
+    /// emptiest, else a new ring; the current one when none can be had.
+    pub(super) fn accept_ring(&mut self) -> usize {
+        let t = &self.tables;
+        if !self.direct_accept || t.max_rings <= 1 || !t.accept_ring_full() {
+            return t.accepting as usize;
+        }
+        let r = match self.tables.roomiest() {
+            Some(r) => r,
+            None => self.new_ring().unwrap_or(self.tables.accepting as usize),
+        };
+        self.tables.accepting = r as u16;
+        r
+    }
+
+    /// Adds a ring, gives it its share of the reserve, and posts the read of its eventfd.
+    fn new_ring(&mut self) -> Option<usize> {
+        let r = self.tables.add_ring(&self.cfg, self.pool.recv_count())?;
+        self.top_up_ring(r);
+        self.arm_table_wake(r);
+        Some(r)
+    }
+
+    /// Gives every ring that is short of buffers (below half its cap, or starved) free ones
+    /// up to its cap; once per loop turn, only when there are rings beside ring 0.
+    pub(super) fn top_up(&mut self) {
+        for r in 0..self.tables.rings() {
+            if self.tables.starved[r] || self.tables.bufs[r] < self.tables.cap(r) / 2 {
+                self.top_up_ring(r);
+            }
+        }
+    }
+
+    fn top_up_ring(&mut self, r: usize) {
+        while self.tables.bufs[r] < self.tables.cap(r) {
+            let Some(b) = self.pool.take_recv() else {
+                return;
+            };
+            self.publish_to(r, b);
+        }
+    }
+
+    /// Posts ring 0's read of ring `r`'s eventfd (its id in the token, kind `Wake`).
+    pub(super) fn arm_table_wake(&mut self, r: usize) {
+        let ud = Token::new(r as u32, 0).pack(OpKind::Wake);
+        if let Some(t) = self.tables.extra.get_mut(r - 1) {
+            let e = t.wake_read(ud);
+            self.enqueue(e);
+        }
+    }
+
+    /// A listener's accept ended on a full table: post it on another ring if one can be
+    /// had (true), else leave the error to the caller (false).
+    pub(super) fn accept_elsewhere(&mut self, i: usize) -> bool {
+        let from = self.listeners[i].ring as usize;
+        if self.accept_ring() == from {
+            return false;
+        }
+        self.post_accept(ListenerId(i as u32));
+        true
+    }
+
+    /// Moves every accept off a ring that has reached its margin (cancelled there, posted on
+    /// the ring [`Uring::accept_ring`] picks); its connections stay where they are.
+    pub(super) fn move_accepts(&mut self) {
+        let from = self.tables.accepting as usize;
+        let to = self.accept_ring();
+        if to == from {
+            return;
+        }
+        for i in 0..self.listeners.len() {
+            let l = &self.listeners[i];
+            if l.armed && !l.closing && l.ring as usize == from {
+                let ud = Token::new(i as u32, 0).pack(OpKind::Accept);
+                let e = opcode::AsyncCancel::new(ud).build();
+                self.enqueue_on(from, e.user_data(Token::NONE.pack(OpKind::Cancel)));
+                self.post_accept(ListenerId(i as u32));
+            }
+        }
+    }
+
+    /// Submits what every extra ring has queued and collects the completions of those that
+    /// have any (`only_flagged`: only those whose eventfd fired).
+    pub(super) fn service_tables(
+        &mut self,
+        out: &mut Vec<Completion>,
+        only_flagged: bool,
+    ) -> io::Result<()> {
+        let mut cqes = std::mem::take(&mut self.table_cqes);
+        for i in 0..self.tables.extra.len() {
+            let t = &mut self.tables.extra[i];
+            if !only_flagged && let Some(r) = t.buf_ring.as_mut() {
+                r.publish();
+            }
+            if !(t.flagged || (!only_flagged && t.busy())) {
+                continue;
+            }
+            t.turn(&mut cqes)?;
+            for &(ud, res, flags) in &cqes {
+                self.complete(i + 1, ud, res, flags, out);
+            }
+            cqes.clear();
+        }
+        self.table_cqes = cqes;
+        Ok(())
+    }
+}
