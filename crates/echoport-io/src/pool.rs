@@ -118,11 +118,17 @@ pub enum Returned {
 
 /// The buffers of one backend and who holds each.
 pub(crate) struct Pool {
+    /// The memory of every buffer, one `size`-byte slot each (`None` once leaked).
     region: Option<Region>,
+    /// Bytes per buffer.
     size: u32,
+    /// Buffers `0..recv` are the receive partition; `recv..` the send partition.
     recv: u32,
+    /// Who holds each buffer, by id: checked on every hand-over.
     owner: Vec<Owner>,
+    /// Receive buffers free in user space (not in the kernel, not lent).
     recv_free: Vec<u32>,
+    /// Send buffers free for `alloc`.
     send_free: Vec<u32>,
     /// Receive buffers the kernel holds (ring or posted receive).
     in_kernel: u32,
