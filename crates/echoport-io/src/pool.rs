@@ -388,6 +388,57 @@ impl Pool {
     }
 }
 
+/// The `Submit` methods a backend answers from its `pool` field alone, written once: the
+/// buffer size, the checked copy, and the free and total receive buffers for a backend that
+/// takes a receive buffer when it reads (epoll, IOCP; io_uring counts its ring instead).
+/// Used inside `impl Submit`: `crate::pool::pool_submit_methods!();`.
+macro_rules! pool_submit_methods {
+    () => {
+        fn buf_size(&self) -> u32 {
+            self.pool.buf_size()
+        }
+
+        fn copy(
+            &mut self,
+            dst: echoport_core::BufId,
+            at: u32,
+            src: echoport_core::BufId,
+            len: u32,
+        ) {
+            self.pool.copy_reported(dst.0, at, src.0, len);
+        }
+
+        fn free_buffers(&self) -> usize {
+            self.pool.free_recv()
+        }
+
+        fn total_buffers(&self) -> usize {
+            self.pool.recv_count() as usize
+        }
+    };
+}
+
+/// The `Backend` methods that lend buffers, answered from the `pool` field (its ownership
+/// checks included), written once. Used inside `impl Backend`:
+/// `crate::pool::pool_backend_methods!();`.
+macro_rules! pool_backend_methods {
+    () => {
+        fn buf(&self, buf: echoport_core::BufId) -> &[u8] {
+            self.pool.bytes(buf.0)
+        }
+
+        fn alloc_buf(&mut self) -> Option<echoport_core::BufId> {
+            self.pool.alloc().map(echoport_core::BufId)
+        }
+
+        fn buf_mut(&mut self, buf: echoport_core::BufId) -> &mut [u8] {
+            self.pool.bytes_mut(buf.0)
+        }
+    };
+}
+
+pub(crate) use {pool_backend_methods, pool_submit_methods};
+
 /// Reports a refused hand-over (`count` refused so far): a bug in the caller, so a debug
 /// build stops on it; a release build logs the first few and goes on (the hand-over changed
 /// nothing, and the counter shows in the stopped line).
