@@ -95,7 +95,7 @@ def perf_argv(out, target):
 
 
 def client_argv(ep, client, addr, rate, conns, size, duration, server_pid):
-    """`bench[+flag=value...]` (echoport bench) or `loadgen` (bench/epoll-cpu's C client)."""
+    """`bench[+flag=value...]` (echoport bench) or `loadgen` (bench/peers/c/loadgen.c)."""
     base, _, extra = client.partition("+")
     port = addr.rsplit(":", 1)[1]
     if base == "loadgen":
@@ -110,7 +110,7 @@ def client_argv(ep, client, addr, rate, conns, size, duration, server_pid):
 
 
 def loadgen_bin(ep):
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "epoll-cpu", "loadgen.c")
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers", "c", "loadgen.c")
     out = os.path.join(os.path.dirname(ep), "bench-loadgen")
     if not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(here):
         subprocess.run(["gcc", "-O2", "-Wall", "-o", out, here], check=True)

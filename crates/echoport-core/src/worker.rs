@@ -266,7 +266,7 @@ impl<B: Backend> Worker<B> {
     /// timeouts, the shutdown deadline) without sleeping.
     pub fn turn_at(&mut self, now: Instant, timeout: Option<Duration>) -> io::Result<()> {
         self.clock = now;
-        self.now = (now.saturating_duration_since(self.epoch).as_nanos() / TICK.as_nanos()) as u32;
+        self.now = self.tick_at(now);
         self.on_timers(now);
         self.expire_connections();
         self.arm_listeners();
@@ -280,6 +280,11 @@ impl<B: Backend> Worker<B> {
         self.events = events;
         self.unpark();
         Ok(())
+    }
+
+    /// The tick (of [`TICK`] since `epoch`) that `t` falls in.
+    fn tick_at(&self, t: Instant) -> u32 {
+        (t.saturating_duration_since(self.epoch).as_nanos() / TICK.as_nanos()) as u32
     }
 
     /// The backend failed for good (the transient errors of normal operation never get
@@ -379,6 +384,9 @@ impl<B: Backend> Worker<B> {
         for token in self.conns.tokens() {
             if self.gated(token) {
                 // No echo is owed before the header: just close.
+                if let Some(g) = &mut self.gate {
+                    g.forget(token);
+                }
                 self.with_conn(token, |c, cx| c.abort(cx));
             } else {
                 self.with_conn(token, |c, cx| c.shutdown(cx));

@@ -107,7 +107,9 @@ impl<B: Backend> Worker<B> {
         if self.stopping.is_some() || !self.cfg.admission.try_acquire() {
             return self.refuse(sock);
         }
-        let deadline = self.now.saturating_add(gate.ticks);
+        // From the clock now, not the turn's: the wait that delivered this accept may have
+        // slept for seconds since the turn read it.
+        let deadline = self.tick_at(Instant::now()).saturating_add(gate.ticks);
         let token = self.insert_conn(sock);
         if self.conns.get_mut(token).is_some() {
             let pending = Pending {
@@ -128,9 +130,9 @@ impl<B: Backend> Worker<B> {
         if self.stopping.is_none() && adm.live() >= adm.max() && adm.first_refusal() {
             tracing::warn!(
                 max_connections = adm.max(),
+                bound = adm.bound(),
                 "connection limit reached: new connections are closed at once until some \
-                 close (said once; the start-up line's max_connections_from names the \
-                 bound: raise --max-connections, or fs.file-max or memory)"
+                 close (said once until a tenth of the places are free again)"
             );
         }
         self.backend.push(Op::Close {

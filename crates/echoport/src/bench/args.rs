@@ -158,7 +158,7 @@ pub struct Opts {
     /// message. Echoes are timed by the kernel's arrival stamp, so the tick does not show
     /// in their latency. Default 100us; 0 = wake for each message on time. (UDP: the
     /// shortest sleep on the timer; default 0.)
-    #[arg(help_heading = "Load", long, value_name = "TIME", value_parser = parse_duration)]
+    #[arg(help_heading = "Tuning and measurement", long, value_name = "TIME", value_parser = parse_duration)]
     pub tick: Option<Duration>,
 
     /// Open loop: when the next message is due within this long, poll for it instead of
@@ -166,7 +166,7 @@ pub struct Opts {
     /// microseconds of exits), so at high rates polling is both cheaper and on time; the
     /// client then uses its whole core. 0 = always sleep on the timer. Applies to the
     /// per-message loop (`--tick 0`, the default when --spin is given).
-    #[arg(help_heading = "Load", long, value_name = "TIME", default_value = "0", value_parser = parse_duration)]
+    #[arg(help_heading = "Tuning and measurement", long, value_name = "TIME", default_value = "0", value_parser = parse_duration)]
     pub spin: Duration,
 
     /// A connection with echoes owed and no byte back for this long counts as timed out;
@@ -249,7 +249,7 @@ pub struct Opts {
 
     /// Also measure this process's CPU time (the server's) over the measured window and
     /// report its CPU per echo next to the client's.
-    #[arg(help_heading = "Output", long, value_name = "PID")]
+    #[arg(help_heading = "Tuning and measurement", long, value_name = "PID")]
     pub server_pid: Option<u32>,
 
     /// No live progress line, even on a terminal.

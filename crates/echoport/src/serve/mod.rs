@@ -3,8 +3,10 @@
 //!
 //! Each worker thread owns one backend instance (one io_uring ring, one epoll set, ...) and
 //! its own listening socket per address (`SO_REUSEPORT`, so the kernel spreads connections
-//! over the threads) or a duplicate of one shared socket; nothing is shared between threads
-//! but the stop flag and the connection budget.
+//! over the threads) or a duplicate of one shared socket. What the threads share: the stop
+//! flag, the connection budget ([`echoport_core::admission::Admission`]), the published
+//! counters when `--metrics` is on ([`LiveStats`], one padded block per thread), the UDP
+//! rate budget when `--udp` is on, and on Windows the listening socket itself.
 
 mod args;
 mod bind;
@@ -67,6 +69,7 @@ pub fn run(mut args: Args) -> anyhow::Result<ExitCode> {
     let started = wait_ready(&workers.ready, settings.threads);
     let capacity = Capacity::derive(&args, started.tables, nofile, &plan, settings.threads);
     admission.set_max(capacity.max);
+    admission.set_bound(capacity.from.clone());
     let abort = |e: anyhow::Error| {
         stop.store(true, Ordering::Release);
         for w in &started.wakers {

@@ -26,6 +26,8 @@ mod churn;
 mod close;
 mod conn;
 mod stamped;
+#[cfg(test)]
+mod tests;
 
 use std::collections::VecDeque;
 use std::io;
