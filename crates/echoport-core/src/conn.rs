@@ -21,7 +21,10 @@ use crate::op::{BufId, MAX_SEND_PARTS, Op, OpError, Received, SendPart, Socket};
 use crate::stats::Stats;
 use crate::token::Token;
 
-const NIL: u32 = u32::MAX;
+mod segments;
+
+pub use segments::Segments;
+use segments::{NIL, Queue};
 
 /// Limits that shape every connection of a worker.
 #[derive(Copy, Clone, Debug)]
@@ -74,100 +77,6 @@ impl Default for Limits {
         Limits {
             max_pending: 64 * 1024,
         }
-    }
-}
-
-#[derive(Copy, Clone, Debug)]
-struct Seg {
-    buf: BufId,
-    off: u32,
-    len: u32,
-    next: u32,
-}
-
-/// Shared storage for the queued echo segments of all connections of one worker.
-///
-/// A connection keeps only the head and tail index of its queue, so an idle connection costs
-/// no heap memory of its own.
-#[derive(Default)]
-pub struct Segments {
-    slots: Vec<Seg>,
-    free: Vec<u32>,
-}
-
-impl Segments {
-    /// Empty storage.
-    pub fn new() -> Segments {
-        Segments::default()
-    }
-
-    /// Segments currently queued across all connections.
-    pub fn in_use(&self) -> usize {
-        self.slots.len() - self.free.len()
-    }
-
-    fn alloc(&mut self, seg: Seg) -> u32 {
-        if let Some(i) = self.free.pop() {
-            self.slots[i as usize] = seg;
-            i
-        } else {
-            self.slots.push(seg);
-            (self.slots.len() - 1) as u32
-        }
-    }
-}
-
-#[derive(Copy, Clone, Debug, Default)]
-struct Queue {
-    head: u32,
-    tail: u32,
-}
-
-impl Queue {
-    const EMPTY: Queue = Queue {
-        head: NIL,
-        tail: NIL,
-    };
-
-    fn is_empty(&self) -> bool {
-        self.head == NIL
-    }
-
-    fn push(&mut self, segs: &mut Segments, buf: BufId, len: u32) {
-        let i = segs.alloc(Seg {
-            buf,
-            off: 0,
-            len,
-            next: NIL,
-        });
-        if self.tail == NIL {
-            self.head = i;
-        } else {
-            segs.slots[self.tail as usize].next = i;
-        }
-        self.tail = i;
-    }
-
-    fn front<'a>(&self, segs: &'a mut Segments) -> Option<&'a mut Seg> {
-        (self.head != NIL).then(|| &mut segs.slots[self.head as usize])
-    }
-
-    fn back<'a>(&self, segs: &'a mut Segments) -> Option<&'a mut Seg> {
-        (self.tail != NIL).then(|| &mut segs.slots[self.tail as usize])
-    }
-
-    fn pop(&mut self, segs: &mut Segments) -> Option<BufId> {
-        if self.head == NIL {
-            return None;
-        }
-        let i = self.head;
-        let seg = segs.slots[i as usize];
-        self.head = seg.next;
-        if self.head == NIL {
-            self.tail = NIL;
-        }
-        segs.free.push(i);
-        Some(seg.buf)
     }
 }
 
@@ -339,7 +248,7 @@ impl Conn {
             self.recv = RecvState::Idle;
         }
         match result {
-            Ok(Received::Data { buf, len }) => self.received(cx, buf, len),
+            Ok(Received::Data { buf, len }) => self.received(cx, buf, 0, len),
             Ok(Received::Eof) => self.eof = true,
             Err(OpError::NoBuffers) if !more => {
                 self.recv = RecvState::Parked;
@@ -390,7 +299,44 @@ impl Conn {
         self.advance(cx)
     }
 
-    fn received<S: Submit>(&mut self, cx: &mut Cx<'_, S>, buf: BufId, len: u32) {
+    /// A receive completed whose first `off` bytes the worker's PROXY header gate took: the
+    /// `len` bytes after them are queued for echo from that offset of the same buffer (not
+    /// copied). `len` is at least 1.
+    pub fn on_recv_from<S: Submit>(
+        &mut self,
+        cx: &mut Cx<'_, S>,
+        buf: BufId,
+        off: u32,
+        len: u32,
+        more: bool,
+    ) -> Status {
+        if !more {
+            self.recv = RecvState::Idle;
+        }
+        self.received(cx, buf, off, len);
+        self.advance(cx)
+    }
+
+    /// A receive completed and the worker's PROXY header gate took all of its bytes (and gave
+    /// the buffer back): nothing to queue; receive on.
+    pub fn on_recv_consumed<S: Submit>(&mut self, cx: &mut Cx<'_, S>, more: bool) -> Status {
+        if !more {
+            self.recv = RecvState::Idle;
+        }
+        self.last_rx = cx.now;
+        self.advance(cx)
+    }
+
+    /// A receive completed and the worker's PROXY header gate refused what it carried (and
+    /// gave the buffer back): close without echoing anything.
+    pub fn on_recv_refused<S: Submit>(&mut self, cx: &mut Cx<'_, S>, more: bool) -> Status {
+        if !more {
+            self.recv = RecvState::Idle;
+        }
+        self.abort(cx)
+    }
+
+    fn received<S: Submit>(&mut self, cx: &mut Cx<'_, S>, buf: BufId, off: u32, len: u32) {
         self.last_rx = cx.now;
         match self.phase {
             Phase::Open | Phase::Flushing { .. } => {
@@ -398,8 +344,8 @@ impl Conn {
                     self.last_tx = cx.now;
                 }
                 self.pending += len;
-                if !self.append_to_tail(cx, buf, len) {
-                    self.queue.push(cx.segs, buf, len);
+                if off > 0 || !self.append_to_tail(cx, buf, len) {
+                    self.queue.push(cx.segs, buf, off, len);
                     self.held += 1;
                 }
             }

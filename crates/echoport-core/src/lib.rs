@@ -10,13 +10,18 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+#[macro_use]
+mod counters;
+
 pub mod admission;
 pub mod backend;
 pub mod conn;
 pub mod live;
+pub mod moderation;
 pub mod op;
 pub mod proxy;
 pub mod slab;
+pub mod sources;
 pub mod stats;
 pub mod testing;
 pub mod token;

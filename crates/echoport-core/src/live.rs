@@ -9,11 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use crate::stats::Stats;
 use crate::udp::UdpStats;
 
-/// Counters in a [`Stats`].
-const STATS_LEN: usize = 14;
-/// Counters in a [`UdpStats`].
-const UDP_LEN: usize = 5;
-
 /// One writer's block, padded to two cache lines (the adjacent-line prefetcher pairs them)
 /// so that two workers' stores never share a line.
 #[repr(align(128))]
@@ -50,8 +45,8 @@ impl<const N: usize> Block<N> {
 
 /// The published counters of every worker and every UDP socket of one server.
 pub struct LiveStats {
-    workers: Box<[Block<STATS_LEN>]>,
-    udp: Box<[Block<UDP_LEN>]>,
+    workers: Box<[Block<{ Stats::LEN }>]>,
+    udp: Box<[Block<{ UdpStats::LEN }>]>,
 }
 
 impl std::fmt::Debug for LiveStats {
@@ -103,20 +98,12 @@ impl LiveStats {
     /// What worker `i` last published: its counters and its live connections.
     pub fn worker(&self, i: usize) -> (Stats, u64) {
         let (c, gauge) = self.workers[i].load();
-        (stats_from(c), gauge)
+        (Stats::from_array(c), gauge)
     }
 
     /// What UDP socket `i` last published.
     pub fn udp(&self, i: usize) -> UdpStats {
-        let (c, _) = self.udp[i].load();
-        let [echoed, refused, rate_limited, truncated, dropped] = c;
-        UdpStats {
-            echoed,
-            refused,
-            rate_limited,
-            truncated,
-            dropped,
-        }
+        UdpStats::from_array(self.udp[i].load().0)
     }
 }
 
@@ -130,7 +117,7 @@ pub struct LiveSlot {
 impl LiveSlot {
     /// Publishes the worker's counters and live connections (relaxed stores).
     pub fn publish(&self, s: &Stats, connections: usize) {
-        self.live.workers[self.index].store(stats_to(s), connections as u64);
+        self.live.workers[self.index].store(s.to_array(), connections as u64);
     }
 }
 
@@ -144,86 +131,7 @@ pub struct LiveUdpSlot {
 impl LiveUdpSlot {
     /// Publishes the socket's counters (relaxed stores).
     pub fn publish(&self, s: &UdpStats) {
-        // Exhaustive, so a new counter cannot be forgotten here.
-        let UdpStats {
-            echoed,
-            refused,
-            rate_limited,
-            truncated,
-            dropped,
-        } = *s;
-        self.live.udp[self.index].store([echoed, refused, rate_limited, truncated, dropped], 0);
-    }
-}
-
-fn stats_to(s: &Stats) -> [u64; STATS_LEN] {
-    // Exhaustive, so a new counter cannot be forgotten here.
-    let Stats {
-        accepted,
-        closed,
-        errors,
-        refused,
-        bytes_echoed,
-        short_sends,
-        gathered_sends,
-        parked,
-        paused,
-        accept_backoffs,
-        cq_overflows,
-        timeouts,
-        compacted,
-        buffer_misuses,
-    } = *s;
-    [
-        accepted,
-        closed,
-        errors,
-        refused,
-        bytes_echoed,
-        short_sends,
-        gathered_sends,
-        parked,
-        paused,
-        accept_backoffs,
-        cq_overflows,
-        timeouts,
-        compacted,
-        buffer_misuses,
-    ]
-}
-
-fn stats_from(c: [u64; STATS_LEN]) -> Stats {
-    let [
-        accepted,
-        closed,
-        errors,
-        refused,
-        bytes_echoed,
-        short_sends,
-        gathered_sends,
-        parked,
-        paused,
-        accept_backoffs,
-        cq_overflows,
-        timeouts,
-        compacted,
-        buffer_misuses,
-    ] = c;
-    Stats {
-        accepted,
-        closed,
-        errors,
-        refused,
-        bytes_echoed,
-        short_sends,
-        gathered_sends,
-        parked,
-        paused,
-        accept_backoffs,
-        cq_overflows,
-        timeouts,
-        compacted,
-        buffer_misuses,
+        self.live.udp[self.index].store(s.to_array(), 0);
     }
 }
 
@@ -234,39 +142,18 @@ mod tests {
     #[test]
     fn what_is_published_is_what_is_read() {
         let live = LiveStats::new(2, 1);
-        let s = Stats {
-            accepted: 1,
-            closed: 2,
-            errors: 3,
-            refused: 4,
-            bytes_echoed: 5,
-            short_sends: 6,
-            gathered_sends: 7,
-            parked: 8,
-            paused: 9,
-            accept_backoffs: 10,
-            cq_overflows: 11,
-            timeouts: 12,
-            compacted: 13,
-            buffer_misuses: 14,
-        };
+        let s = Stats::from_array(std::array::from_fn(|i| i as u64 + 1));
         live.worker_slot(1).publish(&s, 42);
         assert_eq!(live.worker(1), (s, 42));
         assert_eq!(live.worker(0), (Stats::default(), 0));
-        let u = UdpStats {
-            echoed: 1,
-            refused: 2,
-            rate_limited: 3,
-            truncated: 4,
-            dropped: 5,
-        };
+        let u = UdpStats::from_array(std::array::from_fn(|i| i as u64 + 1));
         live.udp_slot(0).publish(&u);
         assert_eq!(live.udp(0), u);
     }
 
     #[test]
     fn blocks_do_not_share_cache_lines() {
-        assert!(std::mem::align_of::<Block<STATS_LEN>>() >= 128);
+        assert!(std::mem::align_of::<Block<{ Stats::LEN }>>() >= 128);
         let live = LiveStats::new(2, 0);
         let a = &live.workers[0] as *const _ as usize;
         let b = &live.workers[1] as *const _ as usize;

@@ -44,6 +44,8 @@ pub struct FakeIo {
     pub copies: Vec<(BufId, u32, BufId, u32)>,
     /// When set, the next [`Backend::wait`] fails with this OS error code.
     pub wait_error: Option<i32>,
+    /// What [`Backend::peer_ip`] answers, by socket (unknown: `None`).
+    pub peers: HashMap<Socket, std::net::IpAddr>,
     next_buf: u32,
     listeners: u32,
 }
@@ -65,6 +67,7 @@ impl Default for FakeIo {
             total: 1024,
             copies: Vec::new(),
             wait_error: None,
+            peers: HashMap::new(),
             next_buf: 0,
             listeners: 0,
         }
@@ -230,5 +233,9 @@ impl Backend for FakeIo {
 
     fn buffer_misuses(&self) -> u64 {
         0
+    }
+
+    fn peer_ip(&self, sock: Socket) -> Option<std::net::IpAddr> {
+        self.peers.get(&sock).copied()
     }
 }

@@ -97,41 +97,32 @@ impl Default for UdpLimits {
     }
 }
 
-/// Counters of a UDP echo service.
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
-pub struct UdpStats {
-    /// Datagrams echoed.
-    pub echoed: u64,
-    /// Datagrams refused for their source.
-    pub refused: u64,
-    /// Datagrams dropped by a rate limit.
-    pub rate_limited: u64,
-    /// Datagrams dropped because they were truncated.
-    pub truncated: u64,
-    /// Replies dropped because the socket would have blocked.
-    pub dropped: u64,
+/// The list of a UDP echo service's counters (see [`crate::counters`]): calls `$m!` with
+/// the tokens after `$m`, then the struct header and one entry a counter
+/// (`/// doc` `field as key: drop reason;`). The key is the stopped line's; the reason is
+/// the `reason` label of `echoport_udp_datagrams_dropped_total` (`None`: not a drop).
+#[macro_export]
+macro_rules! udp_counters {
+    ($m:ident $($pre:tt)*) => {
+        $m! {
+            $($pre)*
+            /// Counters of a UDP echo service.
+            pub struct UdpStats: Option<&'static str>;
+            /// Datagrams echoed.
+            echoed as udp_echoed: None;
+            /// Datagrams refused for their source.
+            refused as udp_refused: Some("refused_source");
+            /// Datagrams dropped by a rate limit.
+            rate_limited as udp_rate_limited: Some("rate_limited");
+            /// Datagrams dropped because they were truncated.
+            truncated as udp_truncated: Some("truncated");
+            /// Replies dropped because the socket would have blocked.
+            dropped as udp_dropped: Some("would_block");
+        }
+    };
 }
 
-impl UdpStats {
-    /// Adds another service's counters to these.
-    pub fn merge(&mut self, o: &UdpStats) {
-        self.echoed += o.echoed;
-        self.refused += o.refused;
-        self.rate_limited += o.rate_limited;
-        self.truncated += o.truncated;
-        self.dropped += o.dropped;
-    }
-}
-
-impl fmt::Display for UdpStats {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "udp_echoed={} udp_refused={} udp_rate_limited={} udp_truncated={} udp_dropped={}",
-            self.echoed, self.refused, self.rate_limited, self.truncated, self.dropped
-        )
-    }
-}
+udp_counters!(counter_struct);
 
 /// The rates of one process: the global bucket and the per-source table, shared by every
 /// UDP socket behind one lock (UDP is not the hot path; the lock is held for a lookup).

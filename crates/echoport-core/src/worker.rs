@@ -19,11 +19,16 @@ pub use crate::admission::Admission;
 use crate::backend::Backend;
 use crate::conn::{Budget, Conn, Cx, Limits, RecvState, Segments, Status};
 use crate::live::LiveSlot;
-use crate::op::{Completion, ListenerId, Op, OpError, Received, Socket};
+use crate::op::{Completion, ListenerId, Op, Received, Socket};
 use crate::slab::Slab;
 use crate::stats::Stats;
 use crate::token::Token;
 use crate::wheel::Wheel;
+
+mod accept;
+mod gate;
+
+pub use gate::ProxyConfig;
 
 /// First pause after an accept fails for lack of descriptors; doubles up to [`BACKOFF_MAX`].
 pub const BACKOFF_MIN: Duration = Duration::from_millis(5);
@@ -56,6 +61,8 @@ pub struct Config {
     pub write_timeout: Option<Duration>,
     /// Where to publish this worker's counters for the metrics endpoint (None: nowhere).
     pub live: Option<LiveSlot>,
+    /// Every accepted connection starts with a PROXY protocol header (None: plain echo).
+    pub proxy: Option<ProxyConfig>,
 }
 
 impl Default for Config {
@@ -67,6 +74,7 @@ impl Default for Config {
             idle_timeout: None,
             write_timeout: None,
             live: None,
+            proxy: None,
         }
     }
 }
@@ -128,18 +136,8 @@ pub struct Worker<B: Backend> {
     peers: HashMap<Token, IpAddr>,
     /// What was last published to `cfg.live`, and in which tick.
     live_last: (Stats, usize, u32),
-}
-
-/// What to raise when accepts fail for want of a resource.
-fn accept_hint(e: &OpError) -> &'static str {
-    match e {
-        OpError::TooManyFiles => {
-            "out of descriptors: the process's limit (ulimit -n), fs.file-max, or (io_uring) \
-             every ring's direct-descriptor table; see the start-up line's max_connections"
-        }
-        OpError::NoBuffers => "out of receive buffers: raise --buffers",
-        _ => "",
-    }
+    /// Connections still waiting for their PROXY header (None: not a PROXY listener).
+    gate: Option<gate::Gate>,
 }
 
 fn ticks(d: Option<Duration>) -> Option<u32> {
@@ -163,6 +161,7 @@ impl<B: Backend> Worker<B> {
             expired: Vec::new(),
             peers: HashMap::new(),
             live_last: (Stats::default(), 0, u32::MAX),
+            gate: cfg.proxy.clone().map(gate::Gate::new),
             backend,
             cfg,
             conns: Slab::with_capacity(1024),
@@ -217,6 +216,11 @@ impl<B: Backend> Worker<B> {
         self.budget
     }
 
+    /// Connections accepted on a PROXY listener and still waiting for their header.
+    pub fn waiting_for_header(&self) -> usize {
+        self.gate.as_ref().map_or(0, |g| g.waiting())
+    }
+
     /// Connections parked, waiting for a buffer.
     pub fn parked(&self) -> usize {
         self.parked_light.len() + self.parked_heavy.len()
@@ -262,20 +266,31 @@ impl<B: Backend> Worker<B> {
     /// timeouts, the shutdown deadline) without sleeping.
     pub fn turn_at(&mut self, now: Instant, timeout: Option<Duration>) -> io::Result<()> {
         self.clock = now;
-        self.now = (now.saturating_duration_since(self.epoch).as_nanos() / TICK.as_nanos()) as u32;
+        self.now = self.tick_at(now);
         self.on_timers(now);
         self.expire_connections();
         self.arm_listeners();
         let timeout = self.publish_live(timeout);
         let mut events = std::mem::take(&mut self.events);
         events.clear();
+        let waiting = Instant::now();
         self.backend.wait(&mut events, timeout)?;
+        // The wait may have slept for as long as nothing happened (with no timer armed, for
+        // ever): what it delivered happened now. The clock moves on by the time it took, so a
+        // connection accepted after a quiet hour is not filed as an hour old.
+        self.clock = now + waiting.elapsed();
+        self.now = self.tick_at(self.clock);
         for c in events.drain(..) {
             self.dispatch(c);
         }
         self.events = events;
         self.unpark();
         Ok(())
+    }
+
+    /// The tick (of [`TICK`] since `epoch`) that `t` falls in.
+    fn tick_at(&self, t: Instant) -> u32 {
+        (t.saturating_duration_since(self.epoch).as_nanos() / TICK.as_nanos()) as u32
     }
 
     /// The backend failed for good (the transient errors of normal operation never get
@@ -288,6 +303,7 @@ impl<B: Backend> Worker<B> {
             connections = self.conns.len(),
             "worker failed; its connections are lost, the other workers go on"
         );
+        self.gate = None;
         for token in self.conns.tokens() {
             self.conns.remove(token);
             self.cfg.admission.release();
@@ -308,18 +324,24 @@ impl<B: Backend> Worker<B> {
     fn insert_conn(&mut self, sock: Socket) -> Token {
         let token = self.conns.insert_with(|t| Conn::new(t, sock));
         self.stats.accepted += 1;
-        if let Some(first) = [self.idle_ticks, self.write_ticks]
-            .into_iter()
-            .flatten()
-            .min()
-        {
+        if let Some(first) = self.first_timer() {
             self.wheel.insert(token, (self.now + first) as u64);
         }
         self.with_conn(token, |c, cx| c.on_accepted(cx));
         token
     }
 
-    /// Closes connections whose idle or write timeout has passed; files the others again.
+    /// The shortest timeout a connection may have (idle, write, PROXY header), in ticks.
+    fn first_timer(&self) -> Option<u32> {
+        let header = self.gate.as_ref().map(|g| g.ticks);
+        [self.idle_ticks, self.write_ticks, header]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Closes connections whose idle, write or PROXY header timeout has passed; files the
+    /// others again.
     fn expire_connections(&mut self) {
         if self.wheel.is_empty() {
             return;
@@ -330,23 +352,24 @@ impl<B: Backend> Worker<B> {
             let Some(conn) = self.conns.get_mut(token) else {
                 continue; // closed since it was filed
             };
-            let floor = [self.idle_ticks, self.write_ticks]
-                .into_iter()
-                .flatten()
-                .min()
-                .unwrap_or(1);
-            match conn.expires_at(self.idle_ticks, self.write_ticks) {
+            let header = self.gate.as_ref().and_then(|g| g.deadline(token));
+            let at = conn.expires_at(self.idle_ticks, self.write_ticks);
+            let at = at.map_or(header, |a| Some(header.map_or(a, |h| h.min(a))));
+            let floor = self.first_timer().unwrap_or(1);
+            match at {
+                Some(at) if at <= self.now && header.is_some() => self.header_timed_out(token),
                 Some(at) if at <= self.now => {
                     self.stats.timeouts += 1;
-                    tracing::debug!(?token, "connection timed out");
+                    let client = self.peers.get(&token).copied();
+                    tracing::debug!(?token, ?client, "connection timed out");
                     self.with_conn(token, |c, cx| c.abort(cx));
-                    // Aborting waits for cancellations; check again in case they never come.
-                    if self.conns.get_mut(token).is_some() {
-                        self.wheel.insert(token, (self.now + floor) as u64);
-                    }
                 }
                 Some(at) => self.wheel.insert(token, at as u64),
                 None => self.wheel.insert(token, (self.now + floor) as u64),
+            }
+            // Aborting waits for cancellations; check again in case they never come.
+            if at.is_some_and(|at| at <= self.now) && self.conns.get_mut(token).is_some() {
+                self.wheel.insert(token, (self.now + floor) as u64);
             }
         }
         self.expired = expired;
@@ -365,7 +388,15 @@ impl<B: Backend> Worker<B> {
             }
         }
         for token in self.conns.tokens() {
-            self.with_conn(token, |c, cx| c.shutdown(cx));
+            if self.gated(token) {
+                // No echo is owed before the header: just close.
+                if let Some(g) = &mut self.gate {
+                    g.forget(token);
+                }
+                self.with_conn(token, |c, cx| c.abort(cx));
+            } else {
+                self.with_conn(token, |c, cx| c.shutdown(cx));
+            }
         }
     }
 
@@ -381,7 +412,9 @@ impl<B: Backend> Worker<B> {
                 result,
                 more,
             } => {
-                if !self.with_conn(token, |c, cx| c.on_recv(cx, result, more)) {
+                if self.gated(token) {
+                    self.gated_recv(token, result, more);
+                } else if !self.with_conn(token, |c, cx| c.on_recv(cx, result, more)) {
                     // A completion for a connection already gone: only its buffer matters.
                     if let Ok(Received::Data { buf, .. }) = result {
                         self.backend.release(buf);
@@ -425,99 +458,15 @@ impl<B: Backend> Worker<B> {
         };
         if f(conn, &mut cx) == Status::Closed {
             self.conns.remove(token);
+            if let Some(g) = &mut self.gate {
+                g.forget(token);
+            }
             self.cfg.admission.release();
             if let Some(ip) = self.peers.remove(&token) {
                 self.cfg.admission.release_ip(ip);
             }
         }
         true
-    }
-
-    fn on_accept(&mut self, id: ListenerId, result: Result<Socket, OpError>, more: bool) {
-        let Some(l) = self.listeners.iter_mut().find(|l| l.id == id) else {
-            return;
-        };
-        if !more {
-            l.armed = false;
-        }
-        match result {
-            Ok(sock) => {
-                l.backoff = BACKOFF_MIN;
-                l.errors_in_row = 0;
-                if std::mem::take(&mut l.warned) {
-                    tracing::info!("accepting again");
-                }
-                self.admit(sock);
-            }
-            Err(OpError::Canceled) => {}
-            Err(e) => {
-                l.errors_in_row += 1;
-                let exhausted = matches!(e, OpError::TooManyFiles | OpError::NoBuffers);
-                if exhausted || l.errors_in_row >= ACCEPT_ERRORS_BEFORE_BACKOFF {
-                    let pause = l.backoff;
-                    l.retry_at = Some(self.clock + pause);
-                    l.backoff = (l.backoff * 2).min(BACKOFF_MAX);
-                    self.stats.accept_backoffs += 1;
-                    if !std::mem::replace(&mut l.warned, true) {
-                        tracing::warn!(error = %e, pause_ms = pause.as_millis() as u64, hint = accept_hint(&e),
-                            "accept failed; pausing accepts (said once until an accept succeeds)");
-                    } else {
-                        tracing::debug!(error = %e, pause_ms = pause.as_millis() as u64, "accept failed; pausing accepts");
-                    }
-                } else {
-                    tracing::debug!(error = %e, "accept failed; retrying");
-                }
-            }
-        }
-    }
-
-    /// Admits an accepted socket within the budgets, or closes it at once.
-    fn admit(&mut self, sock: Socket) {
-        let adm = self.cfg.admission.clone();
-        let ip = if adm.limits_per_ip() {
-            self.backend.peer_ip(sock)
-        } else {
-            None
-        };
-        let admitted = if self.stopping.is_none() {
-            adm.try_admit(ip)
-        } else {
-            None
-        };
-        let Some(admitted) = admitted else {
-            self.stats.refused += 1;
-            if self.stopping.is_none() && adm.live() >= adm.max() && adm.first_refusal() {
-                tracing::warn!(
-                    max_connections = adm.max(),
-                    bound = adm.bound(),
-                    "connection limit reached: new connections are closed at once until some \
-                     close (said once until a tenth of the places are free again)"
-                );
-            }
-            self.backend.push(Op::Close {
-                token: Token::NONE,
-                sock,
-            });
-            return;
-        };
-        let token = self.insert_conn(sock);
-        if let Some(ip) = admitted.ip {
-            if self.conns.get_mut(token).is_some() {
-                self.peers.insert(token, ip);
-            } else {
-                adm.release_ip(ip);
-            }
-        }
-    }
-
-    /// Posts an accept on every open listener that has none and is not backing off.
-    fn arm_listeners(&mut self) {
-        for l in &mut self.listeners {
-            if l.open && !l.armed && l.retry_at.is_none() {
-                l.armed = true;
-                self.backend.push(Op::Accept { listener: l.id });
-            }
-        }
     }
 
     /// True when [`Worker::unpark`] would retry someone now.

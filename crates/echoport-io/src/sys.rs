@@ -334,3 +334,65 @@ pub fn clock_ticks_per_second() -> u64 {
     let v = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if v > 0 { v as u64 } else { 100 }
 }
+
+/// CPU time process `pid` has used so far, in clock ticks ([`clock_ticks_per_second`]):
+/// (user, system), from `/proc/PID/stat`. The one reader of that file for the load
+/// generator, the tests and the testkit.
+pub fn process_cpu_ticks(pid: u32) -> io::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parse_stat_times(&stat).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("/proc/{pid}/stat: no utime/stime"),
+        )
+    })
+}
+
+/// [`process_cpu_ticks`] as durations.
+pub fn process_cpu_of(pid: u32) -> io::Result<(std::time::Duration, std::time::Duration)> {
+    let (u, s) = process_cpu_ticks(pid)?;
+    let hz = clock_ticks_per_second() as f64;
+    let d = |t: u64| std::time::Duration::from_secs_f64(t as f64 / hz);
+    Ok((d(u), d(s)))
+}
+
+/// utime and stime (fields 14 and 15) of a `/proc/PID/stat` line. They are counted after the
+/// command name, which is in parentheses and may itself hold spaces and `)`.
+fn parse_stat_times(stat: &str) -> Option<(u64, u64)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_times_are_read_after_the_command_name() {
+        let line = "42 (a b) c) S 1 2 3 4 5 6 7 8 9 10 123 45 0 0 20 0 1";
+        assert_eq!(parse_stat_times(line), Some((123, 45)));
+        assert_eq!(parse_stat_times("42 (x) S 1 2"), None);
+    }
+
+    #[test]
+    fn own_cpu_time_grows_while_busy() {
+        let (u0, s0) = process_cpu_of(std::process::id()).expect("own /proc stat");
+        let (ru0, _) = process_cpu_time().unwrap();
+        // Spin until getrusage has seen 200 ms of user time (bounded by 20 s of wall time).
+        let t0 = std::time::Instant::now();
+        let mut x = 0u64;
+        while process_cpu_time().unwrap().0 - ru0 < std::time::Duration::from_millis(200) {
+            for i in 0..100_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
+            assert!(t0.elapsed().as_secs() < 20, "never got 200 ms of CPU");
+        }
+        let (u1, s1) = process_cpu_of(std::process::id()).unwrap();
+        let grew = (u1 + s1) - (u0 + s0);
+        assert!(
+            grew >= std::time::Duration::from_millis(100),
+            "/proc saw {grew:?} of a 200 ms busy loop"
+        );
+    }
+}

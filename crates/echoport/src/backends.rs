@@ -43,6 +43,8 @@ pub struct Options {
     pub cq_entries: u32,
     /// io_uring batched wait, in microseconds (0: off).
     pub batch_wait_us: u32,
+    /// io_uring adaptive moderation bound, in microseconds (0: off).
+    pub max_added_latency_us: u32,
     /// io_uring: accept into direct descriptors (off when peers' addresses are needed).
     pub direct_accept: bool,
     /// io_uring task-running mode.
@@ -60,6 +62,7 @@ impl Default for Options {
             fast_path: true,
             cq_entries: 65536,
             batch_wait_us: 0,
+            max_added_latency_us: 0,
             direct_accept: true,
             taskrun: echoport_io::uring::TaskRun::Defer,
             direct_files: 0,
@@ -80,7 +83,10 @@ impl Options {
             fast_path: !a.no_fast_path,
             cq_entries: a.cq_entries,
             batch_wait_us: a.batch_wait_us,
-            direct_accept: a.max_connections_per_ip.is_none(),
+            max_added_latency_us: a.max_added_latency_us,
+            // Peers' addresses are needed (plain descriptors) to limit per IP and to check
+            // --proxy-from.
+            direct_accept: a.max_connections_per_ip.is_none() && !a.proxy_protocol,
             taskrun: match a.taskrun {
                 crate::serve::TaskRunChoice::Defer => echoport_io::uring::TaskRun::Defer,
                 crate::serve::TaskRunChoice::Coop => echoport_io::uring::TaskRun::Coop,
@@ -98,6 +104,7 @@ impl Options {
             cq_entries: self.cq_entries.max(1),
             sq_entries: 4096.min(self.cq_entries.max(1)),
             batch_wait_us: self.batch_wait_us,
+            max_added_latency_us: self.max_added_latency_us,
             direct_accept: self.direct_accept,
             taskrun: self.taskrun,
             direct_files: self.direct_files,
@@ -286,6 +293,7 @@ mod tests {
                 fast_path: true,
                 cq_entries: 4096,
                 batch_wait_us: 0,
+                max_added_latency_us: 0,
                 direct_accept: true,
                 taskrun: echoport_io::uring::TaskRun::Defer,
                 ..Options::default()

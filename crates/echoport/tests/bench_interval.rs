@@ -4,7 +4,6 @@
 mod bench_common;
 mod common;
 
-use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::thread;
 use std::time::Duration;
@@ -93,22 +92,8 @@ fn intervals_are_printed_written_and_add_up_to_the_run() {
 }
 
 /// Echoes faithfully, except that once 64,000 bytes have come in it stops for 600 ms.
-fn stalls_600ms(mut s: TcpStream) {
-    let mut buf = [0u8; 16384];
-    let (mut at, mut stalled) = (0usize, false);
-    while let Ok(n) = s.read(&mut buf) {
-        if n == 0 {
-            return;
-        }
-        at += n;
-        if !stalled && at >= 64_000 {
-            stalled = true;
-            thread::sleep(Duration::from_millis(600));
-        }
-        if s.write_all(&buf[..n]).is_err() {
-            return;
-        }
-    }
+fn stalls_600ms(s: TcpStream) {
+    common::echo_stalling(s, 64_000, Duration::from_millis(600));
 }
 
 #[test]

@@ -85,6 +85,31 @@ impl Cidr {
         self.prefix
     }
 
+    /// Address `i` of the network, counted from its first and wrapping round its size (so
+    /// any `i` names an address inside it): how a load generator steps through clients.
+    pub fn nth(&self, i: u64) -> IpAddr {
+        let host_bits = u32::from(bits(self.addr) - self.prefix);
+        match self.addr {
+            IpAddr::V4(v4) => {
+                let size = 1u64 << host_bits;
+                IpAddr::V4(Ipv4Addr::from(u32::from(v4) + (i % size) as u32))
+            }
+            IpAddr::V6(v6) => {
+                let step = match 1u128.checked_shl(host_bits) {
+                    Some(size) if host_bits < 128 => u128::from(i) % size,
+                    _ => u128::from(i),
+                };
+                IpAddr::V6(Ipv6Addr::from(u128::from(v6) + step))
+            }
+        }
+    }
+
+    /// How many addresses the network holds (saturating at `u64::MAX`).
+    pub fn size(&self) -> u64 {
+        let host_bits = u32::from(bits(self.addr) - self.prefix);
+        1u64.checked_shl(host_bits).unwrap_or(u64::MAX)
+    }
+
     /// Whether `ip` is in this network (an IPv4-mapped `ip` as its IPv4).
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
@@ -175,6 +200,27 @@ mod tests {
         assert!(!host.contains(ip("127.0.0.2")));
         assert_eq!(c("::1").prefix(), 128);
         assert!(c("::1").contains(ip("::1")));
+    }
+
+    #[test]
+    fn nth_steps_through_the_network_and_wraps() {
+        let n = c("192.0.2.0/30");
+        let got: Vec<IpAddr> = (0..6).map(|i| n.nth(i)).collect();
+        let want: Vec<IpAddr> = ["192.0.2.0", "192.0.2.1", "192.0.2.2", "192.0.2.3"]
+            .iter()
+            .chain(["192.0.2.0", "192.0.2.1"].iter())
+            .map(|s| ip(s))
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(n.size(), 4);
+        assert_eq!(c("10.0.0.7").nth(99), ip("10.0.0.7"));
+        assert_eq!(c("2001:db8::/120").nth(257), ip("2001:db8::1"));
+        assert_eq!(c("::/0").nth(5), ip("::5"));
+        assert_eq!(c("0.0.0.0/0").nth(u64::MAX), ip("255.255.255.255"));
+        assert_eq!(c("::/0").size(), u64::MAX);
+        for i in 0..1000 {
+            assert!(c("198.51.100.0/26").contains(c("198.51.100.0/26").nth(i)));
+        }
     }
 
     #[test]

@@ -37,32 +37,14 @@ impl Submit for Epoll {
 
     fn release(&mut self, buf: BufId) {
         // A receive buffer goes back to the free list: a read takes it at readiness.
-        if let Err(m) = self.pool.release(buf.0, false) {
-            self.misuse(m);
-        }
+        self.pool.release_reported(buf.0, false);
     }
 
     fn max_send_parts(&self) -> usize {
         MAX_SEND_PARTS
     }
 
-    fn buf_size(&self) -> u32 {
-        self.pool.buf_size()
-    }
-
-    fn copy(&mut self, dst: BufId, at: u32, src: BufId, len: u32) {
-        if let Err(m) = self.pool.copy(dst.0, at, src.0, len) {
-            self.misuse(m);
-        }
-    }
-
-    fn free_buffers(&self) -> usize {
-        self.pool.free_recv()
-    }
-
-    fn total_buffers(&self) -> usize {
-        self.pool.recv_count() as usize
-    }
+    crate::pool::pool_submit_methods!();
 }
 
 impl Epoll {

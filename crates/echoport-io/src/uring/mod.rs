@@ -52,6 +52,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
+use std::time::Instant;
 
 use echoport_core::{
     Backend, BufId, Completion, ListenerId, MAX_SEND_PARTS, OpKind, Socket, Token, Waker,
@@ -61,6 +62,7 @@ use io_uring::{IoUring, opcode, squeue, types};
 use crate::pool::{Misuse, Pool, PoolConfig};
 use crate::sys::EventFd;
 use buf_ring::BufRing;
+use echoport_core::moderation::Moderator;
 pub use rings::{capacity, rings_for};
 pub use setup::probe;
 
@@ -98,6 +100,11 @@ pub struct Config {
     pub batch_wait_us: u32,
     /// Completions a batched wait aims for.
     pub batch: u32,
+    /// Adaptive completion moderation: the most latency, in microseconds, a wait may add by
+    /// holding for more completions, granted only while the completion rate says a batch
+    /// will fill within it ([`echoport_core::moderation`]); 0 turns it off. Needs the
+    /// kernel's minimum wait (6.12); a fixed [`Config::batch_wait_us`] takes precedence.
+    pub max_added_latency_us: u32,
     /// How the kernel runs completion work for this ring.
     pub taskrun: TaskRun,
 }
@@ -125,6 +132,7 @@ impl Default for Config {
             direct_accept: true,
             batch_wait_us: 0,
             batch: 32,
+            max_added_latency_us: 0,
             taskrun: TaskRun::Defer,
         }
     }
@@ -204,6 +212,10 @@ pub struct Uring {
     last_reaped: usize,
     /// The kernel has `IORING_FEAT_MIN_TIMEOUT`: batched waits use its minimum wait.
     min_timeout: bool,
+    /// Adaptive moderation: how long the next wait may hold for more completions.
+    moderator: Moderator,
+    /// The origin of the moderator's clock.
+    epoch: Instant,
     /// The ring's own descriptor registered with it (`IORING_REGISTER_RING_FDS`, 5.18): the
     /// loop's waits name the ring by this index, sparing the kernel a descriptor lookup.
     /// The registration belongs to the thread that made it; `Uring` is not `Send` (see the
@@ -288,6 +300,8 @@ impl Uring {
             batch: cfg.batch.max(1),
             last_reaped: 0,
             min_timeout: false,
+            moderator: Moderator::new(cfg.max_added_latency_us),
+            epoch: Instant::now(),
             ring_index: None,
             direct_files: None,
             direct_accept: fast && cfg.direct_accept,
@@ -302,6 +316,13 @@ impl Uring {
         uring.ring_index = setup::register_ring_fd(&uring.ring);
         if uring.ring_index.is_some() {
             features.push("registered-ring");
+        }
+        if cfg.batch_wait_us == 0 && cfg.max_added_latency_us > 0 {
+            features.push(if uring.min_timeout {
+                "adaptive-moderation"
+            } else {
+                "no moderation (needs the kernel's minimum wait, 6.12+)"
+            });
         }
         if cfg.batch_wait_us > 0 {
             features.push(if uring.min_timeout {

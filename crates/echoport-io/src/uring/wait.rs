@@ -90,7 +90,10 @@ impl Uring {
         Ok(())
     }
 
-    /// Decides how long to sleep and for how many completions. Batched waits: with the
+    /// Decides how long to sleep and for how many completions. Adaptive moderation (on
+    /// kernels with the minimum wait): while the completion rate says a batch fills within
+    /// the bound, sleep until `batch` completions are ready or the bound has passed with at
+    /// least one; otherwise a plain wait. Fixed batched waits: with the
     /// kernel's minimum wait, sleep until `batch` completions are ready, or `batch_wait_us`
     /// has passed and at least one is. Without it: under load, ask for as many completions
     /// as the last turn brought (up to `batch`) for at most `batch_wait_us`; at light load a
@@ -115,6 +118,13 @@ impl Uring {
                 timeout: t,
                 min_wait_us: self.batch_wait_us,
             },
+            t if self.batch_wait_us == 0 && self.min_timeout && self.moderator.hold_us() > 0 => {
+                Plan {
+                    want: self.batch,
+                    timeout: t,
+                    min_wait_us: self.moderator.hold_us(),
+                }
+            }
             t if self.batch_wait_us > 0 && self.last_reaped > 1 => {
                 let b = Duration::from_micros(self.batch_wait_us as u64);
                 Plan {
@@ -210,6 +220,8 @@ impl Uring {
         self.dropped = self.dropped.max(cq.overflow() as u64);
         cqes.extend(cq.map(|c| (c.user_data(), c.result(), c.flags())));
         self.last_reaped = cqes.len();
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        self.moderator.observe(now, cqes.len());
         for &(ud, res, flags) in &cqes {
             self.complete(0, ud, res, flags, out);
         }

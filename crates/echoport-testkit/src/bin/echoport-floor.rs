@@ -6,8 +6,8 @@
 //! and an echo server would: client send, server receive, server send, client receive. There
 //! are no wake-ups, no context switches and no event loop, only the four system calls and the
 //! TCP stack behind them. Prints CPU µs per echo for the whole echo and for the server's half
-//! (its receive and send): the process's user + system time from `/proc/self/stat` for the
-//! whole echo, and the wall time spent in the server's two calls for its half (the thread
+//! (its receive and send): the process's user + system time (`getrusage`) for the whole
+//! echo, and the wall time spent in the server's two calls for its half (the thread
 //! never sleeps, so wall time there is CPU time).
 #![forbid(unsafe_code)]
 
@@ -15,24 +15,14 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+/// User + system CPU time of this process so far (`getrusage`, microseconds; zero where
+/// there is none).
 fn cpu_time() -> Duration {
-    // User + system time of this process, from /proc (Linux), in clock ticks of 10 ms (the
-    // /proc ABI's USER_HZ is 100 whatever the kernel's HZ); the run is long enough for that
-    // resolution. Zero elsewhere.
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    match (fields.get(11), fields.get(12)) {
-        (Some(u), Some(s)) => {
-            let ticks: u64 = u.parse::<u64>().unwrap_or(0) + s.parse::<u64>().unwrap_or(0);
-            Duration::from_millis(ticks * 10)
-        }
-        _ => Duration::ZERO,
+    #[cfg(unix)]
+    if let Ok((user, system)) = echoport_io::sys::process_cpu_time() {
+        return user + system;
     }
+    Duration::ZERO
 }
 
 fn main() {

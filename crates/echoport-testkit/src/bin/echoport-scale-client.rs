@@ -41,7 +41,7 @@ fn run() -> anyhow::Result<()> {
     let addr: SocketAddr = args[0].parse().context("bad ADDR")?;
     let n: usize = args[1].parse().context("bad N")?;
     let sources = match args.get(2) {
-        Some(s) if s != "-" => echoport_testkit::parse_sources(s).map_err(anyhow::Error::msg)?,
+        Some(s) if s != "-" => echoport_testkit::parse_sources(s)?,
         _ => Vec::new(),
     };
     let hold = Duration::from_secs_f64(

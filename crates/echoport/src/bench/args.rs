@@ -93,6 +93,32 @@ pub struct Opts {
     #[arg(help_heading = "Connections", long, value_name = "LIST")]
     pub source: Option<String>,
 
+    /// Begin every connection with a PROXY protocol header, as a load balancer would, for a
+    /// server started with --proxy-protocol (to load-test its per-client limits without a
+    /// balancer): `v1` (text) or `v2` (binary). The header names a client from --proxy-src;
+    /// it is written once per connection (reconnects included), is not counted as sent,
+    /// and is never expected back.
+    #[arg(
+        help_heading = "Connections",
+        long,
+        value_enum,
+        value_name = "VERSION",
+        conflicts_with = "udp"
+    )]
+    pub proxy_protocol: Option<ProxyVersion>,
+
+    /// With --proxy-protocol: the clients the headers name, a network or one address
+    /// (198.51.100.0/24, 2001:db8::/64): the n-th connection opened names the n-th address,
+    /// wrapping round, and port 1024 + the number of wraps (so every client is new).
+    /// Default: 192.0.2.0/24.
+    #[arg(
+        help_heading = "Connections",
+        long,
+        value_name = "CIDR",
+        requires = "proxy_protocol"
+    )]
+    pub proxy_src: Option<String>,
+
     /// Message size in bytes, or MIN-MAX for sizes drawn uniformly per message
     /// (rust_echo_bench's `-l`).
     #[arg(help_heading = "Load", short = 's', long, visible_short_alias = 'l', alias = "length", value_name = "BYTES|MIN-MAX", default_value = "64", value_parser = parse_size)]
@@ -125,19 +151,22 @@ pub struct Opts {
     #[arg(help_heading = "Load", long, value_name = "RATES", value_delimiter = ',', value_parser = parse_rate, conflicts_with_all = ["rate", "pipeline"])]
     pub sweep: Option<Vec<f64>>,
 
-    /// Open loop: sleep at least this long on the timer (e.g. 50us). Messages falling due
-    /// meanwhile go out with the next echo or tick, so the client wakes up less often (less
-    /// CPU per echo at high rates); their latency still counts from the intended time, so
-    /// the wait shows in the results (pessimistic, never flattering). Default: wake for
-    /// each message on time.
-    #[arg(help_heading = "Load", long, value_name = "TIME", default_value = "0", value_parser = parse_duration)]
-    pub tick: Duration,
+    /// Open loop: work in ticks of this length (e.g. 50us). Each message goes out at the
+    /// first tick at or after its intended time, together with the tick's other messages
+    /// (one submission), and its latency counts from that tick; between ticks the client
+    /// sleeps on a timer and is not woken by echoes, so it wakes once per tick, not once per
+    /// message. Echoes are timed by the kernel's arrival stamp, so the tick does not show
+    /// in their latency. Default 100us; 0 = wake for each message on time. (UDP: the
+    /// shortest sleep on the timer; default 0.)
+    #[arg(help_heading = "Tuning and measurement", long, value_name = "TIME", value_parser = parse_duration)]
+    pub tick: Option<Duration>,
 
     /// Open loop: when the next message is due within this long, poll for it instead of
     /// sleeping on a timer. A timer costs a kernel round trip (on a virtual machine tens of
     /// microseconds of exits), so at high rates polling is both cheaper and on time; the
-    /// client then uses its whole core. 0 = always sleep on the timer.
-    #[arg(help_heading = "Load", long, value_name = "TIME", default_value = "0", value_parser = parse_duration)]
+    /// client then uses its whole core. 0 = always sleep on the timer. Applies to the
+    /// per-message loop (`--tick 0`, the default when --spin is given).
+    #[arg(help_heading = "Tuning and measurement", long, value_name = "TIME", default_value = "0", value_parser = parse_duration)]
     pub spin: Duration,
 
     /// A connection with echoes owed and no byte back for this long counts as timed out;
@@ -220,7 +249,7 @@ pub struct Opts {
 
     /// Also measure this process's CPU time (the server's) over the measured window and
     /// report its CPU per echo next to the client's.
-    #[arg(help_heading = "Output", long, value_name = "PID")]
+    #[arg(help_heading = "Tuning and measurement", long, value_name = "PID")]
     pub server_pid: Option<u32>,
 
     /// No live progress line, even on a terminal.
@@ -230,6 +259,15 @@ pub struct Opts {
     /// Tests only: write every measured latency (ns, one a line) here.
     #[arg(long, value_name = "FILE", hide = true)]
     pub raw_samples: Option<PathBuf>,
+}
+
+/// Which PROXY protocol header a connection begins with (see `--proxy-protocol`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyVersion {
+    /// The text header (`PROXY TCP4 ...\r\n`).
+    V1,
+    /// The binary header.
+    V2,
 }
 
 /// How the client closes a connection.

@@ -16,10 +16,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
+use std::io::Write;
+
 use echoport_core::Waker;
+use echoport_core::proxy::{Cidr, encode_v1, encode_v2};
 use hdrhistogram::Histogram;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+use super::args::ProxyVersion;
 use super::tally::new_histogram;
 use super::worker::{Delivery, Incoming};
 
@@ -49,6 +53,9 @@ pub struct Connector {
     pub server: SocketAddr,
     /// Source addresses to bind to in turn (empty: the kernel picks).
     pub sources: Vec<IpAddr>,
+    /// Begin each connection with a PROXY header of this version naming a client from this
+    /// network (None: no header).
+    pub proxy: Option<(ProxyVersion, Cidr)>,
     /// Connections to open.
     pub connections: usize,
     /// Connections per second (None: as fast as possible).
@@ -219,7 +226,14 @@ impl Connector {
         let source = (!self.sources.is_empty()).then(|| self.sources[gid % self.sources.len()]);
         let t0 = Instant::now();
         let started_ns = t0.duration_since(self.epoch).as_nanos() as u64;
-        let stream = connect(self.server, source, self.timeout, self.churn.rst)?;
+        let mut stream = connect(self.server, source, self.timeout, self.churn.rst)?;
+        if let Some((version, clients)) = self.proxy {
+            // The n-th connection opened (reconnects included) names the n-th client.
+            let header = proxy_header(version, clients, report.established, self.server);
+            stream
+                .write_all(&header)
+                .map_err(|e| format!("writing the PROXY header: {e}"))?;
+        }
         let took = t0.elapsed().as_nanos() as u64;
         let (from, to) = self.window;
         if started_ns >= from && to.is_none_or(|e| started_ns < e) {
@@ -248,6 +262,23 @@ impl Connector {
         let (tx, waker) = &self.targets[req.gid as usize % self.targets.len()];
         if tx.send(Delivery::Failed).is_ok() {
             waker.wake();
+        }
+    }
+}
+
+/// The PROXY header of the `n`-th connection: client address `n` of `clients` (wrapping
+/// round), its port 1024 plus the number of wraps, so that no two connections name the same
+/// client until the network's addresses times 64,512 ports are used up.
+pub fn proxy_header(version: ProxyVersion, clients: Cidr, n: u64, server: SocketAddr) -> Vec<u8> {
+    let wraps = n / clients.size().max(1);
+    let port = 1024 + (wraps % (65536 - 1024)) as u16;
+    let src = SocketAddr::new(clients.nth(n), port);
+    match version {
+        ProxyVersion::V1 => encode_v1(src, server).into_bytes(),
+        ProxyVersion::V2 => {
+            let mut out = Vec::with_capacity(52);
+            encode_v2(src, server, &mut out);
+            out
         }
     }
 }
@@ -290,4 +321,35 @@ fn connect(
     s.connect_timeout(&SockAddr::from(server), timeout)
         .map_err(|e| format!("connect: {e}"))?;
     Ok(s.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use echoport_core::proxy::{Parsed, parse};
+
+    #[test]
+    fn every_connection_names_a_new_client_of_the_network() {
+        let server: SocketAddr = "127.0.0.1:7007".parse().unwrap();
+        let clients: Cidr = "198.51.100.0/24".parse().unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for version in [ProxyVersion::V1, ProxyVersion::V2] {
+            seen.clear();
+            for n in 0..600 {
+                let h = proxy_header(version, clients, n, server);
+                let Ok(Parsed::Done { header_len, header }) = parse(&h) else {
+                    panic!("{version:?} {n}: {:?}", parse(&h));
+                };
+                assert_eq!(header_len, h.len());
+                assert_eq!(header.destination, Some(server));
+                let src = header.source.expect("a client");
+                assert!(clients.contains(src.ip()), "{src}");
+                assert_eq!(src.port(), 1024 + (n / 256) as u16);
+                assert!(seen.insert(src), "{src} named twice");
+            }
+        }
+        let one: Cidr = "192.0.2.7".parse().unwrap();
+        let h = proxy_header(ProxyVersion::V1, one, 3, server);
+        assert_eq!(h, b"PROXY TCP4 192.0.2.7 127.0.0.1 1027 7007\r\n");
+    }
 }

@@ -168,6 +168,10 @@ fn params_json(p: &Params) -> Value {
         "backend": clap::ValueEnum::to_possible_value(&p.backend).map(|v| v.get_name().to_string()),
         "connect_rate": p.connect_rate,
         "sources": p.sources.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        "proxy_protocol": p.proxy.map(|(v, src)| json!({
+            "version": clap::ValueEnum::to_possible_value(&v).map(|v| v.get_name().to_string()),
+            "clients": src.to_string(),
+        })),
         "size": { "min": p.size.min, "max": p.size.max },
         "duration_s": p.count.is_none().then_some(p.duration.as_secs_f64()),
         "count": p.count,

@@ -1,9 +1,9 @@
 //! Parsers of the command line's values: sizes, times, rates, counts, source address lists.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use echoport_core::sources::SourceError;
 
 use super::params::SizeRange;
 
@@ -80,35 +80,12 @@ fn parse_scaled(s: &str, base: f64) -> Option<f64> {
     Some(v * mult)
 }
 
-/// Parses "127.0.0.2", "127.0.0.2-127.0.0.9", "::1", or a comma list of them.
+/// Parses `--source` (see [`echoport_core::sources::parse_sources`]).
 pub fn parse_sources(spec: &str) -> anyhow::Result<Vec<IpAddr>> {
-    let mut out = Vec::new();
-    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        if let Some((a, b)) = part.split_once('-') {
-            let a: Ipv4Addr = a
-                .trim()
-                .parse()
-                .with_context(|| format!("bad source address {a:?}"))?;
-            let b: Ipv4Addr = b
-                .trim()
-                .parse()
-                .with_context(|| format!("bad source address {b:?}"))?;
-            let (a, b) = (u32::from(a), u32::from(b));
-            if a > b || b - a >= 65536 {
-                bail!("bad source range {part:?} (first to last, at most 65,536 addresses)");
-            }
-            out.extend((a..=b).map(|v| IpAddr::V4(Ipv4Addr::from(v))));
-        } else {
-            out.push(
-                part.parse()
-                    .with_context(|| format!("bad source address {part:?}"))?,
-            );
-        }
-    }
-    if out.is_empty() {
-        bail!("--source names no address");
-    }
-    Ok(out)
+    echoport_core::sources::parse_sources(spec).map_err(|e| match e {
+        SourceError::Empty => anyhow::anyhow!("--source names no address"),
+        e => e.into(),
+    })
 }
 
 /// Parses a wall-clock time: RFC 3339 (`2026-12-01T10:00:00Z`, `...T11:00:00.5+01:00`) or

@@ -91,6 +91,23 @@ pub fn thread_load(p: &Params, load: Load, t: usize) -> ThreadLoad {
     }
 }
 
+/// Thread `t`'s plan: its share of the load and of the count, and the run's timing.
+pub fn thread_plan(p: &Params, load: Load, t: usize) -> Plan {
+    Plan {
+        load: thread_load(p, load, t),
+        size: p.size,
+        warmup_ns: p.warmup.as_nanos() as u64,
+        end_ns: end_ns(p),
+        count: count_share(p, t),
+        timeout_ns: p.timeout.as_nanos() as u64,
+        tick_ns: p.tick.as_nanos() as u64,
+        spin_ns: p.spin.as_nanos() as u64,
+        keep_samples: p.keep_samples,
+        messages_per_conn: p.messages_per_conn,
+        reconnect: p.reconnect,
+    }
+}
+
 /// When measuring ends (duration mode), ns since the start.
 pub fn end_ns(p: &Params) -> Option<u64> {
     p.count
@@ -221,6 +238,7 @@ fn start_tcp(
     let connector = connector::Connector {
         server: p.server,
         sources: p.sources.clone(),
+        proxy: p.proxy,
         connections: p.connections,
         rate: p.connect_rate,
         timeout: p.timeout,
@@ -300,19 +318,7 @@ fn spawn_worker(
 ) -> anyhow::Result<Pending> {
     let p = env.p;
     let conns = share(p.connections, p.threads, t);
-    let plan = Plan {
-        load: thread_load(p, load, t),
-        size: p.size,
-        warmup_ns: p.warmup.as_nanos() as u64,
-        end_ns: end_ns(p),
-        count: count_share(p, t),
-        timeout_ns: p.timeout.as_nanos() as u64,
-        tick_ns: p.tick.as_nanos() as u64,
-        spin_ns: p.spin.as_nanos() as u64,
-        keep_samples: p.keep_samples,
-        messages_per_conn: p.messages_per_conn,
-        reconnect: p.reconnect,
-    };
+    let plan = thread_plan(p, load, t);
     let opts = crate::backends::Options {
         pool: echoport_io::pool::PoolConfig {
             buf_size: if conns > 2048 { 2048 } else { 8192 },

@@ -123,26 +123,8 @@ impl Sample {
     }
 }
 
-/// User and system CPU seconds of process `pid`, from `/proc/PID/stat`.
+/// User and system CPU seconds of process `pid`.
 fn proc_cpu(pid: u32) -> Option<(f64, f64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces): state is field 3, utime 14.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let hz = echoport_io::sys::clock_ticks_per_second() as f64;
-    Some((
-        f.get(11)?.parse::<f64>().ok()? / hz,
-        f.get(12)?.parse::<f64>().ok()? / hz,
-    ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn own_process_cpu_is_readable() {
-        let (u, s) = proc_cpu(std::process::id()).expect("own /proc stat");
-        assert!(u >= 0.0 && s >= 0.0);
-    }
+    let (u, s) = echoport_io::sys::process_cpu_of(pid).ok()?;
+    Some((u.as_secs_f64(), s.as_secs_f64()))
 }

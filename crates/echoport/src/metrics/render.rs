@@ -27,135 +27,22 @@ pub struct Source {
     pub started: SystemTime,
 }
 
-/// Every counter of a worker's [`Stats`]: (metric name, help, value).
-fn counters(s: &Stats) -> [(&'static str, &'static str, u64); 14] {
-    // Exhaustive, so a new counter cannot be forgotten here.
-    let Stats {
-        accepted,
-        closed,
-        errors,
-        refused,
-        bytes_echoed,
-        short_sends,
-        gathered_sends,
-        parked,
-        paused,
-        accept_backoffs,
-        cq_overflows,
-        timeouts,
-        compacted,
-        buffer_misuses,
-    } = *s;
-    [
-        (
-            "echoport_connections_accepted_total",
-            "Connections accepted.",
-            accepted,
-        ),
-        (
-            "echoport_connections_closed_total",
-            "Connections closed, for any reason.",
-            closed,
-        ),
-        (
-            "echoport_connection_errors_total",
-            "Connections closed by an error (reset, broken pipe, ...).",
-            errors,
-        ),
-        (
-            "echoport_connections_refused_total",
-            "Connections refused at accept (server stopping, or over --max-connections or --max-connections-per-ip).",
-            refused,
-        ),
-        (
-            "echoport_bytes_echoed_total",
-            "Bytes received and echoed back.",
-            bytes_echoed,
-        ),
-        (
-            "echoport_short_sends_total",
-            "Sends that sent fewer bytes than asked.",
-            short_sends,
-        ),
-        (
-            "echoport_gathered_sends_total",
-            "Sends that gathered several queued buffers.",
-            gathered_sends,
-        ),
-        (
-            "echoport_receives_parked_total",
-            "Receives that found no free buffer and parked their connection.",
-            parked,
-        ),
-        (
-            "echoport_receives_paused_total",
-            "Times a connection's receive paused at its byte or buffer budget.",
-            paused,
-        ),
-        (
-            "echoport_accept_backoffs_total",
-            "Times accepting paused because descriptors ran out.",
-            accept_backoffs,
-        ),
-        (
-            "echoport_cq_overflows_total",
-            "Completions the kernel held back because the completion queue was full.",
-            cq_overflows,
-        ),
-        (
-            "echoport_connection_timeouts_total",
-            "Connections closed by --idle-timeout or --write-timeout.",
-            timeouts,
-        ),
-        (
-            "echoport_receives_compacted_total",
-            "Small receives copied onto the connection's last queued buffer.",
-            compacted,
-        ),
-        (
-            "echoport_buffer_misuses_total",
-            "Buffer hand-overs the pool refused (0 unless echoport has a bug).",
-            buffer_misuses,
-        ),
-    ]
-}
-
-/// Every counter of a UDP socket: (reason label, value); `echoed` is its own metric.
-fn udp_drops(s: &UdpStats) -> (u64, [(&'static str, u64); 4]) {
-    let UdpStats {
-        echoed,
-        refused,
-        rate_limited,
-        truncated,
-        dropped,
-    } = *s;
-    (
-        echoed,
-        [
-            ("refused_source", refused),
-            ("rate_limited", rate_limited),
-            ("truncated", truncated),
-            ("would_block", dropped),
-        ],
-    )
-}
-
 /// The whole exposition.
 pub fn render(src: &Source) -> String {
     let mut out = String::with_capacity(8192);
     let workers: Vec<(Stats, u64)> = (0..src.live.workers())
         .map(|i| src.live.worker(i))
         .collect();
-    let names = counters(&Stats::default());
-    for (k, (name, help, _)) in names.iter().enumerate() {
-        family(&mut out, name, help, "counter");
+    for (k, (_, metric)) in Stats::COUNTERS.iter().enumerate() {
+        // Counters of one labelled metric are listed together: one family line for them.
+        if k == 0 || Stats::COUNTERS[k - 1].1.name != metric.name {
+            family(&mut out, metric.name, metric.help, "counter");
+        }
         for (i, (s, _)) in workers.iter().enumerate() {
-            sample(
-                &mut out,
-                name,
-                &[("worker", &i.to_string())],
-                counters(s)[k].2,
-            );
+            let worker = i.to_string();
+            let mut labels = vec![("worker", worker.as_str())];
+            labels.extend_from_slice(metric.labels);
+            sample(&mut out, metric.name, &labels, s.to_array()[k]);
         }
     }
     let conns = "echoport_connections";
@@ -225,7 +112,7 @@ fn render_udp(out: &mut String, src: &Source) {
     let echoed = "echoport_udp_datagrams_echoed_total";
     family(out, echoed, "UDP datagrams echoed.", "counter");
     for (addr, s) in src.udp_addrs.iter().zip(&stats) {
-        sample(out, echoed, &[("addr", &addr.to_string())], udp_drops(s).0);
+        sample(out, echoed, &[("addr", &addr.to_string())], s.echoed);
     }
     let dropped = "echoport_udp_datagrams_dropped_total";
     family(
@@ -235,7 +122,8 @@ fn render_udp(out: &mut String, src: &Source) {
         "counter",
     );
     for (addr, s) in src.udp_addrs.iter().zip(&stats) {
-        for (reason, v) in udp_drops(s).1 {
+        let drops = UdpStats::COUNTERS.iter().zip(s.to_array());
+        for (reason, v) in drops.filter_map(|((_, reason), v)| Some(((*reason)?, v))) {
             sample(
                 out,
                 dropped,
@@ -289,6 +177,8 @@ mod tests {
             &Stats {
                 accepted: 7,
                 bytes_echoed: 640,
+                proxy_local: 4,
+                proxy_timeouts: 5,
                 ..Stats::default()
             },
             3,
@@ -306,6 +196,9 @@ mod tests {
             "echoport_connections_accepted_total{worker=\"1\"} 7\n",
             "echoport_bytes_echoed_total{worker=\"0\"} 0\n",
             "echoport_bytes_echoed_total{worker=\"1\"} 640\n",
+            "echoport_proxy_headers_total{worker=\"1\",version=\"2\",command=\"local\"} 4\n",
+            "echoport_proxy_refused_total{worker=\"1\",reason=\"timeout\"} 5\n",
+            "echoport_proxy_unknown_source_total{worker=\"0\"} 0\n",
             "echoport_connections{worker=\"1\"} 3\n",
             "echoport_connections_max 100\n",
             "echoport_udp_datagrams_dropped_total{addr=\"127.0.0.1:7\",reason=\"rate_limited\"} 0\n",

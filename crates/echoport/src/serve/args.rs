@@ -38,6 +38,26 @@ pub struct Args {
     #[arg(help_heading = DEPLOY, long, requires = "metrics")]
     pub metrics_public: bool,
 
+    /// Every TCP connection must begin with a PROXY protocol header, v1 (text) or v2
+    /// (binary), as a load balancer sends it (HAProxy `send-proxy` / `send-proxy-v2`): the
+    /// header is never echoed, and per-IP limits and logs use the client it names. v2 LOCAL
+    /// (health checks) and v1 UNKNOWN are served as the balancer itself. A connection without
+    /// a valid header, or from a peer outside --proxy-from, is closed and counted. TCP only.
+    #[arg(help_heading = DEPLOY, long)]
+    pub proxy_protocol: bool,
+
+    /// With --proxy-protocol: who may send a header (the balancers), as networks or single
+    /// addresses, e.g. `10.0.0.0/8 2001:db8::/32 192.0.2.7`; repeatable. Every other peer is
+    /// closed at accept, before anything is read. IPv4 and IPv6 do not cross: `0.0.0.0/0
+    /// ::/0` is everyone. Default: loopback (127.0.0.0/8 ::1).
+    #[arg(help_heading = DEPLOY, long, value_name = "CIDR", num_args = 1.., requires = "proxy_protocol")]
+    pub proxy_from: Vec<String>,
+
+    /// With --proxy-protocol: seconds after accept by which the whole header must have
+    /// arrived (bytes trickling in do not extend it), more than 0 and at most 3600.
+    #[arg(help_heading = DEPLOY, long, value_name = "SECS", default_value_t = 5.0)]
+    pub proxy_timeout: f64,
+
     /// Event-loop threads (1 to 1024), each with its own ring (or epoll set) and listener; on
     /// Windows each with its own completion port, one of them accepting for all.
     /// Default: the number of CPUs.
@@ -147,6 +167,15 @@ pub struct Args {
     /// a lone message after a quiet spell are unaffected. 0 = off.
     #[arg(help_heading = TUNING, long, value_name = "USEC", default_value_t = 0)]
     pub batch_wait_us: u32,
+
+    /// io_uring: adaptive completion moderation. While completions arrive fast enough that
+    /// a batch fills within this many microseconds (0 to 10000), a wait holds up to this
+    /// long for more before the loop wakes: fewer wake-ups per echo under load, at most this
+    /// much added latency, and none at low load (the hold is granted only while the rate
+    /// says it pays). Needs the kernel's minimum wait (6.12+). 0 = off.
+    #[arg(help_heading = TUNING, long, value_name = "USEC",
+          default_value_t = crate::serve::settings::DEFAULT_MAX_ADDED_LATENCY_US)]
+    pub max_added_latency_us: u32,
 
     /// io_uring: how the kernel runs completion work: `defer` (DEFER_TASKRUN, the default,
     /// falling back to `coop` on kernels before 6.1), `coop` (COOP_TASKRUN), or `interrupt`

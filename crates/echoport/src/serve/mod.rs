@@ -3,8 +3,10 @@
 //!
 //! Each worker thread owns one backend instance (one io_uring ring, one epoll set, ...) and
 //! its own listening socket per address (`SO_REUSEPORT`, so the kernel spreads connections
-//! over the threads) or a duplicate of one shared socket; nothing is shared between threads
-//! but the stop flag and the connection budget.
+//! over the threads) or a duplicate of one shared socket. What the threads share: the stop
+//! flag, the connection budget ([`echoport_core::admission::Admission`]), the published
+//! counters when `--metrics` is on ([`LiveStats`], one padded block per thread), the UDP
+//! rate budget when `--udp` is on, and on Windows the listening socket itself.
 
 mod args;
 mod bind;
@@ -176,31 +178,33 @@ fn finish(
     }
 }
 
+/// Writes the stopped line from the two counter lists (`stats_counters!`, then
+/// `udp_counters!`): one `tracing` field a counter, named by its key.
+macro_rules! stopped_line {
+    (
+        @udp $t:ident $udp:ident $per_thread:ident [$($field:ident)*]
+        $(#[$m:meta])* pub struct $n:ident: $f:ty;
+        $( $(#[$um:meta])* $ufield:ident as $ukey:ident: $uv:expr; )*
+    ) => {
+        tracing::info!(
+            $($field = $t.$field,)*
+            $($ukey = $udp.map(|u| u.$ufield),)*
+            accepted_per_thread = %$per_thread,
+            "stopped"
+        )
+    };
+    (
+        $t:ident $udp:ident $per_thread:ident
+        $(#[$m:meta])* pub struct $n:ident: $f:ty;
+        $( $(#[$fm:meta])* $field:ident: $v:expr; )*
+    ) => {
+        echoport_core::udp_counters!(stopped_line @udp $t $udp $per_thread [$($field)*])
+    };
+}
+
 /// The final counters, one field each (so JSON logs carry them as numbers).
 fn log_stopped(t: &Stats, udp: Option<&UdpStats>, per_thread: &str) {
-    tracing::info!(
-        accepted = t.accepted,
-        closed = t.closed,
-        errors = t.errors,
-        refused = t.refused,
-        bytes_echoed = t.bytes_echoed,
-        short_sends = t.short_sends,
-        gathered_sends = t.gathered_sends,
-        parked = t.parked,
-        paused = t.paused,
-        accept_backoffs = t.accept_backoffs,
-        cq_overflows = t.cq_overflows,
-        timeouts = t.timeouts,
-        compacted = t.compacted,
-        buffer_misuses = t.buffer_misuses,
-        udp_echoed = udp.map(|u| u.echoed),
-        udp_refused = udp.map(|u| u.refused),
-        udp_rate_limited = udp.map(|u| u.rate_limited),
-        udp_truncated = udp.map(|u| u.truncated),
-        udp_dropped = udp.map(|u| u.dropped),
-        accepted_per_thread = %per_thread,
-        "stopped"
-    );
+    echoport_core::stats_counters!(stopped_line t udp per_thread);
 }
 
 /// The descriptor limit the server runs with, after raising the soft limit to the hard one.
@@ -240,6 +244,7 @@ fn worker_config(args: &Args, s: &Settings) -> Config {
         idle_timeout: s.idle_timeout,
         write_timeout: s.write_timeout,
         live: None,
+        proxy: s.proxy.clone(),
     }
 }
 
@@ -440,6 +445,11 @@ fn log_start(
         .collect::<Vec<_>>()
         .join(",");
     let adjusted = (!s.adjusted.is_empty()).then(|| s.adjusted.join("; "));
+    // With --proxy-protocol: who may send headers, as in effect (the default included).
+    let proxy_from = s.proxy.as_ref().map(|p| {
+        let list: Vec<String> = p.from.iter().map(|c| c.to_string()).collect();
+        list.join(",")
+    });
     tracing::info!(
         backend = %started.describe,
         why_not_io_uring = chosen.fallback.as_ref().map(display),
@@ -459,6 +469,8 @@ fn log_start(
         shutdown_timeout = %settings::show(Some(s.shutdown_timeout)),
         idle_timeout = %settings::show(s.idle_timeout),
         write_timeout = %settings::show(s.write_timeout),
+        proxy_from = proxy_from.as_ref().map(display),
+        proxy_timeout = s.proxy.as_ref().map(|p| settings::show(Some(p.timeout))).map(display),
         adjusted = adjusted.as_ref().map(display),
         addrs = %addrs_list,
         "echoport serving"

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use anyhow::bail;
 
+use echoport_core::proxy::Cidr;
+use echoport_core::worker::ProxyConfig;
 use echoport_io::pool::PoolConfig;
 
 use super::args::Args;
@@ -32,8 +34,18 @@ pub const MAX_POOL_BYTES: u64 = 1 << 32;
 pub const MIN_CQ_ENTRIES: u32 = 256;
 /// Largest io_uring completion queue the kernel accepts (`IORING_MAX_CQ_ENTRIES`).
 pub const MAX_CQ_ENTRIES: u32 = 1 << 16;
+/// Who may send a PROXY header when `--proxy-from` is not given: loopback, as the listen
+/// addresses default to.
+pub const DEFAULT_PROXY_FROM: [&str; 2] = ["127.0.0.0/8", "::1"];
+/// Longest `--proxy-timeout`: an hour (a header is a single segment; a balancer that takes
+/// longer is broken).
+pub const MAX_PROXY_TIMEOUT: f64 = 3600.0;
 /// Longest batched wait (1 s): past that the loop would hold echoes back for seconds.
 pub const MAX_BATCH_WAIT_US: u32 = 1_000_000;
+/// Largest `--max-added-latency-us`.
+pub const MAX_ADDED_LATENCY_US: u32 = 10_000;
+/// Default `--max-added-latency-us` (docs/BENCHMARKS.md "Adaptive completion moderation").
+pub const DEFAULT_MAX_ADDED_LATENCY_US: u32 = 20;
 
 /// The checked settings that are not plain copies of the flags.
 #[derive(Debug, Clone)]
@@ -50,6 +62,8 @@ pub struct Settings {
     pub write_timeout: Option<Duration>,
     /// What was rounded, one phrase each ("--buffers 3 rounded up to 4 (a power of two)").
     pub adjusted: Vec<String>,
+    /// `--proxy-protocol`: who may send a header and how long it may take (None: off).
+    pub proxy: Option<ProxyConfig>,
 }
 
 impl Settings {
@@ -85,6 +99,12 @@ impl Settings {
         args.cq_entries = round_up_pow2("cq-entries", args.cq_entries, &mut adjusted);
         in_range("max-pending", args.max_pending, 1, u32::MAX)?;
         in_range("batch-wait-us", args.batch_wait_us, 0, MAX_BATCH_WAIT_US)?;
+        in_range(
+            "max-added-latency-us",
+            args.max_added_latency_us,
+            0,
+            MAX_ADDED_LATENCY_US,
+        )?;
         if let Some(n) = args.max_connections {
             in_range("max-connections", n, 1, usize::MAX)?;
         }
@@ -113,8 +133,39 @@ impl Settings {
             idle_timeout: seconds("idle-timeout", args.idle_timeout)?.into_timeout(),
             write_timeout: seconds("write-timeout", args.write_timeout)?.into_timeout(),
             adjusted,
+            proxy: proxy(args)?,
         })
     }
+}
+
+/// `--proxy-protocol`, `--proxy-from` and `--proxy-timeout`, checked.
+fn proxy(args: &Args) -> anyhow::Result<Option<ProxyConfig>> {
+    let t = args.proxy_timeout;
+    if !(t > 0.0 && t <= MAX_PROXY_TIMEOUT) {
+        bail!("--proxy-timeout {t}: must be more than 0 and at most {MAX_PROXY_TIMEOUT} seconds");
+    }
+    if !args.proxy_protocol {
+        return Ok(None);
+    }
+    let given: Vec<&str> = args.proxy_from.iter().map(String::as_str).collect();
+    let list = if given.is_empty() {
+        &DEFAULT_PROXY_FROM[..]
+    } else {
+        &given[..]
+    };
+    let mut from = Vec::new();
+    for spec in list.iter().flat_map(|s| s.split(',')).map(str::trim) {
+        let cidr: Cidr = spec
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--proxy-from {spec}: {e} (e.g. 10.0.0.0/8 or ::1)"))?;
+        if !from.contains(&cidr) {
+            from.push(cidr);
+        }
+    }
+    Ok(Some(ProxyConfig {
+        from,
+        timeout: Duration::from_secs_f64(t),
+    }))
 }
 
 /// A number of seconds from the command line.
@@ -221,9 +272,30 @@ mod tests {
                 "--max-connections-per-ip 0",
             ),
             (&["--batch-wait-us", "5000000"], "--batch-wait-us 5000000"),
+            (
+                &["--max-added-latency-us", "20000"],
+                "--max-added-latency-us 20000",
+            ),
             (&["--shutdown-timeout=-1"], "--shutdown-timeout -1: must be"),
             (&["--idle-timeout", "NaN"], "--idle-timeout NaN: must be"),
             (&["--udp-rate", "0"], "--udp-rate 0: must be a positive"),
+            (
+                &["--proxy-protocol", "--proxy-from", "10.0.0.1/8"],
+                "--proxy-from 10.0.0.1/8: bits after the prefix are set; the network is 10.0.0.0/8",
+            ),
+            (
+                &["--proxy-protocol", "--proxy-from", "10.0.0.0/33"],
+                "--proxy-from 10.0.0.0/33: the prefix length must be a number from 0 to 32",
+            ),
+            (
+                &["--proxy-protocol", "--proxy-from", "lb.example"],
+                "--proxy-from lb.example: not an IP address",
+            ),
+            (
+                &["--proxy-protocol", "--proxy-timeout", "0"],
+                "--proxy-timeout 0: must be more than 0 and at most 3600 seconds",
+            ),
+            (&["--proxy-timeout", "NaN"], "--proxy-timeout NaN: must be"),
         ] {
             let e = error(flags);
             assert!(e.contains(want), "{flags:?}: {e}");
@@ -233,6 +305,32 @@ mod tests {
         assert_eq!(a.cq_entries, 4, "the test-only override lifts the floor");
         let e = error(&["--buffers", "32768", "--buf-size", "16777216"]);
         assert!(e.contains("at most 4294967296"), "{e}");
+    }
+
+    #[test]
+    fn proxy_from_defaults_to_loopback_and_takes_lists() {
+        let (s, _) = check(&[]).unwrap();
+        assert!(s.proxy.is_none(), "off unless asked");
+        let (s, _) = check(&["--proxy-protocol"]).unwrap();
+        let p = s.proxy.expect("on");
+        let shown: Vec<String> = p.from.iter().map(|c| c.to_string()).collect();
+        assert_eq!(shown, ["127.0.0.0/8", "::1/128"]);
+        assert_eq!(p.timeout, Duration::from_secs(5));
+        let (s, _) = check(&[
+            "--proxy-protocol",
+            "--proxy-from",
+            "10.0.0.0/8",
+            "192.0.2.7,2001:db8::/32",
+            "--proxy-from",
+            "10.0.0.0/8",
+            "--proxy-timeout",
+            "0.5",
+        ])
+        .unwrap();
+        let p = s.proxy.unwrap();
+        let shown: Vec<String> = p.from.iter().map(|c| c.to_string()).collect();
+        assert_eq!(shown, ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]);
+        assert_eq!(p.timeout, Duration::from_millis(500));
     }
 
     #[test]

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use echoport_testkit::child::collect;
 use rustix::process::{Pid, Signal, kill_process};
 
 /// The Linux backends every behaviour is checked on.
@@ -195,11 +196,8 @@ impl Server {
 
     /// CPU time (user + system) the server has used, in clock ticks.
     pub fn cpu_ticks(&self) -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
-        let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
-            .split_whitespace()
-            .collect();
-        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+        let (user, system) = echoport_io::sys::process_cpu_ticks(self.pid()).unwrap();
+        user + system
     }
 
     /// Resident memory of the server, in KiB.
@@ -397,31 +395,11 @@ pub fn run_bin(args: &[&str], stdin: &[u8], timeout: Duration) -> (ExitStatus, S
     });
     let out = collect(child.stdout.take().unwrap());
     let err = collect(child.stderr.take().unwrap());
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "`echoport {}` did not finish within {timeout:?}",
-                args.join(" ")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let what = format!("`echoport {}`", args.join(" "));
+    let status = echoport_testkit::child::wait_or_kill(&mut child, timeout, &what);
     let _ = writer.join();
-    (status, out.join().unwrap(), err.join().unwrap())
-}
-
-fn collect(mut r: impl Read + Send + 'static) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = r.read_to_end(&mut v);
-        String::from_utf8_lossy(&v).into_owned()
-    })
+    let text = |h: JoinHandle<Vec<u8>>| String::from_utf8_lossy(&h.join().unwrap()).into_owned();
+    (status, text(out), text(err))
 }
 
 /// Reads exactly `n` bytes, with a clear message when the stream ends or fails first.
@@ -490,4 +468,24 @@ pub fn ping_pong(addr: SocketAddr, conns: usize, rounds: usize, size: usize) -> 
         h.join().expect("a client failed");
     }
     (conns * rounds * size) as u64
+}
+
+/// An echo peer (for a test's own listener) that echoes faithfully, except that once
+/// `after` bytes have come in it stops for `pause`, once.
+pub fn echo_stalling(mut s: TcpStream, after: usize, pause: Duration) {
+    let mut buf = [0u8; 16384];
+    let (mut at, mut stalled) = (0usize, false);
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            return;
+        }
+        at += n;
+        if !stalled && at >= after {
+            stalled = true;
+            std::thread::sleep(pause);
+        }
+        if s.write_all(&buf[..n]).is_err() {
+            return;
+        }
+    }
 }

@@ -157,32 +157,12 @@ pub fn bench(addr: SocketAddr, args: &[&str], limit: Duration) -> (Option<i32>, 
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting echoport bench");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = out.read_to_end(&mut s);
-        s
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("echoport bench did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    use echoport_testkit::child::{collect, wait_or_kill};
+    let reader = collect(child.stdout.take().unwrap());
+    let err_reader = collect(child.stderr.take().unwrap());
+    let status = wait_or_kill(&mut child, limit, "echoport bench");
     let stdout = reader.join().unwrap();
-    let stderr = err_reader.join().unwrap();
+    let stderr = String::from_utf8_lossy(&err_reader.join().unwrap()).into_owned();
     let doc = serde_json::from_slice(&stdout).unwrap_or_else(|e| {
         panic!(
             "bench stdout is not JSON ({e}); status {status}\nstdout:\n{}\nstderr:\n{stderr}",
