@@ -32,7 +32,7 @@
 //! buffer ring), `submit.rs` (one function per operation posted), `complete.rs` (one per kind
 //! of completion reaped), `wait.rs` (submit, sleep, reap), `drop.rs` (cancel and drain),
 //! `rings.rs` (more rings than threads: a worker's extra direct-descriptor tables, and where
-//! accepts and buffers go).
+//! buffers go), `accept.rs` (accepts across them, each promised a free slot).
 //!
 //! # Capacity
 //! A ring's direct-descriptor table holds at most `RLIMIT_NOFILE` entries, so a worker

@@ -441,3 +441,28 @@ impl Uring {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rings_are_planned_for_every_slot_of_every_table() {
+        assert_eq!(rings_for(0, 20_000), 1);
+        assert_eq!(rings_for(20_000, 20_000), 1);
+        assert_eq!(rings_for(20_001, 20_000), 2);
+        assert_eq!(rings_for(500_000, 20_000), 25);
+        assert_eq!(capacity(20_000, 25), 500_000);
+        assert!(rings_for(usize::MAX, 4) <= u16::MAX as u32, "ring ids fit in 16 bits");
+    }
+
+    #[test]
+    fn a_lone_ring_holds_every_buffer_and_several_share_them() {
+        let one = Tables::new(20_000, 1, 2048);
+        assert_eq!(one.cap(0), 2048);
+        let many = Tables::new(20_000, 26, 2048);
+        assert_eq!(many.cap(0), 1024);
+        assert!(many.cap(1) >= MIN_SHARE);
+        assert!(many.cap(0) + 25 * many.cap(1) <= 2048, "caps leave free buffers to top up");
+    }
+}
