@@ -17,6 +17,8 @@ pub struct Admission {
     live: AtomicUsize,
     /// A refusal at the limit was logged; cleared once a tenth of the places are free.
     refusal_logged: AtomicBool,
+    /// What sets the budget and how to raise it, for the limit message.
+    bound: std::sync::OnceLock<String>,
     /// `--max-connections-per-ip`: the limit, and the open connections of each address
     /// that has any (`None`: no per-address limit).
     per_ip: Option<(u32, Mutex<HashMap<IpAddr, u32>>)>,
@@ -34,6 +36,7 @@ impl Admission {
             max: AtomicUsize::new(max),
             live: AtomicUsize::new(0),
             refusal_logged: AtomicBool::new(false),
+            bound: std::sync::OnceLock::new(),
             per_ip: per_ip.map(|n| (n, Mutex::new(HashMap::new()))),
         })
     }
@@ -73,6 +76,16 @@ impl Admission {
     /// Changes the budget (connections already admitted stay).
     pub fn set_max(&self, max: usize) {
         self.max.store(max, Ordering::Relaxed);
+    }
+
+    /// Says what sets the budget and how to raise it (once; for the limit message).
+    pub fn set_bound(&self, bound: String) {
+        let _ = self.bound.set(bound);
+    }
+
+    /// What sets the budget, as given to [`Admission::set_bound`].
+    pub fn bound(&self) -> &str {
+        self.bound.get().map_or("--max-connections", String::as_str)
     }
 
     /// The budget.

@@ -266,20 +266,31 @@ impl<B: Backend> Worker<B> {
     /// timeouts, the shutdown deadline) without sleeping.
     pub fn turn_at(&mut self, now: Instant, timeout: Option<Duration>) -> io::Result<()> {
         self.clock = now;
-        self.now = (now.saturating_duration_since(self.epoch).as_nanos() / TICK.as_nanos()) as u32;
+        self.now = self.tick_at(now);
         self.on_timers(now);
         self.expire_connections();
         self.arm_listeners();
         let timeout = self.publish_live(timeout);
         let mut events = std::mem::take(&mut self.events);
         events.clear();
+        let waiting = Instant::now();
         self.backend.wait(&mut events, timeout)?;
+        // The wait may have slept for as long as nothing happened (with no timer armed, for
+        // ever): what it delivered happened now. The clock moves on by the time it took, so a
+        // connection accepted after a quiet hour is not filed as an hour old.
+        self.clock = now + waiting.elapsed();
+        self.now = self.tick_at(self.clock);
         for c in events.drain(..) {
             self.dispatch(c);
         }
         self.events = events;
         self.unpark();
         Ok(())
+    }
+
+    /// The tick (of [`TICK`] since `epoch`) that `t` falls in.
+    fn tick_at(&self, t: Instant) -> u32 {
+        (t.saturating_duration_since(self.epoch).as_nanos() / TICK.as_nanos()) as u32
     }
 
     /// The backend failed for good (the transient errors of normal operation never get
@@ -379,6 +390,9 @@ impl<B: Backend> Worker<B> {
         for token in self.conns.tokens() {
             if self.gated(token) {
                 // No echo is owed before the header: just close.
+                if let Some(g) = &mut self.gate {
+                    g.forget(token);
+                }
                 self.with_conn(token, |c, cx| c.abort(cx));
             } else {
                 self.with_conn(token, |c, cx| c.shutdown(cx));

@@ -341,3 +341,97 @@ fn a_stop_closes_connections_still_waiting_for_their_header() {
     assert_eq!(g.w.connections(), 0);
     assert!(!g.io().ops.iter().any(|o| matches!(o, Op::Shutdown { .. })));
 }
+
+/// xorshift64*: the same cases on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Sends complete at once: completes every send posted so far, returning the bytes sent.
+fn complete_sends(g: &mut G) -> Vec<u8> {
+    let mut out = Vec::new();
+    for op in g.io().take_ops() {
+        if let Op::Send {
+            token,
+            buf,
+            off,
+            len,
+            ..
+        } = op
+        {
+            let bytes = &g.io().contents[&buf][off as usize..(off + len) as usize];
+            out.extend_from_slice(bytes);
+            g.io().complete(Completion::Send {
+                token,
+                result: Ok(len),
+            });
+        }
+    }
+    g.turn(0);
+    out
+}
+
+#[test]
+fn any_cutting_of_header_and_data_echoes_exactly_the_data() {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for case in 0..500 {
+        let mut g = G::new(None);
+        let t = g.accept(3, BALANCER).unwrap();
+        let src = SocketAddr::from(([192, 0, 2, rng.below(256) as u8], rng.below(65536) as u16));
+        let header = match rng.below(3) {
+            0 => encode_v1(src, sa("127.0.0.1:7007")).into_bytes(),
+            1 => v2(&src.to_string()),
+            _ => {
+                let mut h = Vec::new();
+                encode_v2_local(&mut h);
+                h
+            }
+        };
+        let data: Vec<u8> = (0..rng.below(3000)).map(|_| rng.next() as u8).collect();
+        let mut stream = header.clone();
+        stream.extend_from_slice(&data);
+        let mut echoed = Vec::new();
+        let mut at = 0;
+        while at < stream.len() {
+            let most = if rng.below(2) == 0 { 8 } else { 1500 };
+            let n = (1 + rng.below(most)).min(stream.len() - at);
+            g.recv(t, &stream[at..at + n], 0);
+            at += n;
+            if g.w.waiting_for_header() > 0 {
+                assert!(
+                    g.io().lent.is_empty(),
+                    "case {case}: a buffer held mid-header"
+                );
+            }
+            echoed.extend(complete_sends(&mut g));
+        }
+        assert_eq!(echoed, data, "case {case}: {} header bytes", header.len());
+        let s = g.w.stats();
+        assert_eq!(s.proxy_v1 + s.proxy_v2 + s.proxy_local, 1, "case {case}");
+        assert_eq!(s.bytes_echoed, data.len() as u64);
+        g.complete(
+            Completion::Recv {
+                token: t,
+                result: Ok(Received::Eof),
+                more: false,
+            },
+            0,
+        );
+        assert_eq!(g.w.connections(), 0, "case {case}: closed after the echo");
+        assert!(
+            g.io().lent.is_empty(),
+            "case {case}: every buffer given back"
+        );
+    }
+}

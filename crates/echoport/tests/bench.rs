@@ -632,7 +632,7 @@ fn connect_rate_spreads_the_connections_out() {
 }
 
 #[test]
-fn a_coarse_tick_batches_sends_and_the_wait_shows_in_the_latency() {
+fn a_coarse_tick_batches_sends_and_times_echoes_by_their_arrival() {
     let ts = test_server(echo);
     let out = bench(
         ts.addr,
@@ -646,9 +646,11 @@ fn a_coarse_tick_batches_sends_and_the_wait_shows_in_the_latency() {
     let r = &d["runs"][0];
     let ratio = num(r, "rate_ratio");
     assert!((0.95..=1.05).contains(&ratio), "{r:#}");
-    // Messages wait up to a tick to be sent, and that wait is part of their latency.
-    assert!(num(r, "max_send_lag_us") >= 10_000.0, "{r:#}");
-    assert!(num(r, "latency_us.p50") >= 3_000.0, "{r:#}");
+    // Messages go out at their tick, 40 at a time, and the echoes are timed by their
+    // kernel arrival stamps, not by the next tick's wake-up (20 ms later).
+    let late = num(r, "client_max_late_us");
+    assert!(num(r, "max_send_lag_us") <= late + 1_000.0, "{r:#}");
+    assert!(num(r, "latency_us.p50") < 10_000.0, "{r:#}");
 }
 
 #[test]

@@ -452,12 +452,10 @@ fn the_descriptor_limit_is_raised_and_the_capacity_logged() {
             "max_connections=4032 ",
             "descriptor limit 4096 less 64 in reserve",
         ),
-        // One ring (one thread): its direct-descriptor table holds the descriptor limit.
-        (
-            "io-uring",
-            "max_connections=4096 ",
-            "io_uring direct-descriptor tables",
-        ),
+        // Each ring's direct-descriptor table holds the descriptor limit, and one thread
+        // adds rings as they fill: the machine (fs.file-max or memory) bounds the capacity,
+        // not the descriptor limit.
+        ("io-uring", "ring_table=4096 ", "rings_per_thread="),
     ] {
         let server = Server::start_wrapped(
             &["prlimit", "--nofile=256:4096", "--"],
@@ -470,6 +468,19 @@ fn the_descriptor_limit_is_raised_and_the_capacity_logged() {
             .unwrap();
         for want in ["nofile=4096 ", capacity, from] {
             assert!(line.contains(want), "{backend}: no {want:?} in: {line}");
+        }
+        if backend == "io-uring" {
+            let max: u64 = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("max_connections="))
+                .and_then(|v| v.parse().ok())
+                .unwrap();
+            assert!(max > 4096, "one thread holds more than one table: {line}");
+            assert!(
+                line.contains("max_connections_from=fs.file-max")
+                    || line.contains("max_connections_from=memory"),
+                "the machine's bound: {line}"
+            );
         }
         let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid())).unwrap();
         let open = limits

@@ -13,8 +13,10 @@
 //!   redispatches), HAProxy's echo health check marks the stopped backend DOWN, and a second
 //!   run goes entirely to the other backend without a single error.
 //!
-//! The scenario takes parameters so that the PROXY protocol variant (`send-proxy-v2` on the
-//! server lines, the matching flag on echoport) can be added as a second case.
+//! It runs twice: plain TCP, and with the PROXY protocol (`send-proxy-v2` on the server
+//! lines, `serve --proxy-protocol` on the backends), where each backend must also have read a
+//! v2 header on every session HAProxy gave it, LOCAL headers on HAProxy's health checks, and
+//! refused none.
 
 #[macro_use]
 mod common;
@@ -37,7 +39,7 @@ use rustix::process::{Pid, Signal, kill_process};
 pub const BACKEND_OPTIONS: &[&str] = &[
     "balance roundrobin",
     "option tcp-check",
-    "tcp-check connect",
+    "tcp-check connect default",
     "tcp-check send-binary 70696e670a",
     "tcp-check expect binary 70696e670a",
     "default-server inter 200ms fall 2 rise 2",
@@ -59,14 +61,27 @@ struct Scenario {
     server_opts: &'static str,
     /// Extra `echoport serve` flags for the backends (e.g. the PROXY protocol flag).
     echoport_args: &'static [&'static str],
+    /// The backends read PROXY v2 headers (checked in their counters).
+    proxy: bool,
 }
 
-/// Plain TCP. (The PROXY v2 case will be `{ server_opts: " send-proxy-v2 check-send-proxy",
-/// echoport_args: &["--proxy-protocol", "v2", "--proxy-from", "127.0.0.1/32"] }` once
-/// echoport speaks it.)
+/// Plain TCP.
 const PLAIN: Scenario = Scenario {
     server_opts: "",
     echoport_args: &[],
+    proxy: false,
+};
+
+/// The `server` line's options of the PROXY v2 recipe, exactly as docs/DEPLOY.md shows them.
+pub const PROXY_SERVER_OPTS: &str = " send-proxy-v2";
+/// The backends' flags of the PROXY v2 recipe (HAProxy on the same host: loopback).
+pub const PROXY_ARGS: &[&str] = &["--proxy-protocol", "--proxy-from", "127.0.0.1"];
+
+/// HAProxy sends a PROXY v2 header first on every connection, health checks included.
+const PROXY_V2: Scenario = Scenario {
+    server_opts: PROXY_SERVER_OPTS,
+    echoport_args: PROXY_ARGS,
+    proxy: true,
 };
 
 /// HAProxy in the foreground, its log collected, killed on drop.
@@ -80,7 +95,10 @@ struct Haproxy {
 impl Haproxy {
     fn start(front: SocketAddr, backends: &[SocketAddr], s: &Scenario) -> Haproxy {
         let haproxy = require("haproxy", "haproxy");
-        let dir = std::env::temp_dir().join(format!("echoport-haproxy-{}", std::process::id()));
+        // One directory per HAProxy: the scenarios run side by side in one test process.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("echoport-haproxy-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let stats = dir.join("stats.sock");
         let mut cfg = format!(
@@ -272,7 +290,7 @@ impl Rig {
 
     /// SIGTERM to A; waits until its listener is closed, checks that new connections work
     /// through the balancer, that A's drain is clean and quick, and that A goes DOWN.
-    fn stop_a(&mut self) {
+    fn stop_a(&mut self) -> common::Stopped {
         let mut a = self.a.take().expect("A runs");
         let t_stop = Instant::now();
         a.signal(Signal::TERM);
@@ -302,6 +320,34 @@ impl Rig {
             stopped.took
         );
         self.hx.wait_status("e0", "DOWN");
+        stopped
+    }
+}
+
+/// With the PROXY protocol: a backend read one v2 PROXY header per session HAProxy gave
+/// it (`sessions`), LOCAL ones from the health checks, and refused nothing.
+fn check_proxy_counters(which: &str, stopped: &common::Stopped, sessions: u64) {
+    let s = |k: &str| stopped.stat(k);
+    assert_eq!(
+        s("proxy_v2"),
+        sessions,
+        "{which}: one v2 header per HAProxy session:\n{}",
+        stopped.log
+    );
+    assert!(
+        s("proxy_local") > 0,
+        "{which}: no health check came as LOCAL"
+    );
+    for k in [
+        "proxy_v1",
+        "proxy_untrusted",
+        "proxy_not_proxy",
+        "proxy_malformed",
+        "proxy_too_long",
+        "proxy_timeouts",
+        "proxy_truncated",
+    ] {
+        assert_eq!(s(k), 0, "{which}: {k}");
     }
 }
 
@@ -347,7 +393,7 @@ fn drain_moves_the_load(s: &Scenario) {
     let (_, on_a) = rig.hx.server("e0");
     assert_eq!(on_a, 10, "round robin put {on_a} of 20 connections on A");
     let b_before = rig.b_bytes();
-    rig.stop_a();
+    let a_stopped = rig.stop_a();
     let (code1, doc1) = run1.join().expect("bench run 1");
     eprintln!("run 1: {doc1:#}");
     check_drained_run(code1, &doc1, on_a);
@@ -380,12 +426,24 @@ fn drain_moves_the_load(s: &Scenario) {
         log.contains("is DOWN"),
         "HAProxy's log says nothing of A going down:\n{log}"
     );
-    rig.b.stop().assert_clean();
+    let b_stopped = rig.b.stop();
+    b_stopped.assert_clean();
+    if s.proxy {
+        check_proxy_counters("A", &a_stopped, on_a);
+        check_proxy_counters("B", &b_stopped, b_now);
+    } else {
+        assert_eq!(b_stopped.stat("proxy_v2"), 0);
+    }
 }
 
 #[test]
 fn a_drained_backend_hands_its_load_to_the_other() {
     drain_moves_the_load(&PLAIN);
+}
+
+#[test]
+fn a_drained_backend_hands_its_load_to_the_other_with_proxy_v2() {
+    drain_moves_the_load(&PROXY_V2);
 }
 
 /// docs/DEPLOY.md shows the configuration this file runs.
@@ -399,4 +457,14 @@ fn the_deploy_guide_shows_the_tested_configuration() {
             "docs/DEPLOY.md lacks `{line}`"
         );
     }
+    assert!(
+        doc.lines()
+            .any(|l| l.trim().starts_with("server ") && l.ends_with(PROXY_SERVER_OPTS)),
+        "docs/DEPLOY.md shows no `server ...{PROXY_SERVER_OPTS}` line"
+    );
+    let flags = PROXY_ARGS.join(" ");
+    assert!(
+        doc.contains(&flags),
+        "docs/DEPLOY.md does not show `echoport serve ... {flags}`"
+    );
 }

@@ -107,6 +107,7 @@ impl<B: Backend> Worker<B> {
         if self.stopping.is_some() || !self.cfg.admission.try_acquire() {
             return self.refuse(sock);
         }
+        // From accept: the turn's clock has moved past the wait that delivered it.
         let deadline = self.now.saturating_add(gate.ticks);
         let token = self.insert_conn(sock);
         if self.conns.get_mut(token).is_some() {
@@ -128,9 +129,9 @@ impl<B: Backend> Worker<B> {
         if self.stopping.is_none() && adm.live() >= adm.max() && adm.first_refusal() {
             tracing::warn!(
                 max_connections = adm.max(),
+                bound = adm.bound(),
                 "connection limit reached: new connections are closed at once until some \
-                 close (said once; the start-up line's max_connections_from names the \
-                 bound: raise --max-connections, or fs.file-max or memory)"
+                 close (said once until a tenth of the places are free again)"
             );
         }
         self.backend.push(Op::Close {

@@ -329,7 +329,6 @@ impl Tables {
     /// `None` when the limit is reached or the kernel refuses (said once in the log).
     pub(super) fn add_ring(&mut self, cfg: &Config, buffers: u32) -> Option<usize> {
         if self.rings() >= self.max_rings as usize {
-            self.log_full(None);
             return None;
         }
         match TableRing::new(cfg, self.size, buffers) {
@@ -348,8 +347,9 @@ impl Tables {
         }
     }
 
-    /// The once-only message that this worker's rings cannot take more connections.
-    fn log_full(&mut self, why: Option<io::Error>) {
+    /// The once-only message that this worker's rings cannot take more connections (`None`:
+    /// every table is full; else why the kernel refused another ring).
+    pub(super) fn log_full(&mut self, why: Option<io::Error>) {
         if std::mem::replace(&mut self.full_logged, true) {
             return;
         }
@@ -450,6 +450,9 @@ impl Uring {
     pub(super) fn accept_elsewhere(&mut self, i: usize) -> bool {
         let from = self.listeners[i].ring as usize;
         if self.accept_ring() == from {
+            if self.tables.max_rings > 1 {
+                self.tables.log_full(None);
+            }
             return false;
         }
         self.post_accept(ListenerId(i as u32));

@@ -1,6 +1,7 @@
 //! Opens many connections to an echo server, checks one echo on every one, then holds them.
 //!
-//! Usage: `echoport-scale-client ADDR N [SOURCES] [HOLD_SECS]`
+//! Usage: `echoport-scale-client ADDR N [SOURCES] [HOLD_SECS]`, or
+//! `echoport-scale-client probe ADDR COUNT` (below).
 //!
 //! Connections are opened one after another (bound to the source addresses in turn, so one
 //! process can pass the ephemeral-port limit of a single address pair). When every
@@ -8,6 +9,10 @@
 //! for HOLD_SECS seconds (default 10) or until its standard input closes, whichever comes
 //! first; then it checks every connection still echoes, prints `done N`, and exits 0.
 //! Any failure prints a reason and exits 1.
+//!
+//! `probe` measures what a new client sees while the others are held: COUNT times, one after
+//! another, it opens a new connection, times one 64-byte echo on it, and closes it; then it
+//! prints `probe COUNT p50_us=… p99_us=… max_us=…` (exit 1 if an echo is wrong or missing).
 #![forbid(unsafe_code)]
 
 use std::io::{Read, Write};
@@ -27,6 +32,9 @@ fn main() {
 
 fn run() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("probe") {
+        return probe(&args[1..]);
+    }
     if args.len() < 2 {
         bail!("usage: echoport-scale-client ADDR N [SOURCES] [HOLD_SECS]");
     }
@@ -109,5 +117,42 @@ fn echo_all(conns: &mut [TcpStream], round: u32) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// `probe ADDR COUNT`: the echo latency of new clients, one connection per echo.
+fn probe(args: &[String]) -> anyhow::Result<()> {
+    let (Some(addr), Some(count)) = (args.first(), args.get(1)) else {
+        bail!("usage: echoport-scale-client probe ADDR COUNT");
+    };
+    let addr: SocketAddr = addr.parse().context("bad ADDR")?;
+    let count: usize = count.parse().context("bad COUNT")?;
+    let msg = [b'p'; 64];
+    let mut took = Vec::with_capacity(count);
+    for i in 0..count.max(1) {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .with_context(|| format!("probe connection {i}"))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let t = Instant::now();
+        s.write_all(&msg)?;
+        let mut got = [0u8; 64];
+        s.read_exact(&mut got)
+            .with_context(|| format!("reading probe {i}'s echo"))?;
+        took.push(t.elapsed());
+        if got != msg {
+            bail!("probe {i}: the echo differs");
+        }
+        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
+    }
+    took.sort();
+    let at = |q: f64| took[((took.len() as f64 * q).ceil() as usize).clamp(1, took.len()) - 1];
+    println!(
+        "probe {} p50_us={} p99_us={} max_us={}",
+        took.len(),
+        at(0.50).as_micros(),
+        at(0.99).as_micros(),
+        took[took.len() - 1].as_micros()
+    );
     Ok(())
 }

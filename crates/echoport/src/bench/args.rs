@@ -151,11 +151,11 @@ pub struct Opts {
     #[arg(help_heading = "Load", long, value_name = "RATES", value_delimiter = ',', value_parser = parse_rate, conflicts_with_all = ["rate", "pipeline"])]
     pub sweep: Option<Vec<f64>>,
 
-    /// Open loop: sleep at least this long on the timer (e.g. 50us). Messages falling due
-    /// meanwhile go out with the next echo or tick, so the client wakes up less often (less
-    /// CPU per echo at high rates); their latency still counts from the intended time, so
-    /// the wait shows in the results (pessimistic, never flattering). Default: wake for
-    /// each message on time.
+    /// Open loop: work in ticks of this length (e.g. 50us). Each message goes out at the
+    /// first tick at or after its intended time, together with the tick's other messages
+    /// (one submission), and its latency counts from that tick; between ticks the client
+    /// sleeps on a timer and is not woken by echoes, so it wakes once per tick, not once per
+    /// message. 0 = wake for each message on time. (UDP: the shortest sleep on the timer.)
     #[arg(help_heading = "Tuning and measurement", long, value_name = "TIME", default_value = "0", value_parser = parse_duration)]
     pub tick: Duration,
 

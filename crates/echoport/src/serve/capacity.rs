@@ -86,7 +86,9 @@ pub(super) fn machine_bound() -> MachineBound {
         let n = max.saturating_sub(open).saturating_sub(FILE_RESERVE) as usize;
         best = MachineBound {
             max: n,
-            from: format!("fs.file-max {max} less {open} files open and {FILE_RESERVE} spare"),
+            from: format!(
+                "fs.file-max {max} less {open} files open and {FILE_RESERVE} spare (raise fs.file-max)"
+            ),
         };
     }
     if let Some(kib) = mem {
@@ -95,7 +97,7 @@ pub(super) fn machine_bound() -> MachineBound {
             best = MachineBound {
                 max: n,
                 from: format!(
-                    "memory: MemAvailable {} MiB at {KERNEL_BYTES_PER_CONN} B of kernel memory each",
+                    "memory: MemAvailable {} MiB at {KERNEL_BYTES_PER_CONN} B of kernel memory each (add memory)",
                     kib / 1024
                 ),
             };
@@ -134,7 +136,7 @@ impl Capacity {
         if let Some(n) = args.max_connections {
             return Capacity {
                 max: n,
-                from: "--max-connections".into(),
+                from: "--max-connections (raise it)".into(),
                 plan: plan.clone(),
             };
         }
@@ -147,14 +149,17 @@ impl Capacity {
             Some(t) => Capacity {
                 max: t.max(1),
                 from: format!(
-                    "io_uring direct-descriptor tables: {threads} threads x up to {} rings x {} slots",
+                    "io_uring direct-descriptor tables: {threads} threads x up to {} rings x {} \
+                     slots (raise the descriptor limit, ulimit -n / LimitNOFILE, or --threads)",
                     plan.rings, plan.table
                 ),
                 plan: plan.clone(),
             },
             None => Capacity {
                 max: (nofile.saturating_sub(reserve) as usize).max(1),
-                from: format!("descriptor limit {nofile} less {reserve} in reserve"),
+                from: format!(
+                    "descriptor limit {nofile} less {reserve} in reserve (raise ulimit -n / LimitNOFILE)"
+                ),
                 plan: plan.clone(),
             },
         }

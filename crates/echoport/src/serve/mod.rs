@@ -69,6 +69,7 @@ pub fn run(mut args: Args) -> anyhow::Result<ExitCode> {
     let started = wait_ready(&workers.ready, settings.threads);
     let capacity = Capacity::derive(&args, started.tables, nofile, &plan, settings.threads);
     admission.set_max(capacity.max);
+    admission.set_bound(capacity.from.clone());
     let abort = |e: anyhow::Error| {
         stop.store(true, Ordering::Release);
         for w in &started.wakers {

@@ -92,8 +92,9 @@ impl<B: Backend> Worker<B> {
             return;
         }
         c.closing = true;
-        let (pos, sock) = (c.active_pos, c.sock);
+        let (pos, sock, rx_fd) = (c.active_pos, c.sock, c.rx_fd.take());
         let (recv_armed, sending) = (c.recv_armed, c.send.is_some());
+        self.unwatch(rx_fd);
         self.remove_target(token);
         self.active.swap_remove(pos);
         if let Some(&moved) = self.active.get(pos) {

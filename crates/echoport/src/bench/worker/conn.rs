@@ -5,14 +5,18 @@ use std::collections::VecDeque;
 
 use echoport_core::{Backend, BufId, Completion, Op, OpError, Received, Token};
 
-use super::{Conn, Failure, Incoming, Phase, ThreadLoad, Worker, classify};
+use super::{Conn, Failure, Incoming, Phase, Plan, ThreadLoad, Worker, classify};
+use crate::bench::interval::Recorder;
 use crate::bench::pattern;
+use crate::bench::tally::Tally;
 
 impl<B: Backend> Worker<B> {
     pub(super) fn add_conn(&mut self, inc: Incoming, now: u64) {
         if self.phase != Phase::Run {
             return; // dropping the stream closes it
         }
+        #[cfg(target_os = "linux")]
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&inc.stream);
         let sock = match self.io.adopt(inc.stream) {
             Ok(s) => s,
             Err(e) => {
@@ -34,6 +38,7 @@ impl<B: Backend> Worker<B> {
             received: 0,
             send: None,
             recv_armed: true,
+            rx_fd: None,
             closing: false,
             dirty: false,
             waiting_buf: false,
@@ -47,11 +52,19 @@ impl<B: Backend> Worker<B> {
         });
         self.active.push(token);
         self.add_target(token);
-        self.io.push(Op::Recv {
-            token,
-            sock,
-            max: u32::MAX,
-        });
+        #[cfg(target_os = "linux")]
+        if self.ticked && self.watch(token, fd) {
+            let c = self.conns.get_mut(token).expect("just inserted");
+            c.rx_fd = Some(fd);
+            c.recv_armed = false;
+        }
+        if self.conns.get_mut(token).is_some_and(|c| c.recv_armed) {
+            self.io.push(Op::Recv {
+                token,
+                sock,
+                max: u32::MAX,
+            });
+        }
         if let ThreadLoad::Closed { pipeline } = self.plan.load {
             for _ in 0..pipeline {
                 if !self.issue(token, now) {
@@ -242,66 +255,42 @@ impl<B: Backend> Worker<B> {
         }
     }
 
-    /// Checks echoed bytes against the messages in flight and completes the ones done.
+    /// Checks echoed bytes (a receive's buffer) against the messages in flight and completes
+    /// the ones done.
     pub(super) fn on_data(&mut self, token: Token, buf: BufId, len: u32, now: u64) {
         let Worker {
             io,
             conns,
             tally,
             intervals,
+            plan,
+            done_all,
+            bytes_all,
             ..
         } = self;
         let c = conns.get_mut(token).expect("caller checked");
         let data = &io.buf(buf)[..len as usize];
-        let room = c.owed();
-        let (data, extra) = if (data.len() as u64) > room {
-            (&data[..room as usize], data.len() as u64 - room)
-        } else {
-            (data, 0)
+        let mut m = Meters {
+            tally,
+            intervals,
+            plan,
+            done_all,
+            bytes_all,
         };
-        let mut done = 0u32;
-        let mut p = 0;
-        while p < data.len() {
-            let m = c
-                .queue
-                .front_mut()
-                .expect("bytes owed means a message in flight");
-            let n = ((m.len - c.recv_off) as usize).min(data.len() - p);
-            if !m.bad && !pattern::verify(m.key, c.recv_off, &data[p..p + n]) {
-                m.bad = true;
-            }
-            c.recv_off += n as u32;
-            p += n;
-            if c.recv_off == m.len {
-                let m = c.queue.pop_front().expect("front exists");
-                c.send_idx -= 1;
-                c.recv_off = 0;
-                done += 1;
-                self.done_all += 1;
-                self.bytes_all += m.len as u64;
-                if m.bad {
-                    tally.errors.mismatch += 1;
-                }
-                if m.measured {
-                    let latency = now.saturating_sub(m.t);
-                    tally.record(now, latency, m.len as u64);
-                    if let Some(r) = intervals {
-                        r.record(now, latency, m.len as u64);
-                    }
-                }
-            }
-        }
-        c.received += data.len() as u64;
-        c.last_progress = now;
-        c.echoed += done as u64;
-        if done > 0 && !c.first_echo_seen {
-            c.first_echo_seen = true;
-            first_echo(tally, &self.plan, c.started_ns, now);
-        }
+        let got = check_echo(c, data, now, &mut m);
+        self.after_echo(token, got, now);
+    }
+
+    /// What follows a receive: an excess echo closes the connection; in the closed loop each
+    /// echo makes a new message; at the end an idle connection closes.
+    pub(super) fn after_echo(&mut self, token: Token, (done, extra): (u32, u64), now: u64) {
+        let Some(c) = self.conns.get_mut(token) else {
+            return;
+        };
         let idle = c.idle();
         if extra > 0 {
-            tally.errors.extra_echo += 1;
-            tally.errors.extra_bytes += extra;
+            self.tally.errors.extra_echo += 1;
+            self.tally.errors.extra_bytes += extra;
             self.begin_close(token);
             return;
         }
@@ -320,8 +309,69 @@ impl<B: Backend> Worker<B> {
     }
 }
 
+/// Where [`check_echo`] counts what it completes.
+pub(super) struct Meters<'a> {
+    pub tally: &'a mut Tally,
+    pub intervals: &'a mut Option<Recorder>,
+    pub plan: &'a Plan,
+    pub done_all: &'a mut u64,
+    pub bytes_all: &'a mut u64,
+}
+
+/// Checks `data`, echoed at `now`, against the connection's messages in flight, records
+/// each message completed, and returns how many were, and how many bytes came back that
+/// were never sent.
+pub(super) fn check_echo(c: &mut Conn, data: &[u8], now: u64, m: &mut Meters) -> (u32, u64) {
+    let room = c.owed();
+    let (data, extra) = if (data.len() as u64) > room {
+        (&data[..room as usize], data.len() as u64 - room)
+    } else {
+        (data, 0)
+    };
+    let mut done = 0u32;
+    let mut p = 0;
+    while p < data.len() {
+        let msg = c
+            .queue
+            .front_mut()
+            .expect("bytes owed means a message in flight");
+        let n = ((msg.len - c.recv_off) as usize).min(data.len() - p);
+        if !msg.bad && !pattern::verify(msg.key, c.recv_off, &data[p..p + n]) {
+            msg.bad = true;
+        }
+        c.recv_off += n as u32;
+        p += n;
+        if c.recv_off == msg.len {
+            let msg = c.queue.pop_front().expect("front exists");
+            c.send_idx -= 1;
+            c.recv_off = 0;
+            done += 1;
+            *m.done_all += 1;
+            *m.bytes_all += msg.len as u64;
+            if msg.bad {
+                m.tally.errors.mismatch += 1;
+            }
+            if msg.measured {
+                let latency = now.saturating_sub(msg.t);
+                m.tally.record(now, latency, msg.len as u64);
+                if let Some(r) = m.intervals {
+                    r.record(now, latency, msg.len as u64);
+                }
+            }
+        }
+    }
+    c.received += data.len() as u64;
+    c.last_progress = now;
+    c.echoed += done as u64;
+    if done > 0 && !c.first_echo_seen {
+        c.first_echo_seen = true;
+        first_echo(m.tally, m.plan, c.started_ns, now);
+    }
+    (done, extra)
+}
+
 /// Times a connection's first echo from the start of its connect (begun in the window).
-fn first_echo(tally: &mut crate::bench::tally::Tally, plan: &super::Plan, started: u64, now: u64) {
+fn first_echo(tally: &mut Tally, plan: &Plan, started: u64, now: u64) {
     if started >= plan.warmup_ns && plan.end_ns.is_none_or(|e| started < e) {
         tally
             .first_echo

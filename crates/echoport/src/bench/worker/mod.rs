@@ -25,6 +25,7 @@
 mod churn;
 mod close;
 mod conn;
+mod stamped;
 #[cfg(test)]
 mod tests;
 
@@ -110,8 +111,10 @@ pub struct Plan {
     pub count: Option<u64>,
     /// No-progress timeout, and the grace at the end for the last echoes.
     pub timeout_ns: u64,
-    /// Open loop: the shortest sleep on the timer alone (messages falling due sooner wait
-    /// for it or for the next completion, and their latency includes that wait).
+    /// Open loop: the length of a tick (0: none). Each message goes out at the first tick
+    /// at or after its intended time (its latency counts from that tick), and the loop
+    /// sleeps from tick to tick on a plain timer, not woken by echoes: one wake-up and one
+    /// submission per tick, whatever the rate.
     pub tick_ns: u64,
     /// Open loop: poll, not sleep, when the next message is due within this many ns.
     pub spin_ns: u64,
@@ -166,6 +169,9 @@ impl crate::backends::WithBackend for Task {
             });
         };
         let mut w = Worker::new(backend, self.plan, epoch, self.intervals);
+        if w.ticked {
+            tick_timer_slack();
+        }
         w.pending = self.expected;
         w.requests = self.requests;
         w.run(&self.incoming, &self.stop, &self.live)?;
@@ -203,6 +209,8 @@ struct Conn {
     /// The send in flight: buffer, offset, length.
     send: Option<(BufId, u32, u32)>,
     recv_armed: bool,
+    /// The stream's descriptor when the ticked loop reads it itself ([`stamped`]).
+    rx_fd: Option<i32>,
     closing: bool,
     dirty: bool,
     waiting_buf: bool,
@@ -278,6 +286,38 @@ struct Worker<B: Backend> {
     issued_measured: u64,
     done_all: u64,
     bytes_all: u64,
+    /// Open loop with a tick: sleep on the timer, reap once per tick.
+    ticked: bool,
+    /// The ticked loop's kernel-stamped receive path.
+    stamped: Option<stamped::Stamped>,
+}
+
+/// A ticked loop's sleeps must end on time: without this, Linux may let them overrun by the
+/// default timer slack of 50 µs.
+fn tick_timer_slack() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = echoport_io::clock::set_timer_slack(1) {
+        tracing::warn!(error = %e, "cannot set the timer slack; ticks may end up to 50 us late");
+    }
+}
+
+/// The ticked loop's receive path, or None (with a warning: the loop then wakes per echo).
+fn open_stamped() -> Option<stamped::Stamped> {
+    if !cfg!(target_os = "linux") {
+        tracing::warn!("--tick needs Linux (kernel receive stamps); waking for each message");
+        return None;
+    }
+    stamped::Stamped::new()
+        .map_err(|e| tracing::warn!(error = %e, "--tick: no receive set; waking for each message"))
+        .ok()
+}
+
+/// Sleeps on a plain timer (echoes arriving meanwhile do not wake the thread).
+fn tick_sleep(d: Duration) {
+    #[cfg(target_os = "linux")]
+    echoport_io::clock::sleep(d);
+    #[cfg(not(target_os = "linux"))]
+    std::thread::sleep(d);
 }
 
 fn classify(e: OpError) -> Failure {
@@ -292,6 +332,9 @@ fn classify(e: OpError) -> Failure {
 impl<B: Backend> Worker<B> {
     fn new(io: B, plan: Plan, epoch: Instant, intervals: Option<Recorder>) -> Self {
         let scan_every = (plan.timeout_ns / 5).clamp(1_000_000, 100_000_000);
+        let mut ticked = plan.tick_ns > 0 && matches!(plan.load, ThreadLoad::Open { .. });
+        let stamped = if ticked { open_stamped() } else { None };
+        ticked &= stamped.is_some();
         let mut tally = Tally::default();
         if plan.keep_samples {
             tally.samples = Some(Vec::new());
@@ -324,6 +367,8 @@ impl<B: Backend> Worker<B> {
             issued_measured: 0,
             done_all: 0,
             bytes_all: 0,
+            ticked,
+            stamped,
         }
     }
 
@@ -416,7 +461,16 @@ impl<B: Backend> Worker<B> {
 
     /// Waits for completions (or the next thing due) and handles them.
     fn wait_and_dispatch(&mut self, before: u64) -> io::Result<()> {
+        if self.ticked && self.phase == Phase::Run && !self.targets.is_empty() {
+            return self.tick(before);
+        }
         let mut timeout = self.next_wakeup(before);
+        if self.ticked {
+            // Connecting (the connector's wake-up ends this wait) or draining: look at the
+            // stamped receives at least once a tick.
+            timeout = timeout.min(Duration::from_nanos(self.plan.tick_ns));
+        }
+        let deadline = before + timeout.as_nanos() as u64;
         if self.phase == Phase::Run
             && matches!(self.plan.load, ThreadLoad::Open { .. })
             && timeout.as_nanos() as u64 <= self.plan.spin_ns
@@ -430,7 +484,7 @@ impl<B: Backend> Worker<B> {
         let now = self.now();
         // A wait that returns well past its deadline means this thread was not running
         // (a busy machine): report it, it inflates every latency measured meanwhile.
-        let late = now.saturating_sub(before + timeout.as_nanos() as u64);
+        let late = now.saturating_sub(deadline);
         self.tally.max_late_ns = self.tally.max_late_ns.max(late);
         if late > 50_000_000 {
             tracing::debug!(
@@ -445,6 +499,34 @@ impl<B: Backend> Worker<B> {
             self.dispatch(c, now);
         }
         self.events = events;
+        self.reap_stamped(now);
+        Ok(())
+    }
+
+    /// The ticked loop's turn: hand this tick's sends to the kernel and reap what completed
+    /// in one call, read the echoes that arrived (kernel-stamped), then sleep to the next
+    /// tick on the timer alone (echoes arriving meanwhile do not wake the thread).
+    fn tick(&mut self, before: u64) -> io::Result<()> {
+        let mut events = std::mem::take(&mut self.events);
+        events.clear();
+        self.io.wait(&mut events, Some(Duration::ZERO))?;
+        let now = self.now();
+        for c in events.drain(..) {
+            self.dispatch(c, now);
+        }
+        self.events = events;
+        self.reap_stamped(now);
+        let wait = self.next_wakeup(now);
+        tick_sleep(wait);
+        let late = self.now().saturating_sub(now + wait.as_nanos() as u64);
+        self.tally.max_late_ns = self.tally.max_late_ns.max(late);
+        if late > 50_000_000 {
+            tracing::debug!(
+                late_ms = late / 1_000_000,
+                since = before,
+                "tick ended late"
+            );
+        }
         Ok(())
     }
 
@@ -457,20 +539,30 @@ impl<B: Backend> Worker<B> {
             if let Some(end) = self.plan.end_ns {
                 at = at.min(end);
             }
-            if let ThreadLoad::Open {
-                interval_ns,
-                offset_ns,
-            } = self.plan.load
-            {
-                if !self.targets.is_empty() {
-                    let due = (offset_ns + self.k as f64 * interval_ns) as u64;
-                    at = at.min(due.max(now + self.plan.tick_ns));
-                }
+            if matches!(self.plan.load, ThreadLoad::Open { .. }) && !self.targets.is_empty() {
+                at = at.min(self.due(self.k));
             }
         } else if !self.deadline_passed {
             at = at.min(self.drain_deadline);
         }
         Duration::from_nanos(at.saturating_sub(now))
+    }
+
+    /// Open loop: when message `k` goes out: its intended time, rounded up to the next tick
+    /// when ticking (every message of a tick goes out together, at the tick).
+    fn due(&self, k: u64) -> u64 {
+        let ThreadLoad::Open {
+            interval_ns,
+            offset_ns,
+        } = self.plan.load
+        else {
+            return 0;
+        };
+        let t = (offset_ns + k as f64 * interval_ns) as u64;
+        match self.plan.tick_ns {
+            0 => t,
+            tick => t.div_ceil(tick) * tick,
+        }
     }
 
     /// Creates the next message of a connection, intended at `t`. False when the run creates
@@ -511,14 +603,10 @@ impl<B: Backend> Worker<B> {
     /// end is sent and counted however late the loop gets to it). Both loops: notice the end
     /// of creation.
     fn schedule(&mut self, now: u64) {
-        if let ThreadLoad::Open {
-            interval_ns,
-            offset_ns,
-        } = self.plan.load
-        {
+        if let ThreadLoad::Open { .. } = self.plan.load {
             self.hand_out_orphans();
             while !self.targets.is_empty() {
-                let t = (offset_ns + self.k as f64 * interval_ns) as u64;
+                let t = self.due(self.k);
                 if t > now {
                     break;
                 }
@@ -534,15 +622,8 @@ impl<B: Backend> Worker<B> {
         // Open loop: not before every message intended before the end has gone to a
         // connection (with churn there may have been none to take it for a while).
         let all_issued = match self.plan.load {
-            ThreadLoad::Open {
-                interval_ns,
-                offset_ns,
-            } => {
-                self.orphans.is_empty()
-                    && self
-                        .plan
-                        .end_ns
-                        .is_none_or(|e| (offset_ns + self.k as f64 * interval_ns) as u64 >= e)
+            ThreadLoad::Open { .. } => {
+                self.orphans.is_empty() && self.plan.end_ns.is_none_or(|e| self.due(self.k) >= e)
             }
             ThreadLoad::Closed { .. } => true,
         };
