@@ -155,14 +155,17 @@ pub struct Opts {
     /// first tick at or after its intended time, together with the tick's other messages
     /// (one submission), and its latency counts from that tick; between ticks the client
     /// sleeps on a timer and is not woken by echoes, so it wakes once per tick, not once per
-    /// message. 0 = wake for each message on time. (UDP: the shortest sleep on the timer.)
-    #[arg(help_heading = "Tuning and measurement", long, value_name = "TIME", default_value = "0", value_parser = parse_duration)]
-    pub tick: Duration,
+    /// message. Echoes are timed by the kernel's arrival stamp, so the tick does not show
+    /// in their latency. Default 100us; 0 = wake for each message on time. (UDP: the
+    /// shortest sleep on the timer; default 0.)
+    #[arg(help_heading = "Tuning and measurement", long, value_name = "TIME", value_parser = parse_duration)]
+    pub tick: Option<Duration>,
 
     /// Open loop: when the next message is due within this long, poll for it instead of
     /// sleeping on a timer. A timer costs a kernel round trip (on a virtual machine tens of
     /// microseconds of exits), so at high rates polling is both cheaper and on time; the
-    /// client then uses its whole core. 0 = always sleep on the timer.
+    /// client then uses its whole core. 0 = always sleep on the timer. Applies to the
+    /// per-message loop (`--tick 0`, the default when --spin is given).
     #[arg(help_heading = "Tuning and measurement", long, value_name = "TIME", default_value = "0", value_parser = parse_duration)]
     pub spin: Duration,
 
