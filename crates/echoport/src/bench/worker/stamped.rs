@@ -115,11 +115,16 @@ impl<B: Backend> Worker<B> {
                 .map_or(buf.len(), |m| (m.len - c.recv_off) as usize)
                 .min(buf.len());
             let more_owed = c.owed() > want as u64;
+            let scheduled = c.queue.front().map_or(0, |m| m.t);
             match recv(fd, &mut buf[..want]) {
                 Ok(Rx::Data { len, stamp_ns }) => {
-                    // Never later than now, never before the stamp (a stamp-less read is
-                    // timed now: pessimistic).
-                    let at = stamp_ns.map_or(now, |s| s.saturating_sub(offset).min(now));
+                    // Never later than now; a read without a stamp, or with one before the
+                    // message was even scheduled (the wall clock was stepped), is timed
+                    // now: pessimistic, never flattering.
+                    let at = stamp_ns
+                        .map(|s| s.saturating_sub(offset).min(now))
+                        .filter(|&at| at >= scheduled)
+                        .unwrap_or(now);
                     let Worker {
                         conns,
                         tally,
