@@ -91,11 +91,24 @@ def build(servers=(), testkit=False, loadgen=False):
         log("building the peers (release) ...")
         subprocess.run(["cargo", "build", "--quiet", "--release"], cwd=os.path.join(ROOT, "bench", "peers"),
                        env=dict(os.environ, CARGO_TARGET_DIR=PEERS_TARGET), check=True)
-    os.makedirs(C_TARGET, exist_ok=True)
     for prog, wanted in (("echo-epoll", "c-epoll" in bases), ("loadgen", loadgen)):
         if wanted:
-            subprocess.run(["gcc", "-O2", "-Wall", "-o", os.path.join(C_TARGET, prog),
-                            os.path.join(C_PEERS, prog + ".c")], check=True)
+            c_program(prog)
+
+
+def c_program(name):
+    """bench/peers/c/NAME.c compiled (again if the source is newer); returns its path."""
+    src, out = os.path.join(C_PEERS, name + ".c"), os.path.join(C_TARGET, name)
+    if not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(src):
+        os.makedirs(C_TARGET, exist_ok=True)
+        subprocess.run(["gcc", "-O2", "-Wall", "-o", out, src], check=True)
+    return out
+
+
+def at(cmd, addr):
+    """A server command with its ADDR (host:port) or PORT placeholder filled in."""
+    port = addr.rsplit(":", 1)[1]
+    return [addr if a == "ADDR" else port if a == "PORT" else a for a in cmd]
 
 
 class Server:
@@ -103,10 +116,8 @@ class Server:
 
     def __init__(self, name, cmd, cpus="0", stdout=subprocess.DEVNULL):
         self.name = name
-        port = free_port()
-        self.addr = f"127.0.0.1:{port}"
-        argv = ["taskset", "-c", cpus] + [self.addr if a == "ADDR" else str(port) if a == "PORT" else a
-                                          for a in cmd]
+        self.addr = f"127.0.0.1:{free_port()}"
+        argv = ["taskset", "-c", cpus] + at(cmd, self.addr)
         self.proc = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.PIPE, text=True)
         self.head = []
         deadline = time.time() + 10

@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 
+import harness
+
 EVENTS = [
     ("ctxsw", "context-switches"),
     ("syscalls", "raw_syscalls:sys_enter"),
@@ -61,9 +63,7 @@ def machine_busy_s():
 
 
 def proc_cpu_s(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK
+    return sum(harness.cpu_ticks(pid)) / CLK
 
 
 def proc_vol_ctxsw(pid):
@@ -110,11 +110,7 @@ def client_argv(ep, client, addr, rate, conns, size, duration, server_pid):
 
 
 def loadgen_bin(ep):
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers", "c", "loadgen.c")
-    out = os.path.join(os.path.dirname(ep), "bench-loadgen")
-    if not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(here):
-        subprocess.run(["gcc", "-O2", "-Wall", "-o", out, here], check=True)
-    return out
+    return harness.c_program("loadgen")
 
 
 def echoes_of(client, stdout):

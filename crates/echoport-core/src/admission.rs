@@ -10,12 +10,17 @@ use std::sync::{Arc, Mutex};
 /// The connection budget shared by every worker of a server: admission at accept.
 #[derive(Debug)]
 pub struct Admission {
+    /// Most connections open at once, server-wide (can be lowered once the backends say
+    /// what they hold).
     max: AtomicUsize,
+    /// Connections admitted and not yet closed.
     live: AtomicUsize,
     /// A refusal at the limit was logged; cleared once a tenth of the places are free.
     refusal_logged: AtomicBool,
     /// What sets the budget and how to raise it, for the limit message.
     bound: std::sync::OnceLock<String>,
+    /// `--max-connections-per-ip`: the limit, and the open connections of each address
+    /// that has any (`None`: no per-address limit).
     per_ip: Option<(u32, Mutex<HashMap<IpAddr, u32>>)>,
 }
 

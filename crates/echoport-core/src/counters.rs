@@ -8,9 +8,13 @@
 //!
 //! A list is a `macro_rules!` that hands its entries to the macro named by its caller (the
 //! "X-macro" pattern), so code in other crates (the stopped line's `tracing` fields, which
-//! must be written as identifiers) expands the same list.
+//! must be written as identifiers) expands the same list. The generator itself,
+//! [`counter_struct!`], is exported too: the load generator's tallies are written with it.
 
-/// The key a counter prints under: its field name, or the name after `as`.
+/// The key a counter prints under: its field name, or the name after `as` (a helper of
+/// [`counter_struct!`]).
+#[doc(hidden)]
+#[macro_export]
 macro_rules! counter_key {
     ($field:ident) => {
         stringify!($field)
@@ -22,8 +26,21 @@ macro_rules! counter_key {
 
 /// Writes a counter struct from a list (see the module doc): the struct with its docs,
 /// `LEN`, `COUNTERS` (key and per-counter fact, in order), `merge`, `to_array`/`from_array`
-/// and `Display`.
+/// and `Display`. Without a fact type (`pub struct Name;`, entries `field;`) the facts are
+/// `()`: the load generator's tallies use it for their counts.
+#[macro_export]
 macro_rules! counter_struct {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident;
+        $( $(#[$fmeta:meta])* $field:ident; )*
+    ) => {
+        $crate::counter_struct! {
+            $(#[$meta])*
+            pub struct $name: ();
+            $( $(#[$fmeta])* $field: (); )*
+        }
+    };
     (
         $(#[$meta:meta])*
         pub struct $name:ident: $fact:ty;
@@ -42,7 +59,7 @@ macro_rules! counter_struct {
             /// Every counter's key (as `Display` and the stopped line print it) and its fact
             /// for exporters, in field order.
             pub const COUNTERS: [(&'static str, $fact); Self::LEN] =
-                [$((counter_key!($field $(, $key)?), $value)),*];
+                [$(($crate::counter_key!($field $(, $key)?), $value)),*];
 
             /// Adds another set of counters to these.
             pub fn merge(&mut self, o: &Self) {

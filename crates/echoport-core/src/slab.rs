@@ -14,8 +14,11 @@ const NIL: u32 = u32::MAX;
 /// Inserting returns a token whose generation differs from every earlier tenant of the same
 /// slot (until the 24-bit generation wraps), so stale completions miss.
 pub struct Slab<T> {
+    /// Every slot, occupied or vacant, each with its current generation.
     entries: Vec<Entry<T>>,
+    /// The first vacant slot (a list through `Entry::Vacant::next`; `NIL`: none).
     free: u32,
+    /// Occupied slots.
     len: usize,
 }
 

@@ -12,9 +12,11 @@ const SLOTS: usize = 256;
 
 /// The wheel.
 pub struct Wheel {
+    /// The tokens filed for each tick, modulo `SLOTS`.
     slots: Vec<Vec<Token>>,
     /// The next tick not yet processed.
     cursor: u64,
+    /// Tokens filed.
     len: usize,
     /// The earliest tick at which a filed token comes up (a lower bound).
     next_due: Option<u64>,

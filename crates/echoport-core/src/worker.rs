@@ -273,7 +273,13 @@ impl<B: Backend> Worker<B> {
         let timeout = self.publish_live(timeout);
         let mut events = std::mem::take(&mut self.events);
         events.clear();
+        let waiting = Instant::now();
         self.backend.wait(&mut events, timeout)?;
+        // The wait may have slept for as long as nothing happened (with no timer armed, for
+        // ever): what it delivered happened now. The clock moves on by the time it took, so a
+        // connection accepted after a quiet hour is not filed as an hour old.
+        self.clock = now + waiting.elapsed();
+        self.now = self.tick_at(self.clock);
         for c in events.drain(..) {
             self.dispatch(c);
         }

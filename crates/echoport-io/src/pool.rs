@@ -118,11 +118,17 @@ pub enum Returned {
 
 /// The buffers of one backend and who holds each.
 pub(crate) struct Pool {
+    /// The memory of every buffer, one `size`-byte slot each (`None` once leaked).
     region: Option<Region>,
+    /// Bytes per buffer.
     size: u32,
+    /// Buffers `0..recv` are the receive partition; `recv..` the send partition.
     recv: u32,
+    /// Who holds each buffer, by id: checked on every hand-over.
     owner: Vec<Owner>,
+    /// Receive buffers free in user space (not in the kernel, not lent).
     recv_free: Vec<u32>,
+    /// Send buffers free for `alloc`.
     send_free: Vec<u32>,
     /// Receive buffers the kernel holds (ring or posted receive).
     in_kernel: u32,
@@ -381,6 +387,57 @@ impl Pool {
         self.region().addr(buf, off)
     }
 }
+
+/// The `Submit` methods a backend answers from its `pool` field alone, written once: the
+/// buffer size, the checked copy, and the free and total receive buffers for a backend that
+/// takes a receive buffer when it reads (epoll, IOCP; io_uring counts its ring instead).
+/// Used inside `impl Submit`: `crate::pool::pool_submit_methods!();`.
+macro_rules! pool_submit_methods {
+    () => {
+        fn buf_size(&self) -> u32 {
+            self.pool.buf_size()
+        }
+
+        fn copy(
+            &mut self,
+            dst: echoport_core::BufId,
+            at: u32,
+            src: echoport_core::BufId,
+            len: u32,
+        ) {
+            self.pool.copy_reported(dst.0, at, src.0, len);
+        }
+
+        fn free_buffers(&self) -> usize {
+            self.pool.free_recv()
+        }
+
+        fn total_buffers(&self) -> usize {
+            self.pool.recv_count() as usize
+        }
+    };
+}
+
+/// The `Backend` methods that lend buffers, answered from the `pool` field (its ownership
+/// checks included), written once. Used inside `impl Backend`:
+/// `crate::pool::pool_backend_methods!();`.
+macro_rules! pool_backend_methods {
+    () => {
+        fn buf(&self, buf: echoport_core::BufId) -> &[u8] {
+            self.pool.bytes(buf.0)
+        }
+
+        fn alloc_buf(&mut self) -> Option<echoport_core::BufId> {
+            self.pool.alloc().map(echoport_core::BufId)
+        }
+
+        fn buf_mut(&mut self, buf: echoport_core::BufId) -> &mut [u8] {
+            self.pool.bytes_mut(buf.0)
+        }
+    };
+}
+
+pub(crate) use {pool_backend_methods, pool_submit_methods};
 
 /// Reports a refused hand-over (`count` refused so far): a bug in the caller, so a debug
 /// build stops on it; a release build logs the first few and goes on (the hand-over changed

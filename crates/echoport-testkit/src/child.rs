@@ -47,3 +47,17 @@ pub fn log_lines(r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
     });
     log
 }
+
+/// Starts `cmd` with no stdin or stdout and its stderr gathered line by line into the
+/// returned log ([`log_lines`]): how a test runs a daemon it watches.
+pub fn spawn_logged(cmd: &mut std::process::Command) -> (Child, Arc<Mutex<String>>) {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()));
+    let log = log_lines(child.stderr.take().expect("stderr is piped"));
+    (child, log)
+}

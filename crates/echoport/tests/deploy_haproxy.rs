@@ -27,7 +27,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -120,16 +120,9 @@ impl Haproxy {
         }
         let cfg_path = dir.join("haproxy.cfg");
         std::fs::write(&cfg_path, &cfg).unwrap();
-        let mut child = Command::new(haproxy)
-            .arg("-db")
-            .arg("-f")
-            .arg(&cfg_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = echoport_testkit::child::log_lines(child.stderr.take().unwrap());
+        let (child, log) = echoport_testkit::child::spawn_logged(
+            Command::new(haproxy).arg("-db").arg("-f").arg(&cfg_path),
+        );
         let hx = Haproxy {
             child,
             log,

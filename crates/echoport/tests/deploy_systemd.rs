@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -90,18 +90,14 @@ impl Activated {
     /// `activate_args` for systemd-socket-activate, `serve_args` for `echoport serve`.
     fn start(activate_args: &[String], notify: &NotifySocket, serve_args: &[&str]) -> Activated {
         let activate = require("systemd-socket-activate", "systemd");
-        let mut child = Command::new(activate)
-            .args(activate_args)
-            .arg(format!("--setenv=NOTIFY_SOCKET={}", notify.env))
-            .arg(BIN)
-            .args(["serve", "--shutdown-timeout", "5"])
-            .args(serve_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = echoport_testkit::child::log_lines(child.stderr.take().unwrap());
+        let (child, log) = echoport_testkit::child::spawn_logged(
+            Command::new(activate)
+                .args(activate_args)
+                .arg(format!("--setenv=NOTIFY_SOCKET={}", notify.env))
+                .arg(BIN)
+                .args(["serve", "--shutdown-timeout", "5"])
+                .args(serve_args),
+        );
         Activated {
             child: Some(child),
             log,

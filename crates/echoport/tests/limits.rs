@@ -177,6 +177,25 @@ fn idle_timeout_closes_silent_clients_but_not_chatty_ones(backend: &str) {
     assert_eq!(stats.stat("timeouts"), 1, "{}", stats.log);
 }
 
+/// A worker with nothing to do sleeps in its wait with no timer; the connection that wakes
+/// it must be timed from its own accept, not from when the wait began (it was closed at once
+/// as idle when the server had been quiet for longer than the idle timeout).
+fn the_first_client_after_a_quiet_spell_is_not_taken_for_idle(backend: &str) {
+    let server = Server::on(backend, &["--threads", "1", "--idle-timeout", "1"]);
+    thread::sleep(Duration::from_millis(2500));
+    let mut s = TcpStream::connect(server.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    thread::sleep(Duration::from_millis(300));
+    s.write_all(b"after a quiet spell").unwrap();
+    let mut echo = [0u8; 19];
+    s.read_exact(&mut echo)
+        .expect("the first connection after a quiet spell was closed");
+    assert_eq!(&echo, b"after a quiet spell");
+    drop(s);
+    let stats = server.stop();
+    assert_eq!(stats.stat("timeouts"), 0, "{}", stats.log);
+}
+
 fn a_trickling_client_is_closed_when_it_pauses_past_the_idle_timeout(backend: &str) {
     // Slowloris: a byte now and then, each pause longer than the idle timeout.
     let server = Server::on(backend, &["--threads", "1", "--idle-timeout", "0.4"]);
@@ -366,6 +385,7 @@ fn an_idle_server_sleeps(backend: &str) {
 }
 
 every_backend! {
+    the_first_client_after_a_quiet_spell_is_not_taken_for_idle,
     a_trickling_client_is_closed_when_it_pauses_past_the_idle_timeout,
     two_buffers_serve_a_hundred_busy_connections,
     a_client_that_never_reads_is_throttled_and_does_not_stall_others,

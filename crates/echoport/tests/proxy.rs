@@ -169,14 +169,25 @@ fn check_held(closes: &[Option<Duration>], held_cpu: f64) {
 }
 
 fn good_and_bad_headers_at_attack_scale(backend: &str) {
+    attack(backend, &[]);
+}
+
+/// io_uring's one-shot path too: a receive posted per segment, no buffer ring.
+#[test]
+fn io_uring_one_shot_good_and_bad_headers_at_attack_scale() {
+    attack("io-uring", &["--no-fast-path"]);
+}
+
+fn attack(backend: &str, extra: &[&str]) {
     let timeout = HEADER_TIMEOUT.as_secs().to_string();
-    let args = [
+    let mut args = vec![
         "--threads",
         "2",
         "--proxy-protocol",
         "--proxy-timeout",
         &timeout,
     ];
+    args.extend_from_slice(extra);
     let server = Server::on(backend, &args);
     let addr = server.addr();
     let held = Held::open(

@@ -107,9 +107,8 @@ impl<B: Backend> Worker<B> {
         if self.stopping.is_some() || !self.cfg.admission.try_acquire() {
             return self.refuse(sock);
         }
-        // From the clock now, not the turn's: the wait that delivered this accept may have
-        // slept for seconds since the turn read it.
-        let deadline = self.tick_at(Instant::now()).saturating_add(gate.ticks);
+        // From accept: the turn's clock has moved past the wait that delivered it.
+        let deadline = self.now.saturating_add(gate.ticks);
         let token = self.insert_conn(sock);
         if self.conns.get_mut(token).is_some() {
             let pending = Pending {

@@ -62,7 +62,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use echoport_core::{
-    Backend, BufId, Completion, ListenerId, MAX_SEND_PARTS, OpError, SendPart, Socket, Token, Waker,
+    Backend, Completion, ListenerId, MAX_SEND_PARTS, OpError, SendPart, Socket, Token, Waker,
 };
 
 use crate::pool::{Misuse, Pool, PoolConfig};
@@ -491,17 +491,7 @@ impl Backend for Epoll {
         }
     }
 
-    fn buf(&self, buf: BufId) -> &[u8] {
-        self.pool.bytes(buf.0)
-    }
-
-    fn alloc_buf(&mut self) -> Option<BufId> {
-        self.pool.alloc().map(BufId)
-    }
-
-    fn buf_mut(&mut self, buf: BufId) -> &mut [u8] {
-        self.pool.bytes_mut(buf.0)
-    }
+    crate::pool::pool_backend_methods!();
 
     fn peer_ip(&self, sock: Socket) -> Option<std::net::IpAddr> {
         let raw = self.slot_ref(sock)?.fd;

@@ -44,21 +44,7 @@ impl Submit for Epoll {
         MAX_SEND_PARTS
     }
 
-    fn buf_size(&self) -> u32 {
-        self.pool.buf_size()
-    }
-
-    fn copy(&mut self, dst: BufId, at: u32, src: BufId, len: u32) {
-        self.pool.copy_reported(dst.0, at, src.0, len);
-    }
-
-    fn free_buffers(&self) -> usize {
-        self.pool.free_recv()
-    }
-
-    fn total_buffers(&self) -> usize {
-        self.pool.recv_count() as usize
-    }
+    crate::pool::pool_submit_methods!();
 }
 
 impl Epoll {

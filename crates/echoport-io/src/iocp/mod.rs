@@ -278,21 +278,7 @@ impl Submit for Iocp {
         self.pool.release_reported(buf.0, false);
     }
 
-    fn buf_size(&self) -> u32 {
-        self.pool.buf_size()
-    }
-
-    fn copy(&mut self, dst: BufId, at: u32, src: BufId, len: u32) {
-        self.pool.copy_reported(dst.0, at, src.0, len);
-    }
-
-    fn free_buffers(&self) -> usize {
-        self.pool.free_recv()
-    }
-
-    fn total_buffers(&self) -> usize {
-        self.pool.recv_count() as usize
-    }
+    crate::pool::pool_submit_methods!();
 }
 
 impl Backend for Iocp {
@@ -328,17 +314,7 @@ impl Backend for Iocp {
         Ok(())
     }
 
-    fn buf(&self, buf: BufId) -> &[u8] {
-        self.pool.bytes(buf.0)
-    }
-
-    fn alloc_buf(&mut self) -> Option<BufId> {
-        self.pool.alloc().map(BufId)
-    }
-
-    fn buf_mut(&mut self, buf: BufId) -> &mut [u8] {
-        self.pool.bytes_mut(buf.0)
-    }
+    crate::pool::pool_backend_methods!();
 
     fn peer_ip(&self, sock: Socket) -> Option<std::net::IpAddr> {
         let s = sock.0 as SOCKET;

@@ -6,146 +6,90 @@ use hdrhistogram::Histogram;
 /// Longest latency the histogram holds (one hour, in nanoseconds); longer ones saturate.
 const MAX_NS: u64 = 3_600_000_000_000;
 
-/// Errors by kind. Any of them makes the run fail.
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
-pub struct Errors {
+echoport_core::counter_struct! {
+    /// Errors by kind. Any of them makes the run fail.
+    pub struct Errors: bool;
     /// Messages whose echo differed from what was sent in at least one byte.
-    pub mismatch: u64,
+    mismatch: true;
     /// Connections that ended (lost, timed out, or at the end of the run) with bytes sent
     /// that never came back.
-    pub short_echo: u64,
+    short_echo: true;
     /// Bytes sent that never came back, over those connections.
-    pub missing_bytes: u64,
+    missing_bytes: false;
     /// Connections that received more bytes than they had sent.
-    pub extra_echo: u64,
+    extra_echo: true;
     /// Bytes received beyond those sent.
-    pub extra_bytes: u64,
+    extra_bytes: false;
     /// Connections the server closed or reset during the run.
-    pub connection_lost: u64,
+    connection_lost: true;
     /// Connections owed echoes that saw no byte for the timeout (or still owed them when
     /// the run's end grace ran out).
-    pub timeout: u64,
+    timeout: true;
     /// Connections ended by another I/O error.
-    pub io_error: u64,
+    io_error: true;
     /// Connections that could not be opened.
-    pub connect_failed: u64,
+    connect_failed: true;
 }
 
 impl Errors {
-    /// Adds another set of counts to these.
-    pub fn merge(&mut self, o: &Errors) {
-        self.mismatch += o.mismatch;
-        self.short_echo += o.short_echo;
-        self.missing_bytes += o.missing_bytes;
-        self.extra_echo += o.extra_echo;
-        self.extra_bytes += o.extra_bytes;
-        self.connection_lost += o.connection_lost;
-        self.timeout += o.timeout;
-        self.io_error += o.io_error;
-        self.connect_failed += o.connect_failed;
-    }
-
-    /// Error events (byte counts excluded).
+    /// Error events (byte counts excluded: the kinds marked `false`).
     pub fn total(&self) -> u64 {
-        self.mismatch
-            + self.short_echo
-            + self.extra_echo
-            + self.connection_lost
-            + self.timeout
-            + self.io_error
-            + self.connect_failed
+        let events = Self::COUNTERS.iter().zip(self.to_array());
+        events
+            .filter(|((_, event), _)| *event)
+            .map(|(_, n)| n)
+            .sum()
     }
 
     /// Counts by kind name (as [`Errors::kinds`] names them), e.g. read back from JSON.
     pub fn from_kinds(count: impl Fn(&str) -> u64) -> Errors {
-        Errors {
-            mismatch: count("mismatch"),
-            short_echo: count("short_echo"),
-            missing_bytes: count("missing_bytes"),
-            extra_echo: count("extra_echo"),
-            extra_bytes: count("extra_bytes"),
-            connection_lost: count("connection_lost"),
-            timeout: count("timeout"),
-            io_error: count("io_error"),
-            connect_failed: count("connect_failed"),
-        }
+        Errors::from_array(Self::COUNTERS.map(|(kind, _)| count(kind)))
     }
 
     /// (name, count) of every kind, in report order.
-    pub fn kinds(&self) -> [(&'static str, u64); 9] {
-        [
-            ("mismatch", self.mismatch),
-            ("short_echo", self.short_echo),
-            ("missing_bytes", self.missing_bytes),
-            ("extra_echo", self.extra_echo),
-            ("extra_bytes", self.extra_bytes),
-            ("connection_lost", self.connection_lost),
-            ("timeout", self.timeout),
-            ("io_error", self.io_error),
-            ("connect_failed", self.connect_failed),
-        ]
+    pub fn kinds(&self) -> [(&'static str, u64); Errors::LEN] {
+        let v = self.to_array();
+        std::array::from_fn(|i| (Self::COUNTERS[i].0, v[i]))
     }
 }
 
-/// Connection churn, by kind.
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
-pub struct Churn {
+echoport_core::counter_struct! {
+    /// Connection churn, by kind.
+    pub struct Churn;
     /// Connections closed after their `--messages-per-conn` echoes (and replaced).
-    pub closes: u64,
+    closes;
     /// Connections the server closed that were replaced (`--reconnect`).
-    pub reconnects: u64,
+    reconnects;
     /// Messages sent on those that never came back.
-    pub abandoned_msgs: u64,
+    abandoned_msgs;
     /// Their bytes still owed.
-    pub abandoned_bytes: u64,
+    abandoned_bytes;
 }
 
-impl Churn {
-    /// Adds another set of counts to these.
-    pub fn merge(&mut self, o: &Churn) {
-        self.closes += o.closes;
-        self.reconnects += o.reconnects;
-        self.abandoned_msgs += o.abandoned_msgs;
-        self.abandoned_bytes += o.abandoned_bytes;
-    }
-}
-
-/// UDP datagrams, counted from the sequence numbers they carry (measured ones only).
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
-pub struct UdpCounts {
+echoport_core::counter_struct! {
+    /// UDP datagrams, counted from the sequence numbers they carry (measured ones only).
+    pub struct UdpCounts;
     /// Datagrams sent.
-    pub sent: u64,
+    sent;
     /// Datagrams that came back (first copies).
-    pub received: u64,
+    received;
     /// Copies of a datagram already back.
-    pub duplicates: u64,
+    duplicates;
     /// Datagrams that came back after one sent later on the same flow.
-    pub reordered: u64,
+    reordered;
     /// Datagrams that came back after `--timeout` (counted back, not timed).
-    pub late: u64,
+    late;
     /// Datagrams the client could not send (its socket buffer was full).
-    pub send_blocked: u64,
+    send_blocked;
     /// Sends or receives refused (ICMP port unreachable: nothing listening).
-    pub refused: u64,
+    refused;
     /// Datagrams the kernel of this host dropped for a full socket receive buffer during
     /// the run, any socket's (`RcvbufErrors` of /proc/net/snmp): loss that may be the
     /// client's own, or a server's on the same host.
-    pub host_rcvbuf_errors: u64,
+    host_rcvbuf_errors;
 }
 
 impl UdpCounts {
-    /// Adds another set of counts to these.
-    pub fn merge(&mut self, o: &UdpCounts) {
-        self.sent += o.sent;
-        self.received += o.received;
-        self.duplicates += o.duplicates;
-        self.reordered += o.reordered;
-        self.late += o.late;
-        self.send_blocked += o.send_blocked;
-        self.refused += o.refused;
-        self.host_rcvbuf_errors += o.host_rcvbuf_errors;
-    }
-
     /// Sent and never back.
     pub fn lost(&self) -> u64 {
         self.sent.saturating_sub(self.received)

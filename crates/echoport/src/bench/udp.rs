@@ -109,22 +109,37 @@ fn open(server: SocketAddr, source: Option<IpAddr>) -> anyhow::Result<UdpSocket>
 
 /// One thread's flows and their load.
 struct UdpWorker {
+    /// This thread's flows (one connected UDP socket each).
     flows: Vec<Flow>,
+    /// What to send, when, and for how long.
     plan: Plan,
+    /// Closed loop: datagrams in flight per flow.
     pipeline: u32,
+    /// Set on Ctrl-C.
     stop: Arc<AtomicBool>,
+    /// Counters for the live line.
     live: Arc<Live>,
+    /// Per-interval measurements, when asked for.
     intervals: Option<Recorder>,
+    /// What this thread measured.
     tally: Tally,
+    /// The run's start: every time here is ns since it.
     epoch: Instant,
+    /// No more datagrams are created; waiting for the last echoes.
     draining: bool,
     /// Open loop: datagrams scheduled so far, and the next flow to take one.
     k: u64,
+    /// Open loop: the flow the next datagram goes to (round-robin).
     rr: usize,
+    /// Measured datagrams created so far (count mode stops at the count).
     issued_measured: u64,
+    /// Datagrams echoed (warm-up included), for the live line.
     done_all: u64,
+    /// Their bytes.
     bytes_all: u64,
+    /// The datagram being sent, filled from its key.
     out: Vec<u8>,
+    /// Where a received datagram lands.
     inb: Vec<u8>,
 }
 

@@ -8,10 +8,14 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::args::{Args, DEFAULT_LISTEN, ListenerMode};
 
-/// Winsock's codes for the two errors `bind_all` forgives on default addresses.
-#[cfg(windows)]
-mod libc {
+/// The two errors `bind_all` forgives on default addresses (Winsock's codes on Windows).
+/// Named `errno`, not a `libc` stand-in, so that no module shadows the crate.
+mod errno {
+    #[cfg(unix)]
+    pub use libc::{EADDRNOTAVAIL, EAFNOSUPPORT};
+    #[cfg(windows)]
     pub const EAFNOSUPPORT: i32 = 10047;
+    #[cfg(windows)]
     pub const EADDRNOTAVAIL: i32 = 10049;
 }
 
@@ -134,7 +138,7 @@ pub fn bind_all(
                 if !explicit
                     && matches!(
                         e.raw_os_error(),
-                        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+                        Some(errno::EAFNOSUPPORT | errno::EADDRNOTAVAIL)
                     ) =>
             {
                 tracing::warn!("skipping default address {addr}: {e}");

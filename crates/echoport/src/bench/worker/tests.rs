@@ -86,6 +86,42 @@ fn echo(w: &mut Worker<FakeIo>, token: Token, bytes: &[u8], now: u64) {
     );
 }
 
+/// The send in flight on `token` completes with `n` bytes sent.
+fn send_done(w: &mut Worker<FakeIo>, token: Token, n: u32, now: u64) {
+    deliver(
+        w,
+        Completion::Send {
+            token,
+            result: Ok(n),
+        },
+        now,
+    );
+}
+
+/// The receive posted on `token` ends, cancelled.
+fn recv_canceled(w: &mut Worker<FakeIo>, token: Token, now: u64) {
+    let result = Err(OpError::Canceled);
+    deliver(
+        w,
+        Completion::Recv {
+            token,
+            result,
+            more: false,
+        },
+        now,
+    );
+}
+
+/// Posts the worker's first send (at time 0) and completes it in full at 1 ms; its bytes.
+fn first_send_done(w: &mut Worker<FakeIo>, token: Token) -> Vec<u8> {
+    w.flush(0);
+    let s = sends(w);
+    assert_eq!(s.len(), 1, "one send posted");
+    let bytes = sent_bytes(w, s[0]);
+    send_done(w, token, s[0].2, MS);
+    bytes
+}
+
 fn sent_bytes(w: &Worker<FakeIo>, (buf, off, len): (BufId, u32, u32)) -> Vec<u8> {
     w.io.contents[&buf][off as usize..(off + len) as usize].to_vec()
 }
@@ -98,14 +134,7 @@ fn closed_loop_sends_its_pipeline_in_one_send_and_issues_again_per_echo() {
     assert_eq!(s.len(), 1, "both messages in one send");
     assert_eq!(s[0].2, 20);
     let bytes = sent_bytes(&w, s[0]);
-    deliver(
-        &mut w,
-        Completion::Send {
-            token,
-            result: Ok(20),
-        },
-        MS,
-    );
+    send_done(&mut w, token, 20, MS);
     echo(&mut w, token, &bytes[..15], 2 * MS);
     assert_eq!(w.done_all, 1, "the first message is back, the second half");
     let third = sends(&mut w);
@@ -129,14 +158,7 @@ fn closed_loop_sends_its_pipeline_in_one_send_and_issues_again_per_echo() {
         sends(&mut w).is_empty(),
         "the fourth waits: a send is in flight"
     );
-    deliver(
-        &mut w,
-        Completion::Send {
-            token,
-            result: Ok(10),
-        },
-        4 * MS,
-    );
+    send_done(&mut w, token, 10, 4 * MS);
     let fourth = sends(&mut w);
     assert_eq!(fourth.len(), 1, "sent once the first completed");
     assert_eq!(fourth[0].2, 10);
@@ -150,14 +172,7 @@ fn a_short_send_is_resumed_from_where_it_stopped() {
     assert_eq!(first.len(), 1);
     let (buf, off, len) = first[0];
     assert_eq!((off, len), (0, 40));
-    deliver(
-        &mut w,
-        Completion::Send {
-            token,
-            result: Ok(15),
-        },
-        MS,
-    );
+    send_done(&mut w, token, 15, MS);
     assert_eq!(
         sends(&mut w),
         vec![(buf, 15, 25)],
@@ -167,44 +182,20 @@ fn a_short_send_is_resumed_from_where_it_stopped() {
         w.io.released.is_empty(),
         "the buffer stays out until all is sent"
     );
-    deliver(
-        &mut w,
-        Completion::Send {
-            token,
-            result: Ok(25),
-        },
-        2 * MS,
-    );
+    send_done(&mut w, token, 25, 2 * MS);
     assert_eq!(w.io.released, vec![buf], "released once, when fully sent");
 }
 
 #[test]
 fn a_changed_byte_is_a_mismatch_and_more_bytes_than_sent_an_extra_echo() {
     let (mut w, token) = worker(plan(1, 16));
-    w.flush(0);
-    let s = sends(&mut w);
-    let mut bytes = sent_bytes(&w, s[0]);
-    deliver(
-        &mut w,
-        Completion::Send {
-            token,
-            result: Ok(16),
-        },
-        MS,
-    );
+    let mut bytes = first_send_done(&mut w, token);
     bytes[7] ^= 1;
     echo(&mut w, token, &bytes, 2 * MS);
     assert_eq!(w.tally.errors.mismatch, 1);
     let s = sends(&mut w);
     let next = sent_bytes(&w, s[0]);
-    deliver(
-        &mut w,
-        Completion::Send {
-            token,
-            result: Ok(16),
-        },
-        3 * MS,
-    );
+    send_done(&mut w, token, 16, 3 * MS);
     let mut more = next.clone();
     more.extend_from_slice(b"xyz");
     echo(&mut w, token, &more, 4 * MS);
@@ -220,32 +211,13 @@ fn a_changed_byte_is_a_mismatch_and_more_bytes_than_sent_an_extra_echo() {
 #[test]
 fn the_drain_closes_a_connection_only_once_its_echoes_are_back_and_nothing_is_pending() {
     let (mut w, token) = worker(plan(1, 8));
-    w.flush(0);
-    let s = sends(&mut w);
-    let bytes = sent_bytes(&w, s[0]);
-    deliver(
-        &mut w,
-        Completion::Send {
-            token,
-            result: Ok(8),
-        },
-        MS,
-    );
+    let bytes = first_send_done(&mut w, token);
     w.begin_drain(MS, 50 * MS);
     assert!(w.io.closed.is_empty(), "an echo is still owed");
     echo(&mut w, token, &bytes, 2 * MS);
     assert!(sends(&mut w).is_empty(), "no new message while draining");
     assert!(w.io.closed.is_empty(), "the receive is still posted");
-    let result = Err(OpError::Canceled);
-    deliver(
-        &mut w,
-        Completion::Recv {
-            token,
-            result,
-            more: false,
-        },
-        3 * MS,
-    );
+    recv_canceled(&mut w, token, 3 * MS);
     assert_eq!(w.io.closed, vec![token]);
     assert!(w.conns.is_empty());
     assert_eq!(w.tally.errors.total(), 0, "{:?}", w.tally.errors);
@@ -254,32 +226,14 @@ fn the_drain_closes_a_connection_only_once_its_echoes_are_back_and_nothing_is_pe
 #[test]
 fn a_connection_that_stops_echoing_times_out_at_the_injected_time() {
     let (mut w, token) = worker(plan(1, 8));
-    w.flush(0);
-    let _ = sends(&mut w);
-    deliver(
-        &mut w,
-        Completion::Send {
-            token,
-            result: Ok(8),
-        },
-        MS,
-    );
+    first_send_done(&mut w, token);
     w.scan_timeouts(50 * MS);
     assert_eq!(w.tally.errors.timeout, 0, "within the timeout");
     w.scan_timeouts(102 * MS);
     assert_eq!(w.tally.errors.timeout, 1);
     assert_eq!(w.tally.errors.short_echo, 1);
     assert_eq!(w.tally.errors.missing_bytes, 8);
-    let result = Err(OpError::Canceled);
-    deliver(
-        &mut w,
-        Completion::Recv {
-            token,
-            result,
-            more: false,
-        },
-        103 * MS,
-    );
+    recv_canceled(&mut w, token, 103 * MS);
     assert_eq!(
         w.io.closed,
         vec![token],
@@ -296,15 +250,6 @@ fn a_reset_counts_a_lost_connection_and_its_owed_bytes() {
     deliver(&mut w, Completion::Send { token, result }, MS);
     assert_eq!(w.tally.errors.connection_lost, 1);
     assert_eq!(w.tally.errors.missing_bytes, 16);
-    let result = Err(OpError::Canceled);
-    deliver(
-        &mut w,
-        Completion::Recv {
-            token,
-            result,
-            more: false,
-        },
-        2 * MS,
-    );
+    recv_canceled(&mut w, token, 2 * MS);
     assert_eq!(w.io.closed, vec![token]);
 }
