@@ -176,6 +176,12 @@ impl crate::backends::WithBackend for Task {
         w.pending = self.expected;
         w.requests = self.requests;
         w.run(&self.incoming, &self.stop, &self.live)?;
+        if let Some(n) = w.stamped.as_ref().map(|s| s.unstamped).filter(|&n| n > 0) {
+            tracing::info!(
+                reads = n,
+                "echo reads without a kernel arrival stamp (timed when read: pessimistic)"
+            );
+        }
         let now = w.now();
         if let Some(r) = w.intervals.take() {
             r.finish(now);
