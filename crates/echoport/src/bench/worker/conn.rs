@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 
+use echoport_core::slab::Slab;
 use echoport_core::{Backend, BufId, Completion, Op, OpError, Received, Token};
 
 use super::{Conn, Failure, Incoming, Phase, Plan, ThreadLoad, Worker, classify};
@@ -258,6 +259,16 @@ impl<B: Backend> Worker<B> {
     /// Checks echoed bytes (a receive's buffer) against the messages in flight and completes
     /// the ones done.
     pub(super) fn on_data(&mut self, token: Token, buf: BufId, len: u32, now: u64) {
+        let (io, conns, mut m) = self.echo_parts();
+        let c = conns.get_mut(token).expect("caller checked");
+        let data = &io.buf(buf)[..len as usize];
+        let got = check_echo(c, data, now, &mut m);
+        self.after_echo(token, got, now);
+    }
+
+    /// The backend, the connections and the meters, borrowed apart, for checking an echo
+    /// against its connection while recording it.
+    pub(super) fn echo_parts(&mut self) -> (&B, &mut Slab<Conn>, Meters<'_>) {
         let Worker {
             io,
             conns,
@@ -268,17 +279,14 @@ impl<B: Backend> Worker<B> {
             bytes_all,
             ..
         } = self;
-        let c = conns.get_mut(token).expect("caller checked");
-        let data = &io.buf(buf)[..len as usize];
-        let mut m = Meters {
+        let m = Meters {
             tally,
             intervals,
             plan,
             done_all,
             bytes_all,
         };
-        let got = check_echo(c, data, now, &mut m);
-        self.after_echo(token, got, now);
+        (io, conns, m)
     }
 
     /// What follows a receive: an excess echo closes the connection; in the closed loop each

@@ -10,7 +10,7 @@
 
 use echoport_core::{Backend, OpError, Token};
 
-use super::conn::{Meters, check_echo};
+use super::conn::check_echo;
 use super::{Failure, Worker, classify};
 
 /// The ready set and the read buffer of the stamped receive path.
@@ -133,23 +133,8 @@ impl<B: Backend> Worker<B> {
                         .map(|s| s.saturating_sub(offset).min(now))
                         .filter(|&at| at >= scheduled)
                         .unwrap_or(now);
-                    let Worker {
-                        conns,
-                        tally,
-                        intervals,
-                        plan,
-                        done_all,
-                        bytes_all,
-                        ..
-                    } = self;
+                    let (_, conns, mut m) = self.echo_parts();
                     let c = conns.get_mut(token).expect("looked up above");
-                    let mut m = Meters {
-                        tally,
-                        intervals,
-                        plan,
-                        done_all,
-                        bytes_all,
-                    };
                     let got = check_echo(c, &buf[..len], at, &mut m);
                     c.last_progress = now;
                     self.after_echo(token, got, now);
