@@ -80,11 +80,17 @@ impl Default for Config {
 }
 
 struct Listener {
+    /// The backend's name for it.
     id: ListenerId,
+    /// An accept is posted on it.
     armed: bool,
+    /// Not closed (closed at the stop, or when its worker's tables are full).
     open: bool,
+    /// Accepts are paused until then (descriptors or buffers ran out).
     retry_at: Option<Instant>,
+    /// The next pause, doubling from [`BACKOFF_MIN`] to [`BACKOFF_MAX`].
     backoff: Duration,
+    /// Accepts failed in a row (other errors back off after a few).
     errors_in_row: u32,
     /// The pause was logged (once, until an accept succeeds again).
     warned: bool,

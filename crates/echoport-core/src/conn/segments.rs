@@ -6,11 +6,16 @@ use crate::op::BufId;
 /// End of a segment list.
 pub(super) const NIL: u32 = u32::MAX;
 
+/// One run of received bytes waiting for echo.
 #[derive(Copy, Clone, Debug)]
 pub(super) struct Seg {
+    /// The buffer they are in (lent to the connection until their send completes).
     pub(super) buf: BufId,
+    /// Where in the buffer they start.
     pub(super) off: u32,
+    /// How many.
     pub(super) len: u32,
+    /// The next segment of the same connection's queue ([`NIL`]: the last).
     pub(super) next: u32,
 }
 
@@ -20,7 +25,9 @@ pub(super) struct Seg {
 /// no heap memory of its own.
 #[derive(Default)]
 pub struct Segments {
+    /// Every segment, queued or free, indexed by the lists' `u32`s.
     pub(super) slots: Vec<Seg>,
+    /// Indices of the free slots, reused before `slots` grows.
     free: Vec<u32>,
 }
 
@@ -28,11 +35,6 @@ impl Segments {
     /// Empty storage.
     pub fn new() -> Segments {
         Segments::default()
-    }
-
-    /// Segments currently queued across all connections.
-    pub fn in_use(&self) -> usize {
-        self.slots.len() - self.free.len()
     }
 
     fn alloc(&mut self, seg: Seg) -> u32 {
@@ -46,9 +48,12 @@ impl Segments {
     }
 }
 
+/// One connection's queue: the first and last of its segments in [`Segments`].
 #[derive(Copy, Clone, Debug, Default)]
 pub(super) struct Queue {
+    /// The oldest segment ([`NIL`]: empty).
     pub(super) head: u32,
+    /// The newest segment, where appends go ([`NIL`]: empty).
     tail: u32,
 }
 

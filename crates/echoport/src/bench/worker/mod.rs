@@ -194,32 +194,48 @@ impl crate::backends::WithBackend for Task {
 
 #[derive(Copy, Clone, Debug)]
 struct Msg {
+    /// The pattern key its bytes are made from (checked on the echo).
     key: u64,
     /// Intended (open loop) or creation (closed loop) time, ns since start.
     t: u64,
     len: u32,
+    /// Sent in the measured phase (not the warm-up): its latency counts.
     measured: bool,
+    /// Already counted as a mismatch (its echo is not checked again).
     bad: bool,
 }
 
 struct Conn {
+    /// The socket, as the backend names it.
     sock: Socket,
+    /// The connection's number in the run (its worker is `gid % threads`).
     gid: u32,
+    /// Sequence number of the next message made on it.
     next_seq: u64,
+    /// Messages in flight, oldest first: sent or waiting to be sent.
     queue: VecDeque<Msg>,
+    /// Index in `queue` of the first message not yet wholly handed to a send.
     send_idx: usize,
+    /// Bytes of that message already handed to sends.
     send_off: u32,
+    /// Bytes of the oldest message already echoed.
     recv_off: u32,
-    /// Bytes handed to sends so far, and bytes echoed back.
+    /// Bytes handed to sends so far.
     posted: u64,
+    /// Bytes echoed back so far.
     received: u64,
     /// The send in flight: buffer, offset, length.
     send: Option<(BufId, u32, u32)>,
+    /// A receive is posted.
     recv_armed: bool,
     /// The stream's descriptor when the ticked loop reads it itself ([`stamped`]).
     rx_fd: Option<i32>,
+    /// A close is under way: nothing more is sent or read.
     closing: bool,
+    /// Listed in the worker's `dirty` list (sends to post this turn).
+    /// Connections with sends to post at the end of this turn.
     dirty: bool,
+    /// Waiting in `buf_wait` for a send buffer.
     waiting_buf: bool,
     /// Index in the worker's `active` list.
     active_pos: usize,
@@ -227,11 +243,13 @@ struct Conn {
     target_pos: Option<usize>,
     /// When the connection last made progress while owed echoes.
     last_progress: u64,
-    /// Messages created on it, and echoed in full.
+    /// Messages created on it.
     issued: u64,
+    /// Messages echoed in full on it.
     echoed: u64,
-    /// When its connect began, ns since the start; whether its first echo is back.
+    /// When its connect began, ns since the start.
     started_ns: u64,
+    /// Its first echo is back (connect-to-first-echo is recorded once).
     first_echo_seen: bool,
 }
 
@@ -259,9 +277,13 @@ enum Failure {
 }
 
 struct Worker<B: Backend> {
+    /// The backend this thread drives.
     io: B,
+    /// What this thread is to do (load, counts, timings).
     plan: Plan,
+    /// The origin of the loop's clock (`now()` is ns since it).
     epoch: Instant,
+    /// The connections, by token.
     conns: Slab<Conn>,
     /// Open connections not closing: timeout scans and the end of the run.
     active: Vec<Token>,
@@ -274,24 +296,40 @@ struct Worker<B: Backend> {
     pending: u64,
     /// Where to ask for replacements.
     requests: Option<Sender<Request>>,
+    /// Round-robin cursor over `targets`.
     rr: usize,
     dirty: Vec<Token>,
+    /// Connections whose receive is to be posted again at the end of this turn.
     rearm: Vec<Token>,
+    /// Connections waiting for a send buffer, in order.
     buf_wait: VecDeque<Token>,
+    /// Reused list of tokens (a copy of `active` to walk while it changes).
     scratch: Vec<Token>,
+    /// Completions of the current wait (kept to reuse the allocation).
     events: Vec<Completion>,
+    /// What was counted: messages, latencies, errors.
     tally: Tally,
+    /// The per-interval recorder (`--interval`, `--hlog`), if asked for.
     intervals: Option<Recorder>,
+    /// Running, or draining the echoes still owed at the end.
     phase: Phase,
+    /// Stopped by a signal before the end.
     interrupted: bool,
+    /// When draining must end (ns), the connections still owing being timed out.
     drain_deadline: u64,
+    /// The drain deadline has passed: what is still owed fails as a timeout.
     deadline_passed: bool,
+    /// When the next timeout scan runs (ns).
     next_scan: u64,
+    /// How often timeouts are scanned (a fifth of the timeout, 1 to 100 ms).
     scan_every: u64,
-    /// Open loop: messages scheduled so far.
-    k: u64,
+    /// Open loop: messages scheduled so far (the next one is number `scheduled`).
+    scheduled: u64,
+    /// Messages created in the measured phase (against `--count`).
     issued_measured: u64,
+    /// Messages echoed in full, warm-up included.
     done_all: u64,
+    /// Bytes echoed in full messages, warm-up included.
     bytes_all: u64,
     /// Open loop with a tick: sleep on the timer, reap once per tick.
     ticked: bool,
@@ -342,7 +380,7 @@ impl<B: Backend> Worker<B> {
             deadline_passed: false,
             next_scan: scan_every,
             scan_every,
-            k: 0,
+            scheduled: 0,
             issued_measured: 0,
             done_all: 0,
             bytes_all: 0,
@@ -492,7 +530,7 @@ impl<B: Backend> Worker<B> {
                 at = at.min(end);
             }
             if matches!(self.plan.load, ThreadLoad::Open { .. }) && !self.targets.is_empty() {
-                at = at.min(self.due(self.k));
+                at = at.min(self.due(self.scheduled));
             }
         } else if !self.deadline_passed {
             at = at.min(self.drain_deadline);
@@ -558,7 +596,7 @@ impl<B: Backend> Worker<B> {
         if let ThreadLoad::Open { .. } = self.plan.load {
             self.hand_out_orphans();
             while !self.targets.is_empty() {
-                let t = self.due(self.k);
+                let t = self.due(self.scheduled);
                 if t > now {
                     break;
                 }
@@ -568,14 +606,18 @@ impl<B: Backend> Worker<B> {
                     self.begin_drain(now, now + self.plan.timeout_ns);
                     return;
                 }
-                self.k += 1;
+                self.scheduled += 1;
             }
         }
         // Open loop: not before every message intended before the end has gone to a
         // connection (with churn there may have been none to take it for a while).
         let all_issued = match self.plan.load {
             ThreadLoad::Open { .. } => {
-                self.orphans.is_empty() && self.plan.end_ns.is_none_or(|e| self.due(self.k) >= e)
+                self.orphans.is_empty()
+                    && self
+                        .plan
+                        .end_ns
+                        .is_none_or(|e| self.due(self.scheduled) >= e)
             }
             ThreadLoad::Closed { .. } => true,
         };
