@@ -453,7 +453,10 @@ mod tests {
         assert_eq!(rings_for(20_001, 20_000), 2);
         assert_eq!(rings_for(500_000, 20_000), 25);
         assert_eq!(capacity(20_000, 25), 500_000);
-        assert!(rings_for(usize::MAX, 4) <= u16::MAX as u32, "ring ids fit in 16 bits");
+        assert!(
+            rings_for(usize::MAX, 4) <= u16::MAX as u32,
+            "ring ids fit in 16 bits"
+        );
     }
 
     #[test]
@@ -463,6 +466,9 @@ mod tests {
         let many = Tables::new(20_000, 26, 2048);
         assert_eq!(many.cap(0), 1024);
         assert!(many.cap(1) >= MIN_SHARE);
-        assert!(many.cap(0) + 25 * many.cap(1) <= 2048, "caps leave free buffers to top up");
+        assert!(
+            many.cap(0) + 25 * many.cap(1) <= 2048,
+            "caps leave free buffers to top up"
+        );
     }
 }
