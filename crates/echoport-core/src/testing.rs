@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backend::{Backend, Submit, Waker};
+use crate::conn::{Budget, Cx, Limits, Segments};
 use crate::op::{BufId, Completion, ListenerId, Op, Socket};
+use crate::stats::Stats;
 use crate::token::Token;
 
 /// Recording backend. Buffers are "received" with [`FakeIo::lend`]; completions are scripted
@@ -105,6 +107,25 @@ impl FakeIo {
                 self.receiving.remove(&token);
             }
             _ => {}
+        }
+    }
+
+    /// A handler context over this fake, at time 0, its budget sized from the fake's pool
+    /// (`buf_size`, `total`): what a scripted test hands a [`crate::conn::Conn`] handler.
+    pub fn cx<'a>(
+        &'a mut self,
+        segs: &'a mut Segments,
+        limits: &'a Limits,
+        stats: &'a mut Stats,
+    ) -> Cx<'a, FakeIo> {
+        let budget = Budget::new(limits, self.buf_size, self.total);
+        Cx {
+            io: self,
+            segs,
+            limits,
+            budget,
+            stats,
+            now: 0,
         }
     }
 
@@ -237,5 +258,26 @@ impl Backend for FakeIo {
 
     fn peer_ip(&self, sock: Socket) -> Option<std::net::IpAddr> {
         self.peers.get(&sock).copied()
+    }
+}
+
+/// xorshift64*: a small, fast random source that a seed replays exactly, for the random
+/// tests (completion orders, PROXY headers). Seed it with a nonzero value.
+#[derive(Clone, Debug)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    #[allow(clippy::should_implement_trait)] // not an iterator: it never ends
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
     }
 }

@@ -1,7 +1,7 @@
 //! The echo state machine driven by scripted completions, without a kernel.
 #![allow(unused_must_use)] // helpers return Status; tests assert it where it matters
 
-use echoport_core::conn::{Budget, Conn, Cx, Limits, Phase, RecvState, Segments, Status};
+use echoport_core::conn::{Conn, Cx, Limits, Phase, RecvState, Segments, Status};
 use echoport_core::stats::Stats;
 use echoport_core::testing::FakeIo;
 use echoport_core::worker::{Config, Worker};
@@ -51,15 +51,7 @@ impl M {
     }
 
     fn step(&mut self, f: impl FnOnce(&mut Conn, &mut Cx<'_, FakeIo>) -> Status) -> Status {
-        let budget = Budget::new(&self.limits, self.io.buf_size, self.io.total);
-        let mut cx = Cx {
-            io: &mut self.io,
-            segs: &mut self.segs,
-            limits: &self.limits,
-            budget,
-            stats: &mut self.stats,
-            now: 0,
-        };
+        let mut cx = self.io.cx(&mut self.segs, &self.limits, &mut self.stats);
         f(&mut self.conn, &mut cx)
     }
 

@@ -24,19 +24,8 @@ const T: Token = Token {
 static GATHERED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 const S: Socket = Socket(3);
 
-/// xorshift64*: small, fast, and reproducible from a seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
+// xorshift64*: small, fast, and reproducible from a seed.
+use echoport_core::testing::Rng;
 
 /// What the simulated kernel has pending for the connection.
 #[derive(Default)]
@@ -66,15 +55,7 @@ struct Run {
 impl Run {
     fn step(&mut self, f: impl FnOnce(&mut Conn, &mut Cx<'_, FakeIo>) -> Status) {
         assert!(!self.closed, "a handler ran after the close");
-        let budget = Budget::new(&self.limits, self.io.buf_size, self.io.total);
-        let mut cx = Cx {
-            io: &mut self.io,
-            segs: &mut self.segs,
-            limits: &self.limits,
-            budget,
-            stats: &mut self.stats,
-            now: 0,
-        };
+        let mut cx = self.io.cx(&mut self.segs, &self.limits, &mut self.stats);
         let st = f(&mut self.conn, &mut cx);
         for op in self.io.take_ops() {
             assert!(!self.closed, "operation {op:?} posted after the close");
@@ -204,11 +185,11 @@ fn run_case(seed: u64) -> Stats {
     };
     // A quarter of the cases send one buffer at a time; the rest let the machine gather
     // up to 2, 3 or 4 queued buffers into one send.
-    r.io.send_parts = 1 + rng.below(4) as usize;
+    r.io.send_parts = 1 + rng.below(4);
     // Buffers as small as the largest receive (120 bytes, so most receives stay in buffers
     // of their own and get gathered) up to large ones (so most small receives are appended
     // onto the last queued buffer).
-    r.io.buf_size = [120, 120, 120, 240, 4096][rng.below(5) as usize];
+    r.io.buf_size = [120, 120, 120, 240, 4096][rng.below(5)];
     r.step(|c, cx| c.on_accepted(cx));
     for _ in 0..400 {
         if r.closed {
@@ -218,7 +199,7 @@ fn run_case(seed: u64) -> Stats {
             // Data arrives on the posted receive (unless it was cancelled, which may or may
             // not have taken effect yet: data can still race the cancellation).
             0..=399 if r.k.recv.is_some() && !r.k.eof_sent => {
-                let len = 1 + rng.below(120) as usize;
+                let len = 1 + rng.below(120);
                 let bytes: Vec<u8> = (0..len)
                     .map(|_| {
                         r.next_byte = r.next_byte.wrapping_add(1);
@@ -242,7 +223,7 @@ fn run_case(seed: u64) -> Stats {
                     0 | 1 => Err(OpError::Os(32)),
                     2 => Ok(0),
                     3..=49 if r.k.send_cancel => Err(OpError::Canceled),
-                    3..=32 => Ok(1 + rng.below(len as u64) as u32),
+                    3..=32 => Ok(1 + rng.below(len as usize) as u32),
                     _ => Ok(len),
                 };
                 r.deliver_send(result);

@@ -8,7 +8,10 @@
 //! message's own arrival time. Segments that queue unread are merged by TCP, and the merged
 //! one keeps the *latest* arrival: a message read together with (or queued behind) a later
 //! one is charged that later arrival. The stamp is therefore never before the message's
-//! arrival and never after the read: pessimistic by at most the time it sat queued. [`ReadySet`] is a level-triggered epoll set that says which
+//! arrival and never after the read: pessimistic by at most the time it sat queued. The
+//! kernel switches stamping on for the whole stack a moment after the first socket asks
+//! (deferred work): segments that arrive before that carry no stamp ([`Rx::Data`] with
+//! `stamp_ns: None`). [`ReadySet`] is a level-triggered epoll set that says which
 //! sockets have data, polled without sleeping.
 
 use std::io;
@@ -209,11 +212,30 @@ mod tests {
         }
     }
 
+    /// The kernel turns receive stamping on for the whole stack a moment after the first
+    /// socket asks (a deferred static-key switch): until then reads carry no stamp (the
+    /// load generator then times them when read). Waits, bounded, until a read has one.
+    fn until_stamped(tx: &mut TcpStream, fd: RawFd) {
+        let mut buf = [0u8; 64];
+        for _ in 0..400 {
+            tx.write_all(b"w").unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+            if let Ok(Rx::Data {
+                stamp_ns: Some(_), ..
+            }) = recv(fd, &mut buf)
+            {
+                return;
+            }
+        }
+        panic!("no receive stamp after 2 s of SO_TIMESTAMPNS");
+    }
+
     #[test]
     fn stamps_each_message_with_its_arrival() {
         let (mut tx, rx) = pair();
         let fd = rx.as_raw_fd();
         enable(fd).expect("SO_TIMESTAMPNS");
+        until_stamped(&mut tx, fd);
         let mut set = ReadySet::new().expect("epoll");
         set.add(fd, 7).expect("add");
         let mut keys = Vec::new();
@@ -255,6 +277,7 @@ mod tests {
         let (mut tx, rx) = pair();
         let fd = rx.as_raw_fd();
         enable(fd).expect("SO_TIMESTAMPNS");
+        until_stamped(&mut tx, fd);
         tx.write_all(b"a").unwrap();
         std::thread::sleep(Duration::from_millis(20));
         let between = realtime_ns();

@@ -114,9 +114,10 @@ fn a_ticked_run_times_echoes_by_their_arrival_not_by_its_own_wake_up() {
     assert!(num(lat, "p50") < delay_us + 6_000.0, "{lat:#}");
     assert!(num(lat, "p90") < 19_000.0, "{lat:#}");
     // The schedule is the tick's: messages leave at their tick, late only as far as the
-    // loop itself was (a busy machine).
+    // loop itself was (a busy machine), plus a tick when the connection's previous send
+    // was still in flight.
     let late = num(r, "client_max_late_us");
-    assert!(num(r, "max_send_lag_us") <= late + 1_000.0, "{r:#}");
+    assert!(num(r, "max_send_lag_us") <= late + 21_000.0, "{r:#}");
     let ratio = num(r, "rate_ratio");
     assert!((0.95..=1.05).contains(&ratio), "{r:#}");
 }

@@ -125,21 +125,8 @@ fn a_header_arriving_one_byte_at_a_time_completes_on_its_last_byte() {
     }
 }
 
-/// xorshift64*, seeded: the same buffers on every run unless `ECHOPORT_FUZZ_SEED` says.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
+// xorshift64*, seeded: the same buffers on every run unless `ECHOPORT_FUZZ_SEED` says.
+use crate::testing::Rng;
 
 /// A random buffer: noise, a signature and noise, or a valid header with a few bytes
 /// changed, cut, or overwritten with the characters a v1 line is made of.

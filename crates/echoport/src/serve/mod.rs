@@ -54,13 +54,7 @@ pub fn run(mut args: Args) -> anyhow::Result<ExitCode> {
     let cfg = worker_config(&args, &settings);
     let admission = cfg.admission.clone();
     let plan = Plan::new(&args, settings.threads, nofile);
-    #[cfg_attr(not(target_os = "linux"), allow(unused_mut))]
-    let mut opts = crate::backends::Options::from_serve(&args);
-    #[cfg(target_os = "linux")]
-    {
-        opts.direct_files = plan.table;
-        opts.max_rings = plan.rings;
-    }
+    let opts = backend_options(&args, &plan);
     let chosen = crate::backends::choose(args.backend, &opts)?;
     let stop = Arc::new(AtomicBool::new(false));
     echoport_io::sys::block_stop_signals()?;
@@ -100,11 +94,9 @@ pub fn run(mut args: Args) -> anyhow::Result<ExitCode> {
             udp_addrs: metrics_udp,
             started: std::time::SystemTime::now(),
         };
-        let at = listener.local_addr()?;
-        if let Err(e) = crate::metrics::spawn(listener, src) {
+        if let Err(e) = start_metrics(listener, src) {
             return abort(e);
         }
-        tracing::info!(addr = %at, "metrics on http://{at}/metrics");
     }
     log_start(&args, &settings, &chosen, &started, &capacity, mode, &addrs);
     if let Some(n) = &notifier {
@@ -116,6 +108,32 @@ pub fn run(mut args: Args) -> anyhow::Result<ExitCode> {
         ));
     }
     finish(workers.handles, udp)
+}
+
+/// The backends' options: the flags, and on Linux the descriptor plan's table and ring
+/// counts.
+fn backend_options(args: &Args, plan: &Plan) -> crate::backends::Options {
+    #[cfg_attr(not(target_os = "linux"), allow(unused_mut))]
+    let mut opts = crate::backends::Options::from_serve(args);
+    #[cfg(target_os = "linux")]
+    {
+        opts.direct_files = plan.table;
+        opts.max_rings = plan.rings;
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = plan;
+    opts
+}
+
+/// Starts the metrics endpoint's thread and says where it listens.
+fn start_metrics(
+    listener: std::net::TcpListener,
+    src: crate::metrics::Source,
+) -> anyhow::Result<()> {
+    let at = listener.local_addr()?;
+    crate::metrics::spawn(listener, src)?;
+    tracing::info!(addr = %at, "metrics on http://{at}/metrics");
+    Ok(())
 }
 
 /// systemd's readiness message: `READY=1` and a status line.

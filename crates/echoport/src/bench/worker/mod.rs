@@ -28,6 +28,7 @@ mod conn;
 mod stamped;
 #[cfg(test)]
 mod tests;
+mod tick;
 
 use std::collections::VecDeque;
 use std::io;
@@ -170,11 +171,17 @@ impl crate::backends::WithBackend for Task {
         };
         let mut w = Worker::new(backend, self.plan, epoch, self.intervals);
         if w.ticked {
-            tick_timer_slack();
+            tick::timer_slack();
         }
         w.pending = self.expected;
         w.requests = self.requests;
         w.run(&self.incoming, &self.stop, &self.live)?;
+        if let Some(n) = w.stamped.as_ref().map(|s| s.unstamped).filter(|&n| n > 0) {
+            tracing::info!(
+                reads = n,
+                "echo reads without a kernel arrival stamp (timed when read: pessimistic)"
+            );
+        }
         let now = w.now();
         if let Some(r) = w.intervals.take() {
             r.finish(now);
@@ -292,34 +299,6 @@ struct Worker<B: Backend> {
     stamped: Option<stamped::Stamped>,
 }
 
-/// A ticked loop's sleeps must end on time: without this, Linux may let them overrun by the
-/// default timer slack of 50 µs.
-fn tick_timer_slack() {
-    #[cfg(target_os = "linux")]
-    if let Err(e) = echoport_io::clock::set_timer_slack(1) {
-        tracing::warn!(error = %e, "cannot set the timer slack; ticks may end up to 50 us late");
-    }
-}
-
-/// The ticked loop's receive path, or None (with a warning: the loop then wakes per echo).
-fn open_stamped() -> Option<stamped::Stamped> {
-    if !cfg!(target_os = "linux") {
-        tracing::warn!("--tick needs Linux (kernel receive stamps); waking for each message");
-        return None;
-    }
-    stamped::Stamped::new()
-        .map_err(|e| tracing::warn!(error = %e, "--tick: no receive set; waking for each message"))
-        .ok()
-}
-
-/// Sleeps on a plain timer (echoes arriving meanwhile do not wake the thread).
-fn tick_sleep(d: Duration) {
-    #[cfg(target_os = "linux")]
-    echoport_io::clock::sleep(d);
-    #[cfg(not(target_os = "linux"))]
-    std::thread::sleep(d);
-}
-
 fn classify(e: OpError) -> Failure {
     match e {
         OpError::Os(c) if c == libc::ECONNRESET || c == libc::EPIPE || c == libc::ECONNABORTED => {
@@ -333,7 +312,7 @@ impl<B: Backend> Worker<B> {
     fn new(io: B, plan: Plan, epoch: Instant, intervals: Option<Recorder>) -> Self {
         let scan_every = (plan.timeout_ns / 5).clamp(1_000_000, 100_000_000);
         let mut ticked = plan.tick_ns > 0 && matches!(plan.load, ThreadLoad::Open { .. });
-        let stamped = if ticked { open_stamped() } else { None };
+        let stamped = if ticked { tick::open_stamped() } else { None };
         ticked &= stamped.is_some();
         let mut tally = Tally::default();
         if plan.keep_samples {
@@ -500,33 +479,6 @@ impl<B: Backend> Worker<B> {
         }
         self.events = events;
         self.reap_stamped(now);
-        Ok(())
-    }
-
-    /// The ticked loop's turn: hand this tick's sends to the kernel and reap what completed
-    /// in one call, read the echoes that arrived (kernel-stamped), then sleep to the next
-    /// tick on the timer alone (echoes arriving meanwhile do not wake the thread).
-    fn tick(&mut self, before: u64) -> io::Result<()> {
-        let mut events = std::mem::take(&mut self.events);
-        events.clear();
-        self.io.wait(&mut events, Some(Duration::ZERO))?;
-        let now = self.now();
-        for c in events.drain(..) {
-            self.dispatch(c, now);
-        }
-        self.events = events;
-        self.reap_stamped(now);
-        let wait = self.next_wakeup(now);
-        tick_sleep(wait);
-        let late = self.now().saturating_sub(now + wait.as_nanos() as u64);
-        self.tally.max_late_ns = self.tally.max_late_ns.max(late);
-        if late > 50_000_000 {
-            tracing::debug!(
-                late_ms = late / 1_000_000,
-                since = before,
-                "tick ended late"
-            );
-        }
         Ok(())
     }
 

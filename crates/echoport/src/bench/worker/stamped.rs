@@ -19,6 +19,8 @@ pub(super) struct Stamped {
     set: echoport_io::rxstamp::ReadySet,
     ready: Vec<u64>,
     buf: Vec<u8>,
+    /// Reads that came without a stamp (timed when read instead: pessimistic).
+    pub(super) unstamped: u64,
 }
 
 impl Stamped {
@@ -29,6 +31,7 @@ impl Stamped {
             set: echoport_io::rxstamp::ReadySet::new()?,
             ready: Vec::with_capacity(1024),
             buf: vec![0; 64 * 1024],
+            unstamped: 0,
         })
     }
 }
@@ -115,11 +118,21 @@ impl<B: Backend> Worker<B> {
                 .map_or(buf.len(), |m| (m.len - c.recv_off) as usize)
                 .min(buf.len());
             let more_owed = c.owed() > want as u64;
+            let scheduled = c.queue.front().map_or(0, |m| m.t);
             match recv(fd, &mut buf[..want]) {
                 Ok(Rx::Data { len, stamp_ns }) => {
-                    // Never later than now, never before the stamp (a stamp-less read is
-                    // timed now: pessimistic).
-                    let at = stamp_ns.map_or(now, |s| s.saturating_sub(offset).min(now));
+                    if stamp_ns.is_none() {
+                        if let Some(st) = self.stamped.as_mut() {
+                            st.unstamped += 1;
+                        }
+                    }
+                    // Never later than now; a read without a stamp, or with one before the
+                    // message was even scheduled (the wall clock was stepped), is timed
+                    // now: pessimistic, never flattering.
+                    let at = stamp_ns
+                        .map(|s| s.saturating_sub(offset).min(now))
+                        .filter(|&at| at >= scheduled)
+                        .unwrap_or(now);
                     let Worker {
                         conns,
                         tally,
