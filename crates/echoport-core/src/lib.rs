@@ -31,6 +31,6 @@ pub mod worker;
 
 pub use backend::{Backend, Submit, Waker};
 pub use op::{
-    BufId, Completion, ListenerId, MAX_SEND_PARTS, Op, OpError, Received, SendPart, Socket,
+    BufId, Completion, ListenerId, MAX_SEND_PARTS, Op, OpError, Post, Received, SendPart, Socket,
 };
 pub use token::{OpKind, Token};

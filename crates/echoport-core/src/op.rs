@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use crate::token::Token;
+use crate::token::{OpKind, Token};
 
 /// A socket as the backend names it (a file descriptor, an io_uring direct descriptor, a
 /// Windows `SOCKET`). Opaque to the state machine, which never closes it itself.
@@ -129,6 +129,58 @@ pub enum Op {
         /// The socket to close.
         sock: Socket,
     },
+}
+
+/// A backend's posting side: one method per kind of operation, each owning one step (as the
+/// original flow's `PostAccept`, `PostRecv`, `PostSend`). [`Op::post_to`] is the one place an
+/// [`Op`] is taken apart; a backend's [`crate::Submit::push`] is `op.post_to(self)`.
+pub trait Post {
+    /// [`Op::Accept`].
+    fn post_accept(&mut self, listener: ListenerId);
+    /// [`Op::CloseListener`].
+    fn post_close_listener(&mut self, listener: ListenerId);
+    /// [`Op::Recv`].
+    fn post_recv(&mut self, token: Token, sock: Socket, max: u32);
+    /// [`Op::Send`] (one part) and [`Op::SendParts`] (1 to [`MAX_SEND_PARTS`] parts).
+    fn post_send(&mut self, token: Token, sock: Socket, parts: &[SendPart]);
+    /// [`Op::CancelRecv`] (`kind` [`OpKind::Recv`]) and [`Op::CancelSend`] ([`OpKind::Send`]).
+    fn post_cancel(&mut self, token: Token, sock: Socket, kind: OpKind);
+    /// [`Op::Shutdown`].
+    fn post_shutdown(&mut self, token: Token, sock: Socket);
+    /// [`Op::Close`].
+    fn post_close(&mut self, token: Token, sock: Socket);
+}
+
+impl Op {
+    /// Hands the operation to the method of `p` that posts it.
+    pub fn post_to<P: Post + ?Sized>(self, p: &mut P) {
+        match self {
+            Op::Accept { listener } => p.post_accept(listener),
+            Op::CloseListener { listener } => p.post_close_listener(listener),
+            Op::Recv { token, sock, max } => p.post_recv(token, sock, max),
+            Op::Send {
+                token,
+                sock,
+                buf,
+                off,
+                len,
+            } => p.post_send(token, sock, &[SendPart { buf, off, len }]),
+            Op::SendParts {
+                token,
+                sock,
+                parts,
+                count,
+            } => p.post_send(
+                token,
+                sock,
+                &parts[..(count as usize).clamp(1, MAX_SEND_PARTS)],
+            ),
+            Op::CancelRecv { token, sock } => p.post_cancel(token, sock, OpKind::Recv),
+            Op::CancelSend { token, sock } => p.post_cancel(token, sock, OpKind::Send),
+            Op::Shutdown { token, sock } => p.post_shutdown(token, sock),
+            Op::Close { token, sock } => p.post_close(token, sock),
+        }
+    }
 }
 
 /// What a receive delivered.

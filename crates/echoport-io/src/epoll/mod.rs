@@ -133,23 +133,16 @@ struct PendingSend {
 }
 
 impl PendingSend {
-    /// A plain send of one buffer's bytes ([`Op::Send`](echoport_core::Op::Send)).
-    fn one(token: Token, part: SendPart) -> PendingSend {
-        let mut parts = [SendPart::default(); MAX_SEND_PARTS];
-        parts[0] = part;
+    /// A send of `parts` (one, or up to [`MAX_SEND_PARTS`] gathered), in order.
+    fn new(token: Token, parts: &[SendPart]) -> PendingSend {
+        let n = parts.len().min(MAX_SEND_PARTS);
+        let mut all = [SendPart::default(); MAX_SEND_PARTS];
+        all[..n].copy_from_slice(&parts[..n]);
+        let count = n.max(1);
         PendingSend {
             token,
-            parts,
-            count: 1,
-        }
-    }
-
-    /// A gathered send ([`Op::SendParts`](echoport_core::Op::SendParts)) of the first `count` parts.
-    fn gathered(token: Token, parts: [SendPart; MAX_SEND_PARTS], count: u8) -> PendingSend {
-        PendingSend {
-            token,
-            parts,
-            count: count.clamp(1, MAX_SEND_PARTS as u8),
+            parts: all,
+            count: count as u8,
         }
     }
 }

@@ -4,35 +4,15 @@
 //! loop turns).
 
 use echoport_core::{
-    BufId, Completion, ListenerId, MAX_SEND_PARTS, Op, OpError, SendPart, Socket, Submit, Token,
+    BufId, Completion, ListenerId, MAX_SEND_PARTS, Op, OpError, OpKind, Post, SendPart, Socket,
+    Submit, Token,
 };
 
 use super::{Epoll, PendingSend, PostedRecv, send_refused, sock_parts};
 
 impl Submit for Epoll {
     fn push(&mut self, op: Op) {
-        match op {
-            Op::Accept { listener } => self.post_accept(listener),
-            Op::CloseListener { listener } => self.post_close_listener(listener),
-            Op::Recv { token, sock, max } => self.post_recv(token, sock, max),
-            Op::Send {
-                token,
-                sock,
-                buf,
-                off,
-                len,
-            } => self.post_send(sock, PendingSend::one(token, SendPart { buf, off, len })),
-            Op::SendParts {
-                token,
-                sock,
-                parts,
-                count,
-            } => self.post_send(sock, PendingSend::gathered(token, parts, count)),
-            Op::CancelRecv { token, sock } => self.post_cancel_recv(token, sock),
-            Op::CancelSend { token, sock } => self.post_cancel_send(token, sock),
-            Op::Shutdown { sock, .. } => self.post_shutdown(sock),
-            Op::Close { sock, .. } => self.close_sock(sock),
-        }
+        op.post_to(self);
     }
 
     fn release(&mut self, buf: BufId) {
@@ -47,7 +27,7 @@ impl Submit for Epoll {
     crate::pool::pool_submit_methods!();
 }
 
-impl Epoll {
+impl Post for Epoll {
     /// Accept on a listener: it stays posted (as a multishot accept) until an error.
     fn post_accept(&mut self, listener: ListenerId) {
         let i = listener.0;
@@ -87,7 +67,8 @@ impl Epoll {
 
     /// Send the bytes of lent buffers when the socket is writable; a part naming a buffer
     /// the caller does not hold refuses the whole send (`EFAULT`).
-    fn post_send(&mut self, sock: Socket, p: PendingSend) {
+    fn post_send(&mut self, token: Token, sock: Socket, parts: &[SendPart]) {
+        let p = PendingSend::new(token, parts);
         if let Err(m) = self.check_send(&p) {
             self.misuse(m);
             return self.synthetic.push(send_refused(p.token));
@@ -103,9 +84,33 @@ impl Epoll {
         self.queue_conn(sock_parts(sock).0);
     }
 
+    /// Cancel the posted receive or send: it ends at once, as cancelled.
+    fn post_cancel(&mut self, token: Token, sock: Socket, kind: OpKind) {
+        match kind {
+            OpKind::Send => self.cancel_send(token, sock),
+            _ => self.cancel_recv(token, sock),
+        }
+    }
+
+    /// Shut down the sending side at once (it reports nothing).
+    fn post_shutdown(&mut self, _token: Token, sock: Socket) {
+        if let Some(s) = self.slot(sock) {
+            // SAFETY: the slot is open, so its descriptor is one this backend owns. Failure
+            // (the peer already reset) changes nothing for the state machine.
+            unsafe { libc::shutdown(s.fd, libc::SHUT_WR) };
+        }
+    }
+
+    /// Close the socket (deregistering it) at once.
+    fn post_close(&mut self, _token: Token, sock: Socket) {
+        self.close_sock(sock);
+    }
+}
+
+impl Epoll {
     /// Cancel the posted receive: it ends at once, as cancelled (no read is in progress
     /// between loop turns, so there is nothing to wait for).
-    fn post_cancel_recv(&mut self, token: Token, sock: Socket) {
+    fn cancel_recv(&mut self, token: Token, sock: Socket) {
         let Some(s) = self.slot(sock) else { return };
         if s.recv.is_some_and(|r| r.token == token) {
             s.recv = None;
@@ -118,7 +123,7 @@ impl Epoll {
     }
 
     /// Cancel the posted send: it ends at once, as cancelled, having sent nothing.
-    fn post_cancel_send(&mut self, token: Token, sock: Socket) {
+    fn cancel_send(&mut self, token: Token, sock: Socket) {
         let Some(s) = self.slot(sock) else { return };
         if s.send.is_some_and(|p| p.token == token) {
             s.send = None;
@@ -126,15 +131,6 @@ impl Epoll {
                 token,
                 result: Err(OpError::Canceled),
             });
-        }
-    }
-
-    /// Shut down the sending side at once (it reports nothing).
-    fn post_shutdown(&mut self, sock: Socket) {
-        if let Some(s) = self.slot(sock) {
-            // SAFETY: the slot is open, so its descriptor is one this backend owns. Failure
-            // (the peer already reset) changes nothing for the state machine.
-            unsafe { libc::shutdown(s.fd, libc::SHUT_WR) };
         }
     }
 }

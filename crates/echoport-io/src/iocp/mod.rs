@@ -69,7 +69,10 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::Duration;
 
-use echoport_core::{Backend, BufId, Completion, ListenerId, Op, OpKind, Socket, Submit, Waker};
+use echoport_core::{
+    Backend, BufId, Completion, ListenerId, Op, OpKind, Post, SendPart, Socket, Submit, Token,
+    Waker,
+};
 use windows_sys::Win32::Networking::WinSock::SOCKET;
 use windows_sys::Win32::System::IO::OVERLAPPED_ENTRY;
 use windows_sys::Win32::System::Threading::INFINITE;
@@ -239,37 +242,45 @@ fn ms_ceil(d: Duration) -> u32 {
     ms.min(INFINITE as u128 - 1) as u32
 }
 
+impl Post for Iocp {
+    fn post_accept(&mut self, listener: ListenerId) {
+        self.push_accept(listener.0 as usize);
+    }
+
+    fn post_close_listener(&mut self, listener: ListenerId) {
+        if (listener.0 as usize) < self.listeners.len() {
+            self.close_listener(listener.0 as usize);
+        }
+    }
+
+    fn post_recv(&mut self, token: Token, sock: Socket, max: u32) {
+        self.begin_recv(token, sock, max);
+    }
+
+    /// This backend answers max_send_parts() = 1, so the state machine never gathers;
+    /// another caller's gathered send goes out as its first part, which the sender sees as
+    /// a short send and continues from.
+    fn post_send(&mut self, token: Token, sock: Socket, parts: &[SendPart]) {
+        let p = parts[0];
+        self.begin_send(token, sock, p.buf, p.off, p.len);
+    }
+
+    fn post_cancel(&mut self, token: Token, _sock: Socket, kind: OpKind) {
+        self.cancel(token, kind);
+    }
+
+    fn post_shutdown(&mut self, _token: Token, sock: Socket) {
+        self.shutdown(sock);
+    }
+
+    fn post_close(&mut self, _token: Token, sock: Socket) {
+        self.close(sock);
+    }
+}
+
 impl Submit for Iocp {
     fn push(&mut self, op: Op) {
-        match op {
-            Op::Accept { listener } => self.push_accept(listener.0 as usize),
-            Op::CloseListener { listener } => {
-                if (listener.0 as usize) < self.listeners.len() {
-                    self.close_listener(listener.0 as usize);
-                }
-            }
-            Op::Recv { token, sock, max } => self.post_recv(token, sock, max),
-            Op::Send {
-                token,
-                sock,
-                buf,
-                off,
-                len,
-            } => self.post_send(token, sock, buf, off, len),
-            // This backend answers max_send_parts() = 1, so the state machine never gathers;
-            // another caller's gathered send goes out as its first part, which the sender
-            // sees as a short send and continues from.
-            Op::SendParts {
-                token, sock, parts, ..
-            } => {
-                let p = parts[0];
-                self.post_send(token, sock, p.buf, p.off, p.len)
-            }
-            Op::CancelRecv { token, .. } => self.cancel(token, OpKind::Recv),
-            Op::CancelSend { token, .. } => self.cancel(token, OpKind::Send),
-            Op::Shutdown { sock, .. } => self.shutdown(sock),
-            Op::Close { sock, .. } => self.close(sock),
-        }
+        op.post_to(self);
     }
 
     fn release(&mut self, buf: BufId) {

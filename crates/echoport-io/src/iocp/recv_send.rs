@@ -40,7 +40,7 @@ struct Done {
 impl Iocp {
     /// Receives at most `max` bytes (one buffer) on a connection: into a buffer while
     /// buffers are plentiful, else a zero-byte receive that holds none while it waits.
-    pub(super) fn post_recv(&mut self, token: Token, sock: Socket, max: u32) {
+    pub(super) fn begin_recv(&mut self, token: Token, sock: Socket, max: u32) {
         let zero = self.pool.free_recv() as u32 <= self.zero_below;
         let buf = if zero { None } else { self.pool.take_recv() };
         let i = self.take_op(token.pack(OpKind::Recv), sock.0 as SOCKET);
@@ -112,7 +112,14 @@ impl Iocp {
     }
 
     /// Sends `len` bytes of a lent buffer; a buffer not lent is refused (the send fails).
-    pub(super) fn post_send(&mut self, token: Token, sock: Socket, buf: BufId, off: u32, len: u32) {
+    pub(super) fn begin_send(
+        &mut self,
+        token: Token,
+        sock: Socket,
+        buf: BufId,
+        off: u32,
+        len: u32,
+    ) {
         let ptr = match self.pool.send_ptr(buf.0, off, len) {
             Ok(p) => p as *mut u8,
             Err(m) => return self.refuse_send(token, m),

@@ -9,7 +9,7 @@
 //! roomiest ring, or a new one. To the state machine this looks like one multishot accept:
 //! connections come with `more` set until the listener closes or every accept has failed.
 
-use echoport_core::{Completion, ListenerId, OpError, OpKind, Socket, Token};
+use echoport_core::{Completion, ListenerId, OpError, OpKind, Post, Socket, Token};
 use io_uring::{opcode, types};
 
 use super::{FIXED, Uring};

@@ -5,12 +5,27 @@
 
 use std::time::{Duration, Instant};
 
-use io_uring::{cqueue, opcode, types};
+use io_uring::{IoUring, cqueue, opcode, types};
 
 use super::{Uring, setup};
 
 /// How long a drop waits for cancelled operations to finish.
 const DRAIN: Duration = Duration::from_secs(1);
+
+/// Waits, until `deadline`, for the last completion of each of `inflight` operations on
+/// `ring`, counting them off as they come (what is left is still the kernel's).
+pub(super) fn wait_out(ring: &mut IoUring, inflight: &mut u64, deadline: Instant) {
+    while *inflight > 0 && Instant::now() < deadline {
+        let ts = types::Timespec::new().nsec(10_000_000);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        let _ = ring.submitter().submit_with_args(1, &args);
+        let done = ring
+            .completion()
+            .filter(|c| !cqueue::more(c.flags()))
+            .count() as u64;
+        *inflight = inflight.saturating_sub(done);
+    }
+}
 
 impl Drop for Uring {
     fn drop(&mut self) {
@@ -21,17 +36,7 @@ impl Drop for Uring {
         if self.inflight > 0 {
             self.cancel_everything();
         }
-        while self.inflight > 0 && Instant::now() < deadline {
-            let ts = types::Timespec::new().nsec(10_000_000);
-            let args = types::SubmitArgs::new().timespec(&ts);
-            let _ = self.ring.submitter().submit_with_args(1, &args);
-            let done = self
-                .ring
-                .completion()
-                .filter(|c| !cqueue::more(c.flags()))
-                .count() as u64;
-            self.inflight = self.inflight.saturating_sub(done);
-        }
+        wait_out(&mut self.ring, &mut self.inflight, deadline);
         let mut tables_left = 0;
         for t in &mut self.tables.extra {
             if !t.drain(deadline) {

@@ -112,17 +112,7 @@ impl TableRing {
         if unsafe { self.ring.submission().push(&e) }.is_ok() {
             self.inflight += 1;
         }
-        while self.inflight > 0 && std::time::Instant::now() < deadline {
-            let ts = types::Timespec::new().nsec(10_000_000);
-            let args = types::SubmitArgs::new().timespec(&ts);
-            let _ = self.ring.submitter().submit_with_args(1, &args);
-            let done = self
-                .ring
-                .completion()
-                .filter(|c| !cqueue::more(c.flags()))
-                .count() as u64;
-            self.inflight = self.inflight.saturating_sub(done);
-        }
+        super::drop::wait_out(&mut self.ring, &mut self.inflight, deadline);
         self.inflight == 0
     }
 

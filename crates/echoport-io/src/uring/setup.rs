@@ -89,6 +89,21 @@ struct RsrcUpdate {
     data: u64,
 }
 
+/// One `io_uring_register` call with one resource update entry; returns what it returns.
+fn rsrc_update(ring: &IoUring, opcode: u32, up: &mut RsrcUpdate) -> libc::c_long {
+    // SAFETY: `up` is a valid `io_uring_rsrc_update` for one entry that lives across the
+    // call; the kernel may write the chosen slot into `offset` and keeps no pointer to it.
+    unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_register,
+            ring.as_raw_fd() as libc::c_long,
+            opcode as libc::c_long,
+            up as *mut RsrcUpdate as *mut libc::c_void,
+            1 as libc::c_long,
+        )
+    }
+}
+
 /// Registers the ring's descriptor with itself (`IORING_REGISTER_RING_FDS`), giving the index
 /// waits use instead of the descriptor; `None` on kernels before 5.18 (waits then pass the
 /// descriptor, as before).
@@ -98,17 +113,7 @@ pub(super) fn register_ring_fd(ring: &IoUring) -> Option<u32> {
         resv: 0,
         data: ring.as_raw_fd() as u64,
     };
-    // SAFETY: `up` is a valid `io_uring_rsrc_update` for one entry that lives across the
-    // call; the kernel writes the chosen slot into `offset` and keeps no pointer to it.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_io_uring_register,
-            ring.as_raw_fd() as libc::c_long,
-            REGISTER_RING_FDS as libc::c_long,
-            &mut up as *mut RsrcUpdate as *mut libc::c_void,
-            1 as libc::c_long,
-        )
-    };
+    let r = rsrc_update(ring, REGISTER_RING_FDS, &mut up);
     (r == 1).then_some(up.offset)
 }
 
@@ -120,16 +125,7 @@ pub(super) fn unregister_ring_fd(ring: &IoUring, index: u32) {
         resv: 0,
         data: 0,
     };
-    // SAFETY: as in `register_ring_fd`: one valid update entry, not kept by the kernel.
-    unsafe {
-        libc::syscall(
-            libc::SYS_io_uring_register,
-            ring.as_raw_fd() as libc::c_long,
-            UNREGISTER_RING_FDS as libc::c_long,
-            &mut up as *mut RsrcUpdate as *mut libc::c_void,
-            1 as libc::c_long,
-        )
-    };
+    rsrc_update(ring, UNREGISTER_RING_FDS, &mut up);
 }
 
 /// The running kernel's `major.minor`, from `/proc/sys/kernel/osrelease`.

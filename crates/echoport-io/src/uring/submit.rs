@@ -3,8 +3,8 @@
 //! receive, post a send of exactly the bytes received.
 
 use echoport_core::{
-    BufId, Completion, ListenerId, MAX_SEND_PARTS, Op, OpError, OpKind, SendPart, Socket, Submit,
-    Token,
+    BufId, Completion, ListenerId, MAX_SEND_PARTS, Op, OpError, OpKind, Post, SendPart, Socket,
+    Submit, Token,
 };
 use io_uring::{opcode, squeue, types};
 
@@ -18,32 +18,7 @@ const SQE_OPTLEN: usize = 44;
 
 impl Submit for Uring {
     fn push(&mut self, op: Op) {
-        match op {
-            Op::Accept { listener } => self.post_accept(listener),
-            Op::CloseListener { listener } => self.post_close_listener(listener),
-            Op::Recv { token, sock, max } => self.post_recv(token, sock, max),
-            Op::Send {
-                token,
-                sock,
-                buf,
-                off,
-                len,
-            } => self.post_send(token, sock, buf, off, len),
-            Op::SendParts {
-                token,
-                sock,
-                parts,
-                count,
-            } => self.post_send_parts(
-                token,
-                sock,
-                &parts[..(count as usize).clamp(1, MAX_SEND_PARTS)],
-            ),
-            Op::CancelRecv { token, sock } => self.post_cancel(token, sock, OpKind::Recv),
-            Op::CancelSend { token, sock } => self.post_cancel(token, sock, OpKind::Send),
-            Op::Shutdown { token, sock } => self.post_shutdown(token, sock),
-            Op::Close { token, sock } => self.post_close(token, sock),
-        }
+        op.post_to(self);
     }
 
     fn release(&mut self, buf: BufId) {
@@ -88,10 +63,10 @@ impl Submit for Uring {
     }
 }
 
-impl Uring {
+impl Post for Uring {
     /// Accept on a listener: multishot into direct descriptors on the fast path, on the
     /// ring whose table has room (`rings.rs`).
-    pub(super) fn post_accept(&mut self, listener: ListenerId) {
+    fn post_accept(&mut self, listener: ListenerId) {
         let i = listener.0 as usize;
         let Some(fd) = self
             .listeners
@@ -118,7 +93,7 @@ impl Uring {
     }
 
     /// Close a socket (a direct descriptor's slot counts as free once the close completes).
-    pub(super) fn post_close(&mut self, token: Token, sock: Socket) {
+    fn post_close(&mut self, token: Token, sock: Socket) {
         let ring = Self::ring_of(sock);
         let e = with_fd!(sock, |fd| opcode::Close::new(fd).build());
         self.enqueue_on(ring, e.user_data(token.pack(OpKind::Close)));
@@ -179,8 +154,47 @@ impl Uring {
         self.enqueue_on(Self::ring_of(sock), e.user_data(ud));
     }
 
+    /// Send lent buffers' bytes: one part as a plain send, several gathered.
+    fn post_send(&mut self, token: Token, sock: Socket, parts: &[SendPart]) {
+        match parts {
+            [p] => self.send_one(token, sock, p.buf, p.off, p.len),
+            _ => self.send_gathered(token, sock, parts),
+        }
+    }
+
+    /// Shut down the write side. A direct descriptor goes through the ring (its slot cannot
+    /// be reused before the close that follows). A plain descriptor is shut down at once,
+    /// with `shutdown(2)`: on kernels 6.1-6.3 `IORING_OP_SHUTDOWN` is always punted to a
+    /// worker thread that looks the descriptor up late, after the close posted behind it may
+    /// have freed the number for another connection.
+    fn post_shutdown(&mut self, token: Token, sock: Socket) {
+        if sock.0 & FIXED != 0 {
+            let e = with_fd!(sock, |fd| opcode::Shutdown::new(fd, libc::SHUT_WR).build());
+            self.enqueue_on(
+                Self::ring_of(sock),
+                e.user_data(token.pack(OpKind::Shutdown)),
+            );
+            return;
+        }
+        // SAFETY: a plain descriptor handed out by this backend's accept (or adopted) stays
+        // open until the state machine posts its close, which comes after this shutdown.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(sock.0 as std::os::fd::RawFd) };
+        if let Err(e) = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Write) {
+            tracing::debug!(error = %e, "shutdown failed");
+        }
+    }
+
+    /// Cancel the connection's posted receive or send (by its user data, never by
+    /// descriptor), on the ring the socket belongs to.
+    fn post_cancel(&mut self, token: Token, sock: Socket, target: OpKind) {
+        let e = opcode::AsyncCancel::new(token.pack(target)).build();
+        self.enqueue_on(Self::ring_of(sock), e.user_data(token.pack(OpKind::Cancel)));
+    }
+}
+
+impl Uring {
     /// Send `len` bytes of a lent buffer; a buffer not lent is refused (the send fails).
-    fn post_send(&mut self, token: Token, sock: Socket, buf: BufId, off: u32, len: u32) {
+    fn send_one(&mut self, token: Token, sock: Socket, buf: BufId, off: u32, len: u32) {
         let ptr = match self.pool.send_ptr(buf.0, off, len) {
             Ok(p) => p,
             Err(m) => return self.refuse_send(token, m),
@@ -192,7 +206,7 @@ impl Uring {
     }
 
     /// A gathered send (`SENDMSG`) of several lent buffers, its header boxed until completion.
-    fn post_send_parts(&mut self, token: Token, sock: Socket, parts: &[SendPart]) {
+    fn send_gathered(&mut self, token: Token, sock: Socket, parts: &[SendPart]) {
         let mut m = self.msg_free.pop().unwrap_or_else(|| {
             Box::new(MsgSlot {
                 // SAFETY: all-zero is a valid msghdr (no name, no control data).
@@ -231,28 +245,6 @@ impl Uring {
         self.enqueue_on(Self::ring_of(sock), e.user_data(token.pack(OpKind::Send)));
     }
 
-    /// Shut down the write side. A direct descriptor goes through the ring (its slot cannot
-    /// be reused before the close that follows). A plain descriptor is shut down at once,
-    /// with `shutdown(2)`: on kernels 6.1-6.3 `IORING_OP_SHUTDOWN` is always punted to a
-    /// worker thread that looks the descriptor up late, after the close posted behind it may
-    /// have freed the number for another connection.
-    fn post_shutdown(&mut self, token: Token, sock: Socket) {
-        if sock.0 & FIXED != 0 {
-            let e = with_fd!(sock, |fd| opcode::Shutdown::new(fd, libc::SHUT_WR).build());
-            self.enqueue_on(
-                Self::ring_of(sock),
-                e.user_data(token.pack(OpKind::Shutdown)),
-            );
-            return;
-        }
-        // SAFETY: a plain descriptor handed out by this backend's accept (or adopted) stays
-        // open until the state machine posts its close, which comes after this shutdown.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(sock.0 as std::os::fd::RawFd) };
-        if let Err(e) = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Write) {
-            tracing::debug!(error = %e, "shutdown failed");
-        }
-    }
-
     /// A send naming a buffer the caller does not hold: nothing reaches the kernel, and the
     /// send completes with `EFAULT` so its connection closes.
     fn refuse_send(&mut self, token: Token, m: crate::pool::Misuse) {
@@ -261,13 +253,6 @@ impl Uring {
             token,
             result: Err(OpError::Os(libc::EFAULT)),
         });
-    }
-
-    /// Cancel the connection's posted receive or send (by its user data, never by
-    /// descriptor), on the ring the socket belongs to.
-    fn post_cancel(&mut self, token: Token, sock: Socket, target: OpKind) {
-        let e = opcode::AsyncCancel::new(token.pack(target)).build();
-        self.enqueue_on(Self::ring_of(sock), e.user_data(token.pack(OpKind::Cancel)));
     }
 }
 
