@@ -259,8 +259,8 @@ macro_rules! configs {
     };
 }
 
-/// Server CPU a trickled one-byte segment may cost (a receive and an echo, debug build; about
-/// 30 us measured on the development VM).
+/// Server CPU a trickled one-byte segment may cost (a receive and an echo, debug build; 17-21 us
+/// measured on the development VM).
 const TRICKLE_US_PER_SEGMENT: f64 = 100.0;
 
 // The CPU limits: flooding and slow-reading hogs are stalled by the budget, so the server
