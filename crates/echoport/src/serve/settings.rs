@@ -45,7 +45,7 @@ pub const MAX_BATCH_WAIT_US: u32 = 1_000_000;
 /// Largest `--max-added-latency-us`.
 pub const MAX_ADDED_LATENCY_US: u32 = 10_000;
 /// Default `--max-added-latency-us` (docs/BENCHMARKS.md "Adaptive completion moderation").
-pub const DEFAULT_MAX_ADDED_LATENCY_US: u32 = 20;
+pub const DEFAULT_MAX_ADDED_LATENCY_US: u32 = 0;
 
 /// The checked settings that are not plain copies of the flags.
 #[derive(Debug, Clone)]
