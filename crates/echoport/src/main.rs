@@ -22,6 +22,7 @@ mod metrics;
 mod serve;
 #[cfg(unix)]
 mod systemd;
+mod threads;
 mod udp;
 
 /// A completion-based TCP echo server (io_uring, epoll or IOCP), its test client, and a

@@ -347,24 +347,16 @@ fn spawn_worker(
     let cpu = (!p.cpus.is_empty()).then(|| p.cpus[t % p.cpus.len()]);
     let ready = ready.clone();
     let kind = env.kind.clone();
-    let handle = std::thread::Builder::new()
-        .name(format!("bench-w{t}"))
-        .spawn(move || -> anyhow::Result<worker::Outcome> {
-            if let Some(cpu) = cpu {
-                if let Err(e) = echoport_io::sys::pin_to_cpu(cpu) {
-                    let _ = ready.send(Err(format!("pinning to CPU {cpu}: {e}")));
-                    bail!("pinning to CPU {cpu}: {e}");
-                }
-            }
-            match crate::backends::open(&kind, &opts) {
-                Ok(b) => b.run(task),
-                Err(e) => {
-                    let _ = ready.send(Err(format!("{e:#}")));
-                    Err(e)
-                }
-            }
-        })
-        .context("spawning a bench thread")?;
+    let handle = crate::threads::spawn_loop(
+        format!("bench-w{t}"),
+        cpu,
+        kind,
+        opts,
+        move |e| {
+            let _ = ready.send(Err(e));
+        },
+        move |backend| backend.run(task),
+    )?;
     Ok(Pending {
         handle,
         incoming: in_tx,

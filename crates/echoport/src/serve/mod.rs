@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 
-use anyhow::Context;
 use echoport_core::live::LiveStats;
 use echoport_core::stats::Stats;
 use echoport_core::udp::UdpStats;
@@ -293,44 +292,37 @@ fn spawn_workers(
         let cpu = (!s.cpus.is_empty()).then(|| s.cpus[i % s.cpus.len()]);
         let opts = opts.clone();
         let chosen = chosen.clone();
-        let h = std::thread::Builder::new()
-            .name(format!("echoport-w{i}"))
-            .spawn(move || worker_thread(cpu, &chosen, &opts, socks, cfg, stop, &ready))
-            .context("spawning a worker thread")?;
+        let told = ready.clone();
+        let h = crate::threads::spawn_loop(
+            format!("echoport-w{i}"),
+            cpu,
+            chosen,
+            opts,
+            move |e| {
+                let _ = told.send(Err(anyhow::anyhow!("{e}")));
+            },
+            move |backend| serve_backend(backend, socks, cfg, stop, &ready),
+        )?;
         handles.push(h);
     }
     Ok(Workers { handles, ready })
 }
 
-/// One worker thread: pin it, open its backend, serve.
-fn worker_thread(
-    cpu: Option<usize>,
-    chosen: &crate::backends::Chosen,
-    opts: &crate::backends::Options,
+/// One worker thread's life once its backend is open: serve until stopped.
+fn serve_backend(
+    backend: crate::backends::AnyBackend,
     socks: Vec<TcpListener>,
     cfg: Config,
     stop: Arc<AtomicBool>,
     ready: &mpsc::Sender<anyhow::Result<Ready>>,
 ) -> anyhow::Result<Stats> {
-    if let Some(cpu) = cpu {
-        if let Err(e) = echoport_io::sys::pin_to_cpu(cpu) {
-            let e = anyhow::Error::new(e).context(format!("pinning to CPU {cpu}"));
-            let _ = ready.send(Err(anyhow::anyhow!("{e:#}")));
-            return Err(e);
-        }
-    }
-    match crate::backends::open(chosen, opts) {
+    match backend {
         #[cfg(target_os = "linux")]
-        Ok(crate::backends::AnyBackend::Uring(b)) => serve_on(*b, socks, cfg, stop, ready),
+        crate::backends::AnyBackend::Uring(b) => serve_on(*b, socks, cfg, stop, ready),
         #[cfg(target_os = "linux")]
-        Ok(crate::backends::AnyBackend::Epoll(b)) => serve_on(*b, socks, cfg, stop, ready),
+        crate::backends::AnyBackend::Epoll(b) => serve_on(*b, socks, cfg, stop, ready),
         #[cfg(windows)]
-        Ok(crate::backends::AnyBackend::Iocp(b)) => serve_on(*b, socks, cfg, stop, ready),
-        Err(e) => {
-            let msg = format!("{e:#}");
-            let _ = ready.send(Err(anyhow::anyhow!("{msg}")));
-            Err(e)
-        }
+        crate::backends::AnyBackend::Iocp(b) => serve_on(*b, socks, cfg, stop, ready),
     }
 }
 
