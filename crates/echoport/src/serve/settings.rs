@@ -44,7 +44,8 @@ pub const MAX_PROXY_TIMEOUT: f64 = 3600.0;
 pub const MAX_BATCH_WAIT_US: u32 = 1_000_000;
 /// Largest `--max-added-latency-us`.
 pub const MAX_ADDED_LATENCY_US: u32 = 10_000;
-/// Default `--max-added-latency-us` (docs/BENCHMARKS.md "Adaptive completion moderation").
+/// Default `--max-added-latency-us`: off, as measured (docs/BENCHMARKS.md, "2026-12-02: the
+/// client's cost, and adaptive completion moderation").
 pub const DEFAULT_MAX_ADDED_LATENCY_US: u32 = 0;
 
 /// The checked settings that are not plain copies of the flags.
