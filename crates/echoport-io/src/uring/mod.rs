@@ -212,8 +212,10 @@ pub struct Uring {
     last_reaped: usize,
     /// The kernel has `IORING_FEAT_MIN_TIMEOUT`: batched waits use its minimum wait.
     min_timeout: bool,
-    /// Adaptive moderation: how long the next wait may hold for more completions.
-    moderator: Moderator,
+    /// Adaptive moderation: how long the next wait may hold for more completions. `None`
+    /// when it is off, overridden by a fixed batched wait, or the kernel has no minimum wait,
+    /// so the loop then reads no clock for it.
+    moderator: Option<Moderator>,
     /// The origin of the moderator's clock.
     epoch: Instant,
     /// The ring's own descriptor registered with it (`IORING_REGISTER_RING_FDS`, 5.18): the
@@ -300,7 +302,7 @@ impl Uring {
             batch: cfg.batch.max(1),
             last_reaped: 0,
             min_timeout: false,
-            moderator: Moderator::new(cfg.max_added_latency_us),
+            moderator: None,
             epoch: Instant::now(),
             ring_index: None,
             direct_files: None,
@@ -318,6 +320,9 @@ impl Uring {
             features.push("registered-ring");
         }
         if cfg.batch_wait_us == 0 && cfg.max_added_latency_us > 0 {
+            if uring.min_timeout {
+                uring.moderator = Some(Moderator::new(cfg.max_added_latency_us));
+            }
             features.push(if uring.min_timeout {
                 "adaptive-moderation"
             } else {

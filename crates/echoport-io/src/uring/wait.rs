@@ -10,6 +10,7 @@ use std::io;
 use std::time::Duration;
 
 use echoport_core::Completion;
+use echoport_core::moderation::Moderator;
 use io_uring::types;
 
 use super::Uring;
@@ -107,6 +108,7 @@ impl Uring {
         } else {
             timeout
         };
+        let hold = self.moderator.as_ref().map_or(0, Moderator::hold_us);
         match timeout {
             Some(t) if t.is_zero() => Plan {
                 want: 1,
@@ -118,13 +120,11 @@ impl Uring {
                 timeout: t,
                 min_wait_us: self.batch_wait_us,
             },
-            t if self.batch_wait_us == 0 && self.min_timeout && self.moderator.hold_us() > 0 => {
-                Plan {
-                    want: self.batch,
-                    timeout: t,
-                    min_wait_us: self.moderator.hold_us(),
-                }
-            }
+            t if hold > 0 => Plan {
+                want: self.batch,
+                timeout: t,
+                min_wait_us: hold,
+            },
             t if self.batch_wait_us > 0 && self.last_reaped > 1 => {
                 let b = Duration::from_micros(self.batch_wait_us as u64);
                 Plan {
@@ -220,8 +220,9 @@ impl Uring {
         self.dropped = self.dropped.max(cq.overflow() as u64);
         cqes.extend(cq.map(|c| (c.user_data(), c.result(), c.flags())));
         self.last_reaped = cqes.len();
-        let now = self.epoch.elapsed().as_nanos() as u64;
-        self.moderator.observe(now, cqes.len());
+        if let Some(m) = self.moderator.as_mut() {
+            m.observe(self.epoch.elapsed().as_nanos() as u64, cqes.len());
+        }
         for &(ud, res, flags) in &cqes {
             self.complete(0, ud, res, flags, out);
         }
