@@ -3,6 +3,7 @@
 
 use crate::backend::Backend;
 use crate::op::{ListenerId, Op, OpError, Socket};
+use crate::token::Token;
 
 use super::{ACCEPT_ERRORS_BEFORE_BACKOFF, BACKOFF_MAX, BACKOFF_MIN, Worker};
 
@@ -89,6 +90,24 @@ impl<B: Backend> Worker<B> {
                 adm.release_ip(ip);
             }
         }
+    }
+
+    /// Closes a socket at accept, counted as refused.
+    pub(super) fn refuse(&mut self, sock: Socket) {
+        self.stats.refused += 1;
+        let adm = &self.cfg.admission;
+        if self.stopping.is_none() && adm.live() >= adm.max() && adm.first_refusal() {
+            tracing::warn!(
+                max_connections = adm.max(),
+                bound = adm.bound(),
+                "connection limit reached: new connections are closed at once until some \
+                 close (said once until a tenth of the places are free again)"
+            );
+        }
+        self.backend.push(Op::Close {
+            token: Token::NONE,
+            sock,
+        });
     }
 
     /// Posts an accept on every open listener that has none and is not backing off.

@@ -23,7 +23,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
-use crate::op::{BufId, Op, OpError, Received, Socket};
+use crate::op::{BufId, OpError, Received, Socket};
 use crate::proxy::{self, Cidr, Command, Header, MAX_HEADER_LEN, Parsed, ProxyError};
 use crate::token::Token;
 
@@ -120,24 +120,6 @@ impl<B: Backend> Worker<B> {
                 g.pending.insert(token, pending);
             }
         }
-    }
-
-    /// Closes a socket at accept, counted as refused.
-    pub(super) fn refuse(&mut self, sock: Socket) {
-        self.stats.refused += 1;
-        let adm = &self.cfg.admission;
-        if self.stopping.is_none() && adm.live() >= adm.max() && adm.first_refusal() {
-            tracing::warn!(
-                max_connections = adm.max(),
-                bound = adm.bound(),
-                "connection limit reached: new connections are closed at once until some \
-                 close (said once until a tenth of the places are free again)"
-            );
-        }
-        self.backend.push(Op::Close {
-            token: Token::NONE,
-            sock,
-        });
     }
 
     /// A receive completed on a connection waiting for its header.
