@@ -44,12 +44,17 @@ def cpu_ticks(pid):
     return int(fields[11]), int(fields[12])
 
 
-def rss_kib(pid):
+def status_field(pid, name):
+    """The first number of field `name` in /proc/PID/status (0 when absent)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(name + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def rss_kib(pid):
+    return status_field(pid, "VmRSS")
 
 
 def serve_flags(extra):

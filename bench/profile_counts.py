@@ -67,11 +67,7 @@ def proc_cpu_s(pid):
 
 
 def proc_vol_ctxsw(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("voluntary_ctxt_switches"):
-                return int(line.split()[1])
-    return 0
+    return harness.status_field(pid, "voluntary_ctxt_switches")
 
 
 def parse_perf(path):
