@@ -45,10 +45,12 @@ fn a_run_carries_its_histogram_losslessly_and_writes_an_interval_log() {
     let r = &d["runs"][0];
     let messages = num(r, "messages") as u64;
     assert!(messages > 6000, "{r:#}");
+    // A busy machine may get to a message intended inside the window only after it closed:
+    // it is still measured (from its intended time) but counted apart from the load offered.
     assert_eq!(
-        num(r, "sent") as u64,
+        num(r, "sent") as u64 + num(r, "sent_late") as u64,
         messages,
-        "every message sent came back"
+        "every measured message sent came back: {r:#}"
     );
     assert_eq!(
         at(r, "histograms.encoding"),

@@ -90,6 +90,7 @@ fn run_json(r: &RunResult) -> Value {
         "messages": t.msgs,
         "bytes": t.bytes,
         "sent": t.sent,
+        "sent_late": t.sent_late,
         "msgs_per_sec": round(r.msgs_per_sec(), 2),
         "mib_per_sec": round(r.mib_per_sec(), 4),
         "sent_per_sec": round(r.sent_per_sec(), 2),

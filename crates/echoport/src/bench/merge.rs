@@ -82,6 +82,9 @@ pub struct InRun {
     pub bytes: u64,
     /// Messages sent in the window.
     pub sent: u64,
+    /// Measured messages sent only after the window closed (0 in files written before it
+    /// was counted).
+    pub sent_late: u64,
     /// Rates as the run reported them.
     pub msgs_per_sec: f64,
     /// Sent per second.
@@ -406,6 +409,7 @@ fn read_run(file: &str, tag: Option<String>, r: &Value) -> anyhow::Result<InRun>
         messages,
         bytes: int("bytes")?,
         sent: int("sent")?,
+        sent_late: r["sent_late"].as_u64().unwrap_or(0),
         msgs_per_sec: num("msgs_per_sec")?,
         sent_per_sec: num("sent_per_sec")?,
         hist,
@@ -465,6 +469,7 @@ mod tests {
             messages: 0,
             bytes: 0,
             sent: 0,
+            sent_late: 0,
             msgs_per_sec: 1000.0,
             sent_per_sec: 1000.0,
             hist: new_histogram(),

@@ -195,10 +195,17 @@ pub fn text(p: &Params, r: &RunResult) -> String {
     if let Some(q) = r.rate_ratio() {
         let _ = writeln!(
             s,
-            "  offered      {} msgs/s sent = {:.2} % of the intended rate; sends at most {} us behind schedule",
+            "  offered      {} msgs/s sent = {:.2} % of the intended rate; sends at most {} us behind schedule{}",
             group(r.sent_per_sec()),
             q * 100.0,
-            us(t.max_send_lag_ns as f64 / 1000.0)
+            us(t.max_send_lag_ns as f64 / 1000.0),
+            match t.sent_late {
+                0 => String::new(),
+                n => format!(
+                    "; {} sent after the window (still measured)",
+                    group(n as f64)
+                ),
+            }
         );
     }
     let _ = writeln!(s, "  latency us   {}", latency_line(&t.hist));

@@ -117,6 +117,10 @@ pub struct Tally {
     /// Measured messages whose first byte was handed to the kernel before the end of the
     /// window: the load actually offered.
     pub sent: u64,
+    /// Measured messages (intended inside the window) whose first byte the client only got
+    /// to after the window closed: a loop that fell behind. `sent + sent_late` is every
+    /// measured message issued.
+    pub sent_late: u64,
     /// The longest a message's first byte waited past its intended time before it was
     /// handed to the kernel (open loop: how far the generator fell behind its schedule).
     pub max_send_lag_ns: u64,
@@ -152,6 +156,7 @@ impl Default for Tally {
             msgs: 0,
             bytes: 0,
             sent: 0,
+            sent_late: 0,
             max_send_lag_ns: 0,
             last_done_ns: 0,
             errors: Errors::default(),
@@ -174,6 +179,7 @@ impl Tally {
         self.msgs += o.msgs;
         self.bytes += o.bytes;
         self.sent += o.sent;
+        self.sent_late += o.sent_late;
         self.max_send_lag_ns = self.max_send_lag_ns.max(o.max_send_lag_ns);
         self.last_done_ns = self.last_done_ns.max(o.last_done_ns);
         self.errors.merge(&o.errors);

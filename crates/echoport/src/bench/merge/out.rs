@@ -247,6 +247,7 @@ fn group_json(m: &Merged) -> Value {
         "messages": m.count(|r| r.messages),
         "bytes": m.count(|r| r.bytes),
         "sent": m.count(|r| r.sent),
+        "sent_late": m.count(|r| r.sent_late),
         "msgs_per_sec": round(m.sum(|r| r.msgs_per_sec), 2),
         "sent_per_sec": round(sent_per_sec, 2),
         "rate_ratio": target.map(|t| round(sent_per_sec / t, 5)),

@@ -133,6 +133,8 @@ impl<B: Backend> Worker<B> {
             if c.send_off == 0 && m.measured {
                 if plan.end_ns.is_none_or(|e| now < e) {
                     tally.sent += 1;
+                } else {
+                    tally.sent_late += 1;
                 }
                 tally.max_send_lag_ns = tally.max_send_lag_ns.max(now.saturating_sub(m.t));
             }

@@ -253,3 +253,31 @@ fn a_reset_counts_a_lost_connection_and_its_owed_bytes() {
     recv_canceled(&mut w, token, 2 * MS);
     assert_eq!(w.io.closed, vec![token]);
 }
+
+#[test]
+fn a_message_issued_in_the_window_but_sent_after_it_is_counted_late_not_lost() {
+    let mut p = plan(2, 10);
+    p.end_ns = Some(10 * MS);
+    let (mut w, token) = worker(p);
+    w.flush(0);
+    let s = sends(&mut w);
+    let bytes = sent_bytes(&w, s[0]);
+    assert_eq!(
+        (w.tally.sent, w.tally.sent_late),
+        (2, 0),
+        "both in the window"
+    );
+    echo(&mut w, token, &bytes[..10], 2 * MS);
+    assert!(
+        sends(&mut w).is_empty(),
+        "the third message waits for the send in flight"
+    );
+    // The first send completes only after the window closed: the third goes out late.
+    send_done(&mut w, token, 20, 11 * MS);
+    assert_eq!(sends(&mut w).len(), 1, "the waiting message is sent");
+    assert_eq!(
+        (w.tally.sent, w.tally.sent_late),
+        (2, 1),
+        "issued at 2 ms, sent at 11 ms: late, and still measured"
+    );
+}
