@@ -210,6 +210,10 @@ pub(super) struct Tables {
     pub(super) starved: Vec<bool>,
     /// The ring each receive buffer last came from (where it goes back).
     home: Vec<u16>,
+    /// Adopted streams (`adopt.rs`): each ring's slots never handed out start here...
+    next_slot: Vec<u32>,
+    /// ...and those handed out and freed again wait here.
+    freed: Vec<Vec<u32>>,
     /// Slots per table.
     pub(super) size: u32,
     /// Most rings (ring 0 included).
@@ -234,6 +238,8 @@ impl Tables {
             bufs: vec![0],
             starved: vec![false],
             home: vec![0; buffers as usize],
+            next_slot: vec![0],
+            freed: vec![Vec::new()],
             size,
             max_rings,
             accepting: 0,
@@ -292,6 +298,20 @@ impl Tables {
         self.size.saturating_sub(self.used[r] + self.pending[r])
     }
 
+    /// A slot of ring `r` for an adopted stream (the caller checked [`Tables::free_slots`]).
+    pub(super) fn take_slot(&mut self, r: usize) -> u32 {
+        self.freed[r].pop().unwrap_or_else(|| {
+            let s = self.next_slot[r];
+            self.next_slot[r] += 1;
+            s
+        })
+    }
+
+    /// Ring `r`'s slot `slot`, cleared, may be handed out again.
+    pub(super) fn give_slot(&mut self, r: usize, slot: u32) {
+        self.freed[r].push(slot);
+    }
+
     /// The ring with the most free slots, if any has one.
     pub(super) fn roomiest(&self) -> Option<usize> {
         (0..self.rings())
@@ -312,6 +332,8 @@ impl Tables {
                 self.pending.push(0);
                 self.bufs.push(0);
                 self.starved.push(false);
+                self.next_slot.push(0);
+                self.freed.push(Vec::new());
                 tracing::debug!(rings = self.rings(), "added an io_uring ring");
                 Some(self.rings() - 1)
             }
