@@ -57,6 +57,8 @@ pub struct Incoming {
     pub next_seq: u64,
     /// When its connect began, ns since the run's start.
     pub started_ns: u64,
+    /// Counts it as handed out until the worker has taken it (None in tests).
+    pub in_hand: Option<crate::bench::connector::InHand>,
 }
 
 /// What the connector sends a worker: a connection, or word that one it expected failed.
