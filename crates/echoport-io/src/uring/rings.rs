@@ -250,12 +250,14 @@ impl Tables {
 
     /// Buffers ring `r`'s buffer ring holds at most; the rest of the pool waits free, so
     /// that every ring, a new one too, can be given buffers from it ([`Uring::top_up`]). Ring 0
-    /// alone holds them all; beside others it holds half, and the others share a quarter.
+    /// alone holds them all; beside others it holds half, and the rings added so far share a
+    /// quarter (a ring above its share after another is added gives its buffers back to the
+    /// pool as they come back from receives, `home`).
     pub(super) fn cap(&self, r: usize) -> u32 {
         match (r, self.max_rings) {
             (0, 1) => self.buffers,
             (0, _) => self.buffers / 2,
-            _ => (self.buffers / 4 / (self.max_rings - 1)).max(MIN_SHARE),
+            _ => (self.buffers / 4 / self.extra.len().max(1) as u32).max(MIN_SHARE),
         }
     }
 
@@ -477,10 +479,30 @@ mod tests {
         assert_eq!(one.cap(0), 2048);
         let many = Tables::new(20_000, 26, 2048);
         assert_eq!(many.cap(0), 1024);
-        assert!(many.cap(1) >= MIN_SHARE);
-        assert!(
-            many.cap(0) + 25 * many.cap(1) <= 2048,
-            "caps leave free buffers to top up"
+        assert_eq!(
+            many.cap(1),
+            512,
+            "the first ring added shares the quarter with none (not with the 25 planned)"
         );
+    }
+
+    #[test]
+    fn the_rings_added_so_far_share_a_quarter_of_the_pool() {
+        let cfg = super::super::Config::default();
+        let mut t = Tables::new(64, 26, 2048);
+        for added in 1..=8u32 {
+            if t.add_ring(&cfg, 2048).is_none() {
+                panic!("adding ring {added} failed (io_uring is required here)");
+            }
+            assert_eq!(
+                t.cap(1),
+                (512 / added).max(MIN_SHARE),
+                "{added} rings added"
+            );
+            assert!(
+                t.cap(0) + added * t.cap(1) <= 2048 * 3 / 4,
+                "caps leave free buffers to top up"
+            );
+        }
     }
 }
