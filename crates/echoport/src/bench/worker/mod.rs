@@ -504,7 +504,7 @@ impl<B: Backend> Worker<B> {
         // A wait that returns well past its deadline means this thread was not running
         // (a busy machine): report it, it inflates every latency measured meanwhile.
         let late = now.saturating_sub(deadline);
-        self.tally.max_late_ns = self.tally.max_late_ns.max(late);
+        self.note_late(before, late);
         if late > 50_000_000 {
             tracing::debug!(
                 late_ms = late / 1_000_000,
@@ -520,6 +520,18 @@ impl<B: Backend> Worker<B> {
         self.events = events;
         self.reap_stamped(now);
         Ok(())
+    }
+
+    /// Records how late a wait begun at `at` returned, if it was in the measured window:
+    /// what polluted the latencies measured (connecting before it and closing after it
+    /// take long turns that time nothing).
+    fn note_late(&mut self, at: u64, late: u64) {
+        let measuring = self.phase == Phase::Run
+            && at >= self.plan.warmup_ns
+            && self.plan.end_ns.is_none_or(|e| at < e);
+        if measuring {
+            self.tally.max_late_ns = self.tally.max_late_ns.max(late);
+        }
     }
 
     fn next_wakeup(&self, now: u64) -> Duration {
