@@ -249,16 +249,16 @@ impl Tables {
     }
 
     /// Buffers ring `r`'s buffer ring holds at most; the rest of the pool waits free, so
-    /// that every ring, a new one too, can be given buffers from it ([`Uring::top_up`]). Ring 0
-    /// alone holds them all; beside others it holds half, and the rings added so far share a
-    /// quarter (a ring above its share after another is added gives its buffers back to the
-    /// pool as they come back from receives, `home`).
-    pub(super) fn cap(&self, r: usize) -> u32 {
-        match (r, self.max_rings) {
-            (0, 1) => self.buffers,
-            (0, _) => self.buffers / 2,
-            _ => (self.buffers / 4 / self.extra.len().max(1) as u32).max(MIN_SHARE),
+    /// that every ring, a new one too, can be given buffers from it ([`Uring::top_up`]). A
+    /// lone ring holds them all; a worker that may add rings keeps a quarter free and the
+    /// rings in use share the rest equally (a ring above its share once another is added
+    /// gives buffers back to the pool as receives return them, `home`). Ring 0's connections
+    /// are no busier than any other ring's, so it gets no more.
+    pub(super) fn cap(&self, _r: usize) -> u32 {
+        if self.max_rings == 1 {
+            return self.buffers;
         }
+        (self.buffers / 4 * 3 / self.rings() as u32).max(MIN_SHARE)
     }
 
     /// The ring receive buffer `buf` last came from.
@@ -478,30 +478,28 @@ mod tests {
         let one = Tables::new(20_000, 1, 2048);
         assert_eq!(one.cap(0), 2048);
         let many = Tables::new(20_000, 26, 2048);
-        assert_eq!(many.cap(0), 1024);
         assert_eq!(
-            many.cap(1),
-            512,
-            "the first ring added shares the quarter with none (not with the 25 planned)"
+            many.cap(0),
+            1536,
+            "ring 0 alone, of a worker that may add more: a quarter stays free"
         );
     }
 
     #[test]
-    fn the_rings_added_so_far_share_a_quarter_of_the_pool() {
+    fn the_rings_added_so_far_share_three_quarters_of_the_pool() {
         let cfg = super::super::Config::default();
         let mut t = Tables::new(64, 26, 2048);
         for added in 1..=8u32 {
             if t.add_ring(&cfg, 2048).is_none() {
                 panic!("adding ring {added} failed (io_uring is required here)");
             }
-            assert_eq!(
-                t.cap(1),
-                (512 / added).max(MIN_SHARE),
-                "{added} rings added"
-            );
+            let share = (1536 / (added + 1)).max(MIN_SHARE);
+            for r in 0..=added as usize {
+                assert_eq!(t.cap(r), share, "ring {r} of {}", added + 1);
+            }
             assert!(
-                t.cap(0) + added * t.cap(1) <= 2048 * 3 / 4,
-                "caps leave free buffers to top up"
+                (added + 1) * share <= 1536,
+                "caps leave a quarter free to top up"
             );
         }
     }
