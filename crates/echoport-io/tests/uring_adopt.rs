@@ -238,3 +238,171 @@ fn a_receive_without_a_limit_stays_posted_across_messages() {
         b.release(buf);
     }
 }
+
+#[test]
+fn a_burst_on_an_added_ring_is_delivered_whole_not_twenty_at_a_time() {
+    // Two tables of 64: the second ring's 64 connections all receive at once. A turn that
+    // ran only part of that ring's completion work (the kernel runs 20 items when asked for
+    // no completion) left the rest until some later arrival signalled the ring again.
+    let mut b = Uring::new(&Config {
+        pool: echoport_io::pool::PoolConfig {
+            buffers: 512,
+            buf_size: 4096,
+            send_buffers: 8,
+        },
+        cq_entries: 1024,
+        sq_entries: 256,
+        direct_files: 64,
+        max_rings: 2,
+        direct_accept: false,
+        direct_adopt: true,
+        ..Default::default()
+    })
+    .expect("io_uring with direct descriptors");
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut peers = Vec::new();
+    let mut on_second = std::collections::HashSet::new();
+    for (i, (c, p)) in pairs(&l, 128).into_iter().enumerate() {
+        let sock = b.adopt(c).unwrap();
+        let token = Token::new(i as u32, 1);
+        if (sock.0 >> 32) & 0xffff == 1 {
+            on_second.insert(token);
+        }
+        b.push(Op::Recv {
+            token,
+            sock,
+            max: u32::MAX,
+        });
+        peers.push((token, p));
+    }
+    assert_eq!(
+        on_second.len(),
+        64,
+        "the second ring holds the second table"
+    );
+    let mut out = Vec::new();
+    b.wait(&mut out, Some(Duration::ZERO)).unwrap();
+    for (token, p) in &mut peers {
+        if on_second.contains(token) {
+            p.write_all(b"burst").unwrap();
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut got = std::collections::HashSet::new();
+    while got.len() < 64 && Instant::now() < deadline {
+        out.clear();
+        b.wait(&mut out, Some(Duration::from_millis(100))).unwrap();
+        for c in out.drain(..) {
+            if let Completion::Recv {
+                token,
+                result: Ok(Received::Data { buf, .. }),
+                ..
+            } = c
+            {
+                got.insert(token);
+                b.release(buf);
+            }
+        }
+    }
+    assert_eq!(got.len(), 64, "every connection of the burst was received");
+}
+
+#[test]
+fn a_ring_that_runs_dry_does_not_starve_the_others_and_is_refilled_first() {
+    // 64 buffers over two tables of 32: ring 0 fills first (three quarters of the pool),
+    // ring 1 gets what is left. All of ring 1's connections receive at once and keep what
+    // they got: ring 1 runs dry while ring 0 still holds buffers.
+    let mut b = Uring::new(&Config {
+        pool: echoport_io::pool::PoolConfig {
+            buffers: 64,
+            buf_size: 4096,
+            send_buffers: 8,
+        },
+        cq_entries: 1024,
+        sq_entries: 256,
+        direct_files: 32,
+        max_rings: 2,
+        direct_accept: false,
+        direct_adopt: true,
+        ..Default::default()
+    })
+    .expect("io_uring with direct descriptors");
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut conns = Vec::new();
+    for (i, (c, p)) in pairs(&l, 64).into_iter().enumerate() {
+        let sock = b.adopt(c).unwrap();
+        let token = Token::new(i as u32, 1);
+        b.push(Op::Recv {
+            token,
+            sock,
+            max: u32::MAX,
+        });
+        conns.push((token, sock, (sock.0 >> 32) & 0xffff, p));
+    }
+    let mut out = Vec::new();
+    b.wait(&mut out, Some(Duration::ZERO)).unwrap();
+    for (_, _, ring, p) in &mut conns {
+        if *ring == 1 {
+            p.write_all(b"dry").unwrap();
+        }
+    }
+    let (mut held, mut dry) = (Vec::new(), Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while held.len() + dry.len() < 32 && Instant::now() < deadline {
+        out.clear();
+        b.wait(&mut out, Some(Duration::from_millis(50))).unwrap();
+        for c in out.drain(..) {
+            match c {
+                Completion::Recv {
+                    result: Ok(Received::Data { buf, .. }),
+                    ..
+                } => held.push(buf),
+                Completion::Recv {
+                    token,
+                    result: Err(OpError::NoBuffers),
+                    ..
+                } => dry.push(token),
+                _ => {}
+            }
+        }
+    }
+    assert!(!dry.is_empty(), "ring 1 ran dry ({} received)", held.len());
+    assert_eq!(held.len() + dry.len(), 32);
+    assert!(
+        b.free_buffers() > 0,
+        "ring 0's buffers are still free for its connections"
+    );
+    // Once the held buffers come back, the dry ring gets them and every receive completes.
+    for buf in held.drain(..) {
+        b.release(buf);
+    }
+    for &token in &dry {
+        let sock = conns[token.id as usize].1;
+        b.push(Op::Recv {
+            token,
+            sock,
+            max: u32::MAX,
+        });
+    }
+    let mut got = 0;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while got < dry.len() && Instant::now() < deadline {
+        out.clear();
+        b.wait(&mut out, Some(Duration::from_millis(50))).unwrap();
+        for c in out.drain(..) {
+            if let Completion::Recv {
+                result: Ok(Received::Data { buf, .. }),
+                ..
+            } = c
+            {
+                got += 1;
+                b.release(buf);
+            }
+        }
+    }
+    assert_eq!(
+        got,
+        dry.len(),
+        "every receive that found ring 1 dry completed later"
+    );
+}

@@ -290,9 +290,13 @@ impl Tables {
         self.bufs[r] = self.bufs[r].saturating_sub(1);
     }
 
-    /// True when some ring's receives are waiting for a buffer it does not have.
-    pub(super) fn any_starved(&self) -> bool {
-        !self.extra.is_empty() && self.starved.iter().any(|&s| s)
+    /// A ring whose receives found its buffer ring empty since it was last given one (only
+    /// beside other rings: a lone ring's buffers all come back to it anyway).
+    pub(super) fn starved_ring(&self) -> Option<usize> {
+        if self.extra.is_empty() {
+            return None;
+        }
+        self.starved.iter().position(|&s| s)
     }
 
     /// Slots of ring `r` neither in use nor promised to a posted accept.

@@ -22,8 +22,12 @@ impl Submit for Uring {
     }
 
     fn release(&mut self, buf: BufId) {
-        // Back to the buffer ring it came from while that ring is below its cap (`rings.rs`).
-        let home = self.tables.home(buf.0);
+        // To a ring whose receives found its buffer ring empty, else back to the one it came
+        // from while that ring is below its cap (`rings.rs`).
+        let home = self
+            .tables
+            .starved_ring()
+            .unwrap_or(self.tables.home(buf.0));
         let to_kernel = self.buf_ring.is_some() && self.tables.bufs[home] < self.tables.cap(home);
         match self.pool.release(buf.0, to_kernel) {
             Ok(Returned::Kernel) => self.publish_to(home, buf.0),
@@ -47,11 +51,9 @@ impl Submit for Uring {
     }
 
     fn free_buffers(&self) -> usize {
-        if self.tables.any_starved() {
-            // Some ring has receives waiting for a buffer: the next release goes there, and
-            // nobody retries until then (a retry on that ring would only fail again).
-            0
-        } else if self.buf_ring.is_some() {
+        // (A ring that ran dry is refilled first, by the next releases and top-ups: the
+        // other rings' connections do not wait for it.)
+        if self.buf_ring.is_some() {
             self.pool.in_kernel()
         } else {
             self.pool.free_recv()
