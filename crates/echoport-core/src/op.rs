@@ -71,6 +71,7 @@ pub enum Op {
         /// delivered this many bytes, so a multishot receive cannot run past the
         /// connection's buffer budget while its cancellation is on the way. A backend may
         /// overshoot by at most one buffer (the kernel fills the buffer it picked).
+        /// [`u32::MAX`] (or anything above `i32::MAX`): no limit.
         max: u32,
     },
     /// Send `len` bytes of buffer `buf`, starting at `off`. At most one per connection.

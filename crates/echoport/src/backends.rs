@@ -47,6 +47,9 @@ pub struct Options {
     pub max_added_latency_us: u32,
     /// io_uring: accept into direct descriptors (off when peers' addresses are needed).
     pub direct_accept: bool,
+    /// io_uring: adopted streams become direct descriptors (a client holding more
+    /// connections than `RLIMIT_NOFILE`; such a backend makes no accepts).
+    pub direct_adopt: bool,
     /// io_uring task-running mode.
     pub taskrun: echoport_io::uring::TaskRun,
     /// io_uring: slots per direct-descriptor table (0: the descriptor limit).
@@ -64,6 +67,7 @@ impl Default for Options {
             batch_wait_us: 0,
             max_added_latency_us: 0,
             direct_accept: true,
+            direct_adopt: false,
             taskrun: echoport_io::uring::TaskRun::Defer,
             direct_files: 0,
             max_rings: 1,
@@ -87,6 +91,7 @@ impl Options {
             // Peers' addresses are needed (plain descriptors) to limit per IP and to check
             // --proxy-from.
             direct_accept: a.max_connections_per_ip.is_none() && !a.proxy_protocol,
+            direct_adopt: false,
             taskrun: match a.taskrun {
                 crate::serve::TaskRunChoice::Defer => echoport_io::uring::TaskRun::Defer,
                 crate::serve::TaskRunChoice::Coop => echoport_io::uring::TaskRun::Coop,
@@ -106,6 +111,7 @@ impl Options {
             batch_wait_us: self.batch_wait_us,
             max_added_latency_us: self.max_added_latency_us,
             direct_accept: self.direct_accept,
+            direct_adopt: self.direct_adopt,
             taskrun: self.taskrun,
             direct_files: self.direct_files,
             max_rings: self.max_rings,

@@ -24,9 +24,9 @@ impl Uring {
         self.fast && self.direct_accept && self.tables.max_rings > 1
     }
 
-    /// The ring the next accept goes on: the one taking accepts while it has a free slot,
-    /// else the roomiest, else a new ring; `None` when every table is full.
-    fn accept_ring(&mut self) -> Option<usize> {
+    /// The ring the next accept (or adopted stream) goes on: the one taking them while it
+    /// has a free slot, else the roomiest, else a new ring; `None` when every table is full.
+    pub(super) fn ring_with_room(&mut self) -> Option<usize> {
         let cur = self.tables.accepting as usize;
         if self.tables.free_slots(cur) > 0 {
             return Some(cur);
@@ -48,7 +48,7 @@ impl Uring {
             return;
         };
         while self.listeners[i].posted < BATCH {
-            let Some(r) = self.accept_ring() else {
+            let Some(r) = self.ring_with_room() else {
                 break;
             };
             let e = opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())

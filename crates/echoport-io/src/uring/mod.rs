@@ -32,7 +32,8 @@
 //! buffer ring), `submit.rs` (one function per operation posted), `complete.rs` (one per kind
 //! of completion reaped), `wait.rs` (submit, sleep, reap), `drop.rs` (cancel and drain),
 //! `rings.rs` (more rings than threads: a worker's extra direct-descriptor tables, and where
-//! buffers go), `accept.rs` (accepts across them, each promised a free slot).
+//! buffers go), `accept.rs` (accepts across them, each promised a free slot), `adopt.rs`
+//! (connected streams handed in, registered into free slots: a client's connections).
 //!
 //! # Capacity
 //! A ring's direct-descriptor table holds at most `RLIMIT_NOFILE` entries, so a worker
@@ -40,6 +41,7 @@
 //! [`Socket`] names its ring (bits 32..48) and its slot in that ring's table (bits 0..32).
 
 mod accept;
+mod adopt;
 mod buf_ring;
 mod complete;
 mod drop;
@@ -89,6 +91,11 @@ pub struct Config {
     /// Accept into direct descriptors on the fast path. Off when the caller needs to know
     /// peers' addresses (a direct descriptor cannot be asked).
     pub direct_accept: bool,
+    /// Adopted streams become direct descriptors on the fast path (`adopt.rs`): each one's
+    /// plain descriptor is closed once the ring's table holds the socket, so a client holds
+    /// more connections than `RLIMIT_NOFILE` (up to [`Config::max_rings`] tables). For a
+    /// backend that makes no accepts: it picks the slots itself, so listeners are refused.
+    pub direct_adopt: bool,
     /// When non-zero, a wait lets completions gather for up to this many microseconds
     /// before the loop wakes: fewer wake-ups under load, at most this much added latency.
     /// On kernels with `IORING_FEAT_MIN_TIMEOUT` (6.12) the kernel does it: the loop sleeps
@@ -130,6 +137,7 @@ impl Default for Config {
             direct_files: 0,
             max_rings: 1,
             direct_accept: true,
+            direct_adopt: false,
             batch_wait_us: 0,
             batch: 32,
             max_added_latency_us: 0,
@@ -227,6 +235,8 @@ pub struct Uring {
     direct_files: Option<u32>,
     /// Accepted connections get direct descriptors.
     direct_accept: bool,
+    /// Adopted streams get direct descriptors (slots picked by `adopt.rs`).
+    direct_adopt: bool,
     /// Loop turns that found the kernel holding completions back (CQ overflow).
     overflows: u64,
     /// Completions the kernel dropped outright (only without `IORING_FEAT_NODROP`).
@@ -307,6 +317,7 @@ impl Uring {
             ring_index: None,
             direct_files: None,
             direct_accept: fast && cfg.direct_accept,
+            direct_adopt: fast && cfg.direct_adopt,
             overflows: 0,
             dropped: 0,
             tables: rings::Tables::new(0, 1, 0),
@@ -343,10 +354,10 @@ impl Uring {
                 RecvMode::MultishotLimited => "multishot-recv (limited)",
                 _ => "one-shot recv from the ring (limited multishot needs 6.17+)",
             });
-            features.push(if uring.direct_accept {
-                "direct-fds"
-            } else {
-                "plain-fds (to see peer addresses)"
+            features.push(match (uring.direct_adopt, uring.direct_accept) {
+                (true, _) => "direct-fds (adopted)",
+                (false, true) => "direct-fds",
+                (false, false) => "plain-fds",
             });
         } else {
             features.push("one-shot-ops");
@@ -371,7 +382,11 @@ impl Uring {
         self.ring.submitter().register_files_sparse(direct)?;
         self.direct_files = Some(direct);
         let count = self.pool.recv_count();
-        let max_rings = if self.direct_accept { cfg.max_rings } else { 1 };
+        let max_rings = if self.direct_accept || self.direct_adopt {
+            cfg.max_rings
+        } else {
+            1
+        };
         self.tables = rings::Tables::new(direct, max_rings, count);
         let mut ring = BufRing::register(&self.ring, count)?;
         for _ in 0..self.tables.cap(0) {
@@ -436,6 +451,13 @@ impl Uring {
 
 impl Backend for Uring {
     fn add_listener(&mut self, listener: std::net::TcpListener) -> io::Result<ListenerId> {
+        if self.direct_adopt {
+            // Accepts would take slots of tables whose slots `adopt.rs` hands out itself.
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a ring that adopts streams as direct descriptors does not accept",
+            ));
+        }
         self.listeners.push(ListenerSlot {
             fd: Some(listener.into()),
             armed: false,
@@ -446,6 +468,9 @@ impl Backend for Uring {
     }
 
     fn adopt(&mut self, stream: std::net::TcpStream) -> io::Result<Socket> {
+        if self.direct_adopt {
+            return self.adopt_direct(stream);
+        }
         stream.set_nonblocking(true)?;
         Ok(Socket(stream.into_raw_fd() as u64))
     }
@@ -480,7 +505,7 @@ impl Backend for Uring {
 
     fn max_connections(&self) -> Option<usize> {
         self.direct_files
-            .filter(|_| self.direct_accept)
+            .filter(|_| self.direct_accept || self.direct_adopt)
             .map(|_| self.tables.capacity())
     }
 

@@ -210,6 +210,10 @@ pub(super) struct Tables {
     pub(super) starved: Vec<bool>,
     /// The ring each receive buffer last came from (where it goes back).
     home: Vec<u16>,
+    /// Adopted streams (`adopt.rs`): each ring's slots never handed out start here...
+    next_slot: Vec<u32>,
+    /// ...and those handed out and freed again wait here.
+    freed: Vec<Vec<u32>>,
     /// Slots per table.
     pub(super) size: u32,
     /// Most rings (ring 0 included).
@@ -234,6 +238,8 @@ impl Tables {
             bufs: vec![0],
             starved: vec![false],
             home: vec![0; buffers as usize],
+            next_slot: vec![0],
+            freed: vec![Vec::new()],
             size,
             max_rings,
             accepting: 0,
@@ -243,14 +249,16 @@ impl Tables {
     }
 
     /// Buffers ring `r`'s buffer ring holds at most; the rest of the pool waits free, so
-    /// that every ring, a new one too, can be given buffers from it ([`Uring::top_up`]). Ring 0
-    /// alone holds them all; beside others it holds half, and the others share a quarter.
-    pub(super) fn cap(&self, r: usize) -> u32 {
-        match (r, self.max_rings) {
-            (0, 1) => self.buffers,
-            (0, _) => self.buffers / 2,
-            _ => (self.buffers / 4 / (self.max_rings - 1)).max(MIN_SHARE),
+    /// that every ring, a new one too, can be given buffers from it ([`Uring::top_up`]). A
+    /// lone ring holds them all; a worker that may add rings keeps a quarter free and the
+    /// rings in use share the rest equally (a ring above its share once another is added
+    /// gives buffers back to the pool as receives return them, `home`). Ring 0's connections
+    /// are no busier than any other ring's, so it gets no more.
+    pub(super) fn cap(&self, _r: usize) -> u32 {
+        if self.max_rings == 1 {
+            return self.buffers;
         }
+        (self.buffers / 4 * 3 / self.rings() as u32).max(MIN_SHARE)
     }
 
     /// The ring receive buffer `buf` last came from.
@@ -292,6 +300,20 @@ impl Tables {
         self.size.saturating_sub(self.used[r] + self.pending[r])
     }
 
+    /// A slot of ring `r` for an adopted stream (the caller checked [`Tables::free_slots`]).
+    pub(super) fn take_slot(&mut self, r: usize) -> u32 {
+        self.freed[r].pop().unwrap_or_else(|| {
+            let s = self.next_slot[r];
+            self.next_slot[r] += 1;
+            s
+        })
+    }
+
+    /// Ring `r`'s slot `slot`, cleared, may be handed out again.
+    pub(super) fn give_slot(&mut self, r: usize, slot: u32) {
+        self.freed[r].push(slot);
+    }
+
     /// The ring with the most free slots, if any has one.
     pub(super) fn roomiest(&self) -> Option<usize> {
         (0..self.rings())
@@ -312,6 +334,8 @@ impl Tables {
                 self.pending.push(0);
                 self.bufs.push(0);
                 self.starved.push(false);
+                self.next_slot.push(0);
+                self.freed.push(Vec::new());
                 tracing::debug!(rings = self.rings(), "added an io_uring ring");
                 Some(self.rings() - 1)
             }
@@ -454,11 +478,29 @@ mod tests {
         let one = Tables::new(20_000, 1, 2048);
         assert_eq!(one.cap(0), 2048);
         let many = Tables::new(20_000, 26, 2048);
-        assert_eq!(many.cap(0), 1024);
-        assert!(many.cap(1) >= MIN_SHARE);
-        assert!(
-            many.cap(0) + 25 * many.cap(1) <= 2048,
-            "caps leave free buffers to top up"
+        assert_eq!(
+            many.cap(0),
+            1536,
+            "ring 0 alone, of a worker that may add more: a quarter stays free"
         );
+    }
+
+    #[test]
+    fn the_rings_added_so_far_share_three_quarters_of_the_pool() {
+        let cfg = super::super::Config::default();
+        let mut t = Tables::new(64, 26, 2048);
+        for added in 1..=8u32 {
+            if t.add_ring(&cfg, 2048).is_none() {
+                panic!("adding ring {added} failed (io_uring is required here)");
+            }
+            let share = (1536 / (added + 1)).max(MIN_SHARE);
+            for r in 0..=added as usize {
+                assert_eq!(t.cap(r), share, "ring {r} of {}", added + 1);
+            }
+            assert!(
+                (added + 1) * share <= 1536,
+                "caps leave a quarter free to top up"
+            );
+        }
     }
 }

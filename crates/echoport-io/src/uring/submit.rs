@@ -94,6 +94,10 @@ impl Post for Uring {
 
     /// Close a socket (a direct descriptor's slot counts as free once the close completes).
     fn post_close(&mut self, token: Token, sock: Socket) {
+        if self.direct_adopt && sock.0 & FIXED != 0 {
+            self.close_adopted(sock);
+            return;
+        }
         let ring = Self::ring_of(sock);
         let e = with_fd!(sock, |fd| opcode::Close::new(fd).build());
         self.enqueue_on(ring, e.user_data(token.pack(OpKind::Close)));
@@ -123,7 +127,11 @@ impl Post for Uring {
         let e = match self.recv_mode {
             RecvMode::MultishotLimited => {
                 let e = with_fd!(sock, |fd| opcode::RecvMulti::new(fd, BGID).build());
-                with_optlen(e, max.max(1))
+                // The kernel subtracts each receive from the limit as a signed int, so a
+                // limit above i32::MAX ends the receive at its first completion: that is no
+                // limit at all (0).
+                let limit = if max > i32::MAX as u32 { 0 } else { max.max(1) };
+                with_optlen(e, limit)
             }
             RecvMode::OneshotRing => with_fd!(sock, |fd| opcode::Recv::new(
                 fd,

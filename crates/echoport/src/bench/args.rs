@@ -60,7 +60,10 @@ pub struct Opts {
     )]
     pub address: Option<String>,
 
-    /// Connections, spread evenly over the threads.
+    /// Connections, spread evenly over the threads. More than this process may open
+    /// (RLIMIT_NOFILE, raised to its hard limit) are held as io_uring direct descriptors,
+    /// which take no slot of the descriptor table (then `--tick` is off: its receive stamps
+    /// are read from plain descriptors). Beyond ~28,000 per source address, give --source.
     #[arg(
         help_heading = "Connections",
         short = 'c',
@@ -156,8 +159,9 @@ pub struct Opts {
     /// (one submission), and its latency counts from that tick; between ticks the client
     /// sleeps on a timer and is not woken by echoes, so it wakes once per tick, not once per
     /// message. Echoes are timed by the kernel's arrival stamp, so the tick does not show
-    /// in their latency. Default 100us; 0 = wake for each message on time. (UDP: the
-    /// shortest sleep on the timer; default 0.)
+    /// in their latency. Default 100us; 0 = wake for each message on time (the default, too,
+    /// when the connections are more than RLIMIT_NOFILE: see -c). (UDP: the shortest sleep
+    /// on the timer; default 0.)
     #[arg(help_heading = "Tuning and measurement", long, value_name = "TIME", value_parser = parse_duration)]
     pub tick: Option<Duration>,
 

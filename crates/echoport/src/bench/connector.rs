@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
@@ -76,6 +76,27 @@ pub struct Connector {
     pub epoch: Instant,
     /// The measured window, ns since the start: connects begun in it are measured.
     pub window: (u64, Option<u64>),
+    /// Connections handed to workers and not yet taken by them (see [`InHand`]).
+    pub in_hand: Arc<AtomicUsize>,
+}
+
+/// A connected descriptor handed to a worker and not yet taken by it: the connector opens
+/// the next only while fewer than [`super::descriptors::IN_HAND`] are out, so a client whose
+/// workers hold their connections as direct descriptors never has more than that many plain
+/// ones open. Dropped once the worker has the stream.
+pub struct InHand(Arc<AtomicUsize>);
+
+impl InHand {
+    fn new(count: &Arc<AtomicUsize>) -> InHand {
+        count.fetch_add(1, Ordering::AcqRel);
+        InHand(count.clone())
+    }
+}
+
+impl Drop for InHand {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// How connecting went.
@@ -222,6 +243,10 @@ impl Connector {
 
     /// One connect, timed; the connection goes to its worker.
     fn open(&self, req: Request, report: &mut ConnectReport) -> Result<(), String> {
+        while self.in_hand.load(Ordering::Acquire) >= super::descriptors::IN_HAND && !self.over() {
+            // The workers are behind taking connections: do not pile up descriptors.
+            std::thread::sleep(Duration::from_micros(200));
+        }
         let gid = req.gid as usize;
         let source = (!self.sources.is_empty()).then(|| self.sources[gid % self.sources.len()]);
         let t0 = Instant::now();
@@ -246,6 +271,7 @@ impl Connector {
             stream,
             next_seq: req.next_seq,
             started_ns,
+            in_hand: Some(InHand::new(&self.in_hand)),
         };
         // Counted whether or not its worker still wants it: the server accepted it.
         report.established += 1;

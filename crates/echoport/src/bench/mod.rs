@@ -4,7 +4,8 @@
 //! - `run`, `watch`: one run at one load: threads started together, watched (live line,
 //!   intervals, CPU samples at the edges of the measured window), collected;
 //! - `connector`: one thread opens the connections (paced, bound to source addresses) and
-//!   hands them to the workers;
+//!   hands them to the workers; `descriptors`: plain descriptors, or io_uring direct ones
+//!   when the connections are more than the process may open;
 //! - `worker`: one event loop per thread over its own backend instance (io_uring by
 //!   default): closed or open loop, batched sends, every echoed byte checked;
 //! - `pattern`: message content that any byte of can be regenerated from (key, offset);
@@ -19,6 +20,7 @@
 
 pub mod args;
 mod connector;
+mod descriptors;
 mod hdr;
 mod interval;
 mod json;
@@ -78,8 +80,9 @@ pub fn run(mut a: Args) -> anyhow::Result<ExitCode> {
     if let Some(args::Cmd::Merge(m)) = a.cmd.take().map(|c| *c) {
         return merge::run(m);
     }
-    let p = Params::from_args(&a)?;
+    let mut p = Params::from_args(&a)?;
     let kind = crate::backends::choose(p.backend, &crate::backends::Options::default())?;
+    descriptors::plan(&mut p, &a, &kind)?;
     if let Some(&cpu) = p.cpus.first() {
         // The connector, signal and main threads stay off the server's CPUs too.
         echoport_io::sys::pin_to_cpu(cpu).with_context(|| format!("pinning to CPU {cpu}"))?;

@@ -112,6 +112,9 @@ pub struct Params {
     pub reconnect: bool,
     /// Load a UDP echo service.
     pub udp: bool,
+    /// Hold the connections as io_uring direct descriptors (more than RLIMIT_NOFILE:
+    /// [`super::descriptors`]).
+    pub direct: bool,
     /// Begin each connection with a PROXY header of this version, naming clients from this
     /// network (None: no header).
     pub proxy: Option<(ProxyVersion, Cidr)>,
@@ -193,6 +196,7 @@ impl Params {
             close: a.close,
             reconnect: a.reconnect,
             udp: udp(a)?,
+            direct: false,
             proxy: proxy(a)?,
         })
     }

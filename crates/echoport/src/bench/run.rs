@@ -60,6 +60,9 @@ struct Pending {
     live: Arc<Live>,
 }
 
+/// Most send buffers a worker's pool holds.
+const SEND_BUFFERS: u32 = 16384;
+
 /// Connections of thread `t` when `c` are dealt round-robin over `n` threads.
 pub fn share(c: usize, n: usize, t: usize) -> usize {
     (c + n - 1 - t) / n
@@ -249,6 +252,7 @@ fn start_tcp(
         halt: halt.clone(),
         epoch,
         window: (p.warmup.as_nanos() as u64, end_ns(p)),
+        in_hand: Default::default(),
     };
     let connector = std::thread::Builder::new()
         .name("bench-connect".into())
@@ -323,11 +327,21 @@ fn spawn_worker(
         pool: echoport_io::pool::PoolConfig {
             buf_size: if conns > 2048 { 2048 } else { 8192 },
             buffers: (conns as u32 * 2).next_power_of_two().clamp(256, 4096),
-            send_buffers: conns as u32 + 16,
+            // One send in flight per connection; beyond this many, a connection with bytes to
+            // send waits for a buffer (a million idle connections need no million buffers).
+            send_buffers: (conns as u32 + 16).min(SEND_BUFFERS),
         },
         fast_path: true,
         cq_entries: 65536,
         batch_wait_us: 0,
+        direct_accept: false,
+        direct_adopt: p.direct,
+        max_rings: if p.direct {
+            let table = echoport_io::sys::nofile_limit().min(1 << 20) as u32;
+            echoport_io::uring::rings_for(conns, table) + 1
+        } else {
+            1
+        },
         ..Default::default()
     };
     let (in_tx, in_rx) = mpsc::channel();

@@ -130,8 +130,9 @@ pub struct Tally {
     pub errors: Errors,
     /// Completions the kernel held back (io_uring CQ overflow) in the client.
     pub overflows: u64,
-    /// The longest a worker's wait overran its own deadline: how late the client itself
-    /// was (descheduled, or busy), which every latency measured meanwhile includes.
+    /// The longest a worker's wait begun in the measured window overran its own deadline:
+    /// how late the client itself was (descheduled, or busy), which every latency measured
+    /// meanwhile includes.
     pub max_late_ns: u64,
     /// Every measured latency in order, ns (only when asked for: tests check the histograms
     /// against them).

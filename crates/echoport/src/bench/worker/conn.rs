@@ -26,6 +26,8 @@ impl<B: Backend> Worker<B> {
                 return;
             }
         };
+        // Taken: the connector may open the next.
+        drop(inc.in_hand);
         let pos = self.active.len();
         let token = self.conns.insert_with(|_| Conn {
             sock,

@@ -57,6 +57,8 @@ pub struct Incoming {
     pub next_seq: u64,
     /// When its connect began, ns since the run's start.
     pub started_ns: u64,
+    /// Counts it as handed out until the worker has taken it (None in tests).
+    pub in_hand: Option<crate::bench::connector::InHand>,
 }
 
 /// What the connector sends a worker: a connection, or word that one it expected failed.
@@ -502,7 +504,7 @@ impl<B: Backend> Worker<B> {
         // A wait that returns well past its deadline means this thread was not running
         // (a busy machine): report it, it inflates every latency measured meanwhile.
         let late = now.saturating_sub(deadline);
-        self.tally.max_late_ns = self.tally.max_late_ns.max(late);
+        self.note_late(before, late);
         if late > 50_000_000 {
             tracing::debug!(
                 late_ms = late / 1_000_000,
@@ -518,6 +520,18 @@ impl<B: Backend> Worker<B> {
         self.events = events;
         self.reap_stamped(now);
         Ok(())
+    }
+
+    /// Records how late a wait begun at `at` returned, if it was in the measured window:
+    /// what polluted the latencies measured (connecting before it and closing after it
+    /// take long turns that time nothing).
+    fn note_late(&mut self, at: u64, late: u64) {
+        let measuring = self.phase == Phase::Run
+            && at >= self.plan.warmup_ns
+            && self.plan.end_ns.is_none_or(|e| at < e);
+        if measuring {
+            self.tally.max_late_ns = self.tally.max_late_ns.max(late);
+        }
     }
 
     fn next_wakeup(&self, now: u64) -> Duration {

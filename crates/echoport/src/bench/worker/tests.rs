@@ -46,6 +46,7 @@ fn worker(p: Plan) -> (Worker<FakeIo>, Token) {
         stream: stream(),
         next_seq: 0,
         started_ns: 0,
+        in_hand: None,
     };
     w.add_conn(inc, 0);
     let token = w.active[0];

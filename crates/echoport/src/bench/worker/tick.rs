@@ -54,7 +54,7 @@ impl<B: Backend> Worker<B> {
         let wait = self.next_wakeup(now);
         sleep(wait);
         let late = self.now().saturating_sub(now + wait.as_nanos() as u64);
-        self.tally.max_late_ns = self.tally.max_late_ns.max(late);
+        self.note_late(now, late);
         if late > 50_000_000 {
             tracing::debug!(
                 late_ms = late / 1_000_000,
