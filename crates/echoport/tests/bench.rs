@@ -440,6 +440,41 @@ fn a_refused_connection_is_counted_and_fails_the_run() {
 }
 
 #[test]
+fn connections_still_to_open_when_the_run_ends_fail_it_and_say_what_to_change() {
+    let server = Server::start(&["--threads", "1"]);
+    // 100 connects per second for a run of under a second: most are never made.
+    let args = [
+        "-c",
+        "300",
+        "--connect-rate",
+        "100",
+        "-d",
+        "500ms",
+        "--warmup",
+        "0",
+    ];
+    let out = bench(server.addr(), &args);
+    let d = doc(&out);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let r = &d["runs"][0];
+    let (opened, not_opened) = (
+        num(r, "connections.established") as u64,
+        num(r, "errors.not_opened") as u64,
+    );
+    assert!(not_opened >= 100, "{r:#}");
+    assert_eq!(
+        opened + not_opened,
+        300,
+        "every connection asked for is accounted: {r:#}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("still to open when the run ended"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn sigint_gives_partial_results_and_exit_130() {
     let server = Server::start(&["--threads", "1"]);
     let mut child = Command::new(env!("CARGO_BIN_EXE_echoport"))

@@ -274,6 +274,14 @@ fn health_lines(s: &mut String, r: &RunResult) {
     if t.overflows > 0 {
         let _ = writeln!(s, "  client CQ overflows {}", t.overflows);
     }
+    if t.errors.not_opened > 0 {
+        let _ = writeln!(
+            s,
+            "  note         {} connections were still to open when the run ended: give a \
+             --warmup as long as connecting takes, or more --source addresses",
+            group(t.errors.not_opened as f64)
+        );
+    }
     if t.max_late_ns >= 1_000_000 {
         let _ = writeln!(
             s,

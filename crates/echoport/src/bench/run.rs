@@ -408,6 +408,11 @@ fn collect(env: &Env, load: Load, running: Running, watched: Watched) -> anyhow:
     }
     tally.errors.connect_failed += connect.failed;
     let interrupted = env.stop.load(Ordering::Acquire);
+    if !interrupted {
+        // (Reconnects count as established too: with churn this is never short.)
+        let tried = (connect.established + connect.failed) as usize;
+        tally.errors.not_opened += p.connections.saturating_sub(tried) as u64;
+    }
     let warmup_ns = p.warmup.as_nanos() as u64;
     let window_end = match end_ns(p) {
         Some(e) if !interrupted => e.max(tally.last_done_ns),

@@ -29,6 +29,9 @@ echoport_core::counter_struct! {
     io_error: true;
     /// Connections that could not be opened.
     connect_failed: true;
+    /// Connections still not opened when the run ended (connecting took longer than the
+    /// run: a longer --warmup, or more --source addresses, which make connects cheaper).
+    not_opened: true;
 }
 
 impl Errors {
