@@ -142,9 +142,11 @@ fn a_stall_shows_in_the_intervals_it_hit_and_not_in_the_others() {
         msgs.iter().any(|&m| m < 250.0),
         "an interval the stall covered completed few echoes: {msgs:?}"
     );
+    // Intervals with echoes in them (a sliver after the end may have none, and no
+    // percentiles: it is not calm, it is empty).
     let calm = iv[hit + 2..]
         .iter()
-        .filter(|v| num(v, "latency_us.p99") < 100_000.0);
+        .filter(|v| num(v, "messages") > 0.0 && num(v, "latency_us.p99") < 100_000.0);
     assert!(
         calm.count() >= 1,
         "after the stall the tail is small again: {max:?}"

@@ -502,40 +502,57 @@ fn no_cross_talk_when_connections_die_with_ops_pending(cfg: Config) {
     assert_eq!(stopped.stat("closed"), made);
 }
 
+/// A client connection with 64 KiB kernel buffers each way, set before the handshake (so the
+/// window is sized for them): when it stops reading, its echo backs up into the server
+/// sooner, as the client's own autotuned buffers no longer take megabytes of it. (The
+/// server's buffers still hold one to three MiB a connection.)
+fn small_buffered(addr: std::net::SocketAddr) -> TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_recv_buffer_size(64 << 10).unwrap();
+    s.set_send_buffer_size(64 << 10).unwrap();
+    s.connect(&addr.into())
+        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    s.into()
+}
+
 /// SIGTERM while 100 connections stream: 45 keep writing through the shutdown, 45 stop
 /// writing at the signal, and 10 have stopped reading before it (so the server holds echo it
 /// cannot send yet) and read again 300 ms after it. Every client must read back an exact
-/// prefix of what it sent and then a clean end-of-stream; the server exits 0 well within its
-/// 5 s deadline, without cutting anyone off.
+/// prefix of what it sent and then a clean end-of-stream; the server exits 0 within its
+/// deadline, without cutting anyone off.
 fn sigterm_with_100_streaming_connections(cfg: Config) {
     const CLIENTS: u32 = 100;
     let seed = rng::seed("sigterm_with_100_streaming_connections");
     let mut rng = Rng::new(seed);
-    // The drain throws away megabytes the stalled clients queued, with a debug build, five
-    // such servers at once and the rest of the suite beside them: 15 s of deadline.
+    // The stop is judged on what it does (nobody cut off, every byte an exact prefix, a
+    // clean end), not on how fast: the stalled clients have megabytes queued in the
+    // server's kernel buffers that must be read back (and what they sent, thrown away) by
+    // a debug build, with five such servers at once and the rest of the suite beside them.
+    // That took up to 16 s beside two CPU burners, so the deadline is 60 s; a stop that
+    // hangs or cuts a client off still fails, the deadline only bounds the wait for it.
     // The stalled clients' echo makes no progress until the stop; the write timeout (30 s
     // by default) would cut them while the others are still getting up to speed, which is
     // another test's subject (limits.rs), not this one's.
-    let mut server = cfg.start(&["--shutdown-timeout", "15", "--write-timeout", "600"]);
+    let mut server = cfg.start(&["--shutdown-timeout", "60", "--write-timeout", "600"]);
     let kind = |id: u32| match id % 10 {
         0 => "stalled",
         1 | 3 | 5 | 7 | 9 => "keeps-writing",
         _ => "stops-writing",
     };
     let mut swarm = Swarm::new();
+    let setup = Instant::now();
     for id in 0..CLIENTS {
         let window = if kind(id) == "stalled" {
             64 << 20
         } else {
             256 << 10
         };
-        let mut f = Flow::connect(
-            server.addr(),
-            id,
-            seed,
-            rng.next_u64(),
-            Plan::Stream { window },
-        );
+        let stream = if kind(id) == "stalled" {
+            small_buffered(server.addr())
+        } else {
+            TcpStream::connect(server.addr()).unwrap()
+        };
+        let mut f = Flow::with_stream(stream, id, seed, rng.next_u64(), Plan::Stream { window });
         f.reading = kind(id) != "stalled";
         swarm.push(f);
     }
@@ -555,6 +572,10 @@ fn sigterm_with_100_streaming_connections(cfg: Config) {
         },
     );
     swarm.assert_no_failures();
+    eprintln!(
+        "every client streaming (or stuck) after {:?}",
+        setup.elapsed()
+    );
     let t0 = Instant::now();
     server.signal(Signal::TERM);
     for f in &mut swarm.flows {
@@ -572,7 +593,7 @@ fn sigterm_with_100_streaming_connections(cfg: Config) {
             f.writing = false;
         }
     }
-    swarm.run_to_end(t0 + Duration::from_secs(30));
+    swarm.run_to_end(t0 + Duration::from_secs(70));
     swarm.assert_no_failures();
     for f in &swarm.flows {
         assert!(
@@ -586,11 +607,12 @@ fn sigterm_with_100_streaming_connections(cfg: Config) {
             f.received
         );
     }
-    let stopped = server.finish(t0, Duration::from_secs(18));
+    let stopped = server.finish(t0, Duration::from_secs(65));
+    eprintln!("graceful stop took {:?}", stopped.took);
     stopped.assert_clean();
     assert!(
-        stopped.took < Duration::from_secs(15),
-        "graceful stop took {:?}, past the 15 s deadline",
+        stopped.took < Duration::from_secs(60),
+        "graceful stop took {:?}, past the 60 s deadline",
         stopped.took
     );
     let echoed: u64 = swarm.flows.iter().map(|f| f.received).sum();
@@ -717,10 +739,15 @@ fn nagle_trap_is_avoided(cfg: Config) {
             rtts.sort();
             let median = rtts[ROUNDS / 2];
             // With the trap every round trip takes >= 40 ms: 4 s in all.
+            // The fastest tenth tells a timer (the trap: every round trip waits) from a busy
+            // machine (some round trips wait).
+            let p10 = rtts[ROUNDS / 10];
             assert!(
                 median < Duration::from_millis(15) && total < Duration::from_secs(2),
                 "--buf-size {buf_size}, {size}-byte messages: {ROUNDS} round trips took \
-                 {total:?} (median {median:?}): the Nagle/delayed-ACK trap?"
+                 {total:?} (p10 {p10:?}, median {median:?}, max {:?}): the Nagle/delayed-ACK \
+                 trap?",
+                rtts[ROUNDS - 1]
             );
         }
         drop(s);

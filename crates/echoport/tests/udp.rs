@@ -104,15 +104,17 @@ fn a_blast_from_one_source_is_held_to_its_rate(backend: &str) {
             replies += 1;
         }
     }
-    let elapsed = started.elapsed();
     std::thread::sleep(Duration::from_millis(200));
     while c.recv_from(&mut buf).is_ok() {
         replies += 1;
     }
-    // 1,000/s after a burst of 2,000.
-    let allowed = 2000 + (elapsed.as_secs_f64() * 1000.0) as u64 + 50;
+    // 1,000/s after a burst of 2,000, over all the time the server had: a busy machine lets
+    // it work through its queue after the blast (during the drain, and until the stop), and
+    // a reply then is as much within the limit as any other.
+    let allowed = |secs: f64| 2000 + (secs * 1000.0) as u64 + 50;
+    let elapsed = started.elapsed();
     assert!(
-        replies <= allowed,
+        replies <= allowed(elapsed.as_secs_f64()),
         "{replies} replies in {elapsed:?} from {sent} datagrams"
     );
     assert!(
@@ -120,8 +122,14 @@ fn a_blast_from_one_source_is_held_to_its_rate(backend: &str) {
         "too few replies ({replies}): the test did not exercise the limit"
     );
     let stats = server.stop();
+    let lifetime = started.elapsed();
     assert!(stats.stat("udp_rate_limited") > 0, "{}", stats.log);
-    assert!(stats.stat("udp_echoed") <= allowed, "{}", stats.log);
+    assert!(
+        stats.stat("udp_echoed") <= allowed(lifetime.as_secs_f64()),
+        "{} echoed in {lifetime:?}\n{}",
+        stats.stat("udp_echoed"),
+        stats.log
+    );
 }
 
 /// Every address the server says it echoes UDP on.
@@ -185,9 +193,10 @@ fn assert_within_one_budget(
     rate: f64,
     burst: f64,
 ) {
-    // Counted up to the stop: the server may drain its queue until then.
-    let seconds = started.elapsed().as_secs_f64() + 0.3;
+    // Counted up to the end of the stop: the server may drain its queue until then (on a
+    // busy machine the stop itself can take a while).
     let stats = server.stop();
+    let seconds = started.elapsed().as_secs_f64();
     let echoed = stats.stat("udp_echoed");
     let allowed = (burst + rate * seconds) as u64 + 50;
     assert!(

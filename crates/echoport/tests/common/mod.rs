@@ -218,6 +218,35 @@ impl Server {
             .count()
     }
 
+    /// The descriptor count once it has held still for 300 ms (threads may still be setting
+    /// up after the address is printed), within 10 s; a baseline for [`Server::fds_back_to`].
+    pub fn settled_fd_count(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (mut last, mut since) = (self.fd_count(), Instant::now());
+        while since.elapsed() < Duration::from_millis(300) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            let now = self.fd_count();
+            if now != last {
+                (last, since) = (now, Instant::now());
+            }
+        }
+        last
+    }
+
+    /// Waits up to `limit` for the descriptor count to come back to `baseline` (closing is
+    /// asynchronous: a loaded machine may take a while); returns the last count seen, so the
+    /// caller's equality check still catches a leak.
+    pub fn fds_back_to(&self, baseline: usize, limit: Duration) -> usize {
+        let deadline = Instant::now() + limit;
+        loop {
+            let now = self.fd_count();
+            if now == baseline || Instant::now() >= deadline {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Connects a client with `TCP_NODELAY` and a 20 s read timeout.
     pub fn connect(&self) -> TcpStream {
         let s = TcpStream::connect(self.addr)
