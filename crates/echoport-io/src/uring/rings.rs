@@ -224,6 +224,8 @@ pub(super) struct Tables {
     buffers: u32,
     /// The one "tables full" message was logged.
     full_logged: bool,
+    /// The starved ring a released buffer went to last ([`Tables::needy_ring`]).
+    fed: usize,
 }
 
 impl Tables {
@@ -245,6 +247,7 @@ impl Tables {
             accepting: 0,
             buffers,
             full_logged: false,
+            fed: 0,
         }
     }
 
@@ -290,13 +293,23 @@ impl Tables {
         self.bufs[r] = self.bufs[r].saturating_sub(1);
     }
 
-    /// A ring whose receives found its buffer ring empty since it was last given one (only
-    /// beside other rings: a lone ring's buffers all come back to it anyway).
-    pub(super) fn starved_ring(&self) -> Option<usize> {
+    /// The ring a released buffer should go to rather than its own: one whose receives found
+    /// its buffer ring empty since it was last given one, else one below half its share
+    /// (only beside other rings: a lone ring's buffers all come back to it anyway). Taken in turn
+    /// when several are: the ring fed last is looked at last, so none is fed forever while
+    /// its refilled receives keep emptying it and the others wait.
+    pub(super) fn needy_ring(&mut self) -> Option<usize> {
+        let n = self.starved.len();
         if self.extra.is_empty() {
             return None;
         }
-        self.starved.iter().position(|&s| s)
+        // A dry ring first; else one below half its share (a ring added while the older
+        // ones still hold their earlier, larger shares starts empty).
+        let from =
+            |pick: &dyn Fn(usize) -> bool| (1..=n).map(|k| (self.fed + k) % n).find(|&r| pick(r));
+        let r = from(&|r| self.starved[r]).or_else(|| from(&|r| self.bufs[r] < self.cap(r) / 2))?;
+        self.fed = r;
+        Some(r)
     }
 
     /// Slots of ring `r` neither in use nor promised to a posted accept.
