@@ -16,21 +16,84 @@ const TABLE: u32 = 16;
 const RINGS: u32 = 4;
 
 fn new_ring() -> Uring {
+    ring(64, TABLE, RINGS)
+}
+
+/// A ring that adopts streams: `buffers` receive buffers, tables of `table` slots, at most
+/// `rings` rings.
+fn ring(buffers: u32, table: u32, rings: u32) -> Uring {
     Uring::new(&Config {
         pool: echoport_io::pool::PoolConfig {
-            buffers: 64,
+            buffers,
             buf_size: 4096,
             send_buffers: 8,
         },
         cq_entries: 1024,
         sq_entries: 256,
-        direct_files: TABLE,
-        max_rings: RINGS,
+        direct_files: table,
+        max_rings: rings,
         direct_accept: false,
         direct_adopt: true,
         ..Default::default()
     })
     .expect("io_uring with direct descriptors (CI machines have io_uring: this must not fail)")
+}
+
+/// An adopted stream with a receive posted on it, and the peer the test keeps.
+struct Adopted {
+    token: Token,
+    sock: Socket,
+    /// The ring whose table holds it.
+    ring: u64,
+    peer: TcpStream,
+}
+
+/// Adopts each pair's stream (connection `i` gets token `i`) and posts a receive on it.
+fn adopt_receiving(b: &mut Uring, pairs: Vec<(TcpStream, TcpStream)>) -> Vec<Adopted> {
+    pairs
+        .into_iter()
+        .enumerate()
+        .map(|(i, (c, peer))| {
+            let sock = b.adopt(c).expect("a table has room");
+            let token = Token::new(i as u32, 1);
+            b.push(Op::Recv {
+                token,
+                sock,
+                max: u32::MAX,
+            });
+            let ring = (sock.0 >> 32) & 0xffff;
+            Adopted {
+                token,
+                sock,
+                ring,
+                peer,
+            }
+        })
+        .collect()
+}
+
+/// Waits (at most 3 s) for `n` receives that bring data, giving each buffer back; their
+/// tokens.
+fn receive_data(b: &mut Uring, n: usize) -> Vec<Token> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut got = Vec::new();
+    let mut out = Vec::new();
+    while got.len() < n && Instant::now() < deadline {
+        out.clear();
+        b.wait(&mut out, Some(Duration::from_millis(50))).unwrap();
+        for c in out.drain(..) {
+            if let Completion::Recv {
+                token,
+                result: Ok(Received::Data { buf, .. }),
+                ..
+            } = c
+            {
+                got.push(token);
+                b.release(buf);
+            }
+        }
+    }
+    got
 }
 
 fn open_fds() -> usize {
@@ -120,21 +183,11 @@ fn adopted_streams_fill_several_tables_keep_no_descriptor_and_free_their_slots_o
     assert_eq!(b.max_connections(), Some((TABLE * RINGS) as usize));
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let n = (TABLE * RINGS) as usize;
-    let mut conns = pairs(&l, n);
+    let conns = pairs(&l, n);
     let before = open_fds();
-    let mut socks = Vec::new();
-    let mut peers = Vec::new();
-    for (i, (c, p)) in conns.drain(..).enumerate() {
-        let sock = b.adopt(c).expect("a table has room");
-        let token = Token::new(i as u32, 1);
-        b.push(Op::Recv {
-            token,
-            sock,
-            max: u32::MAX,
-        });
-        socks.push((token, sock));
-        peers.push(p);
-    }
+    let adopted = adopt_receiving(&mut b, conns);
+    let socks: Vec<(Token, Socket)> = adopted.iter().map(|a| (a.token, a.sock)).collect();
+    let mut peers: Vec<TcpStream> = adopted.into_iter().map(|a| a.peer).collect();
     // Each adopted stream's descriptor is closed; only the extra rings and their eventfds
     // are new (two descriptors per ring beyond the first).
     let after = open_fds();
@@ -240,71 +293,29 @@ fn a_receive_without_a_limit_stays_posted_across_messages() {
 }
 
 #[test]
-fn a_burst_on_an_added_ring_is_delivered_whole_not_twenty_at_a_time() {
-    // Two tables of 64: the second ring's 64 connections all receive at once. A turn that
-    // ran only part of that ring's completion work (the kernel runs 20 items when asked for
-    // no completion) left the rest until some later arrival signalled the ring again.
-    let mut b = Uring::new(&Config {
-        pool: echoport_io::pool::PoolConfig {
-            buffers: 512,
-            buf_size: 4096,
-            send_buffers: 8,
-        },
-        cq_entries: 1024,
-        sq_entries: 256,
-        direct_files: 64,
-        max_rings: 2,
-        direct_accept: false,
-        direct_adopt: true,
-        ..Default::default()
-    })
-    .expect("io_uring with direct descriptors");
+fn a_burst_on_an_added_ring_is_delivered_whole() {
+    // Two tables of 64: all 64 connections of the second ring receive at once. That ring's
+    // completions reach the loop only through its eventfd, which ring 0 watches: every one
+    // of them must come, not just those of the first wake-up.
+    let mut b = ring(512, 64, 2);
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut peers = Vec::new();
-    let mut on_second = std::collections::HashSet::new();
-    for (i, (c, p)) in pairs(&l, 128).into_iter().enumerate() {
-        let sock = b.adopt(c).unwrap();
-        let token = Token::new(i as u32, 1);
-        if (sock.0 >> 32) & 0xffff == 1 {
-            on_second.insert(token);
-        }
-        b.push(Op::Recv {
-            token,
-            sock,
-            max: u32::MAX,
-        });
-        peers.push((token, p));
-    }
+    let mut adopted = adopt_receiving(&mut b, pairs(&l, 128));
+    let on_second: std::collections::HashSet<Token> = adopted
+        .iter()
+        .filter(|a| a.ring == 1)
+        .map(|a| a.token)
+        .collect();
     assert_eq!(
         on_second.len(),
         64,
         "the second ring holds the second table"
     );
-    let mut out = Vec::new();
-    b.wait(&mut out, Some(Duration::ZERO)).unwrap();
-    for (token, p) in &mut peers {
-        if on_second.contains(token) {
-            p.write_all(b"burst").unwrap();
-        }
+    b.wait(&mut Vec::new(), Some(Duration::ZERO)).unwrap();
+    for a in adopted.iter_mut().filter(|a| a.ring == 1) {
+        a.peer.write_all(b"burst").unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let mut got = std::collections::HashSet::new();
-    while got.len() < 64 && Instant::now() < deadline {
-        out.clear();
-        b.wait(&mut out, Some(Duration::from_millis(100))).unwrap();
-        for c in out.drain(..) {
-            if let Completion::Recv {
-                token,
-                result: Ok(Received::Data { buf, .. }),
-                ..
-            } = c
-            {
-                got.insert(token);
-                b.release(buf);
-            }
-        }
-    }
-    assert_eq!(got.len(), 64, "every connection of the burst was received");
+    let got: std::collections::HashSet<Token> = receive_data(&mut b, 64).into_iter().collect();
+    assert_eq!(got, on_second, "every connection of the burst was received");
 }
 
 #[test]
@@ -312,39 +323,13 @@ fn a_ring_that_runs_dry_does_not_starve_the_others_and_is_refilled_first() {
     // 64 buffers over two tables of 32: ring 0 fills first (three quarters of the pool),
     // ring 1 gets what is left. All of ring 1's connections receive at once and keep what
     // they got: ring 1 runs dry while ring 0 still holds buffers.
-    let mut b = Uring::new(&Config {
-        pool: echoport_io::pool::PoolConfig {
-            buffers: 64,
-            buf_size: 4096,
-            send_buffers: 8,
-        },
-        cq_entries: 1024,
-        sq_entries: 256,
-        direct_files: 32,
-        max_rings: 2,
-        direct_accept: false,
-        direct_adopt: true,
-        ..Default::default()
-    })
-    .expect("io_uring with direct descriptors");
+    let mut b = ring(64, 32, 2);
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut conns = Vec::new();
-    for (i, (c, p)) in pairs(&l, 64).into_iter().enumerate() {
-        let sock = b.adopt(c).unwrap();
-        let token = Token::new(i as u32, 1);
-        b.push(Op::Recv {
-            token,
-            sock,
-            max: u32::MAX,
-        });
-        conns.push((token, sock, (sock.0 >> 32) & 0xffff, p));
-    }
+    let mut adopted = adopt_receiving(&mut b, pairs(&l, 64));
     let mut out = Vec::new();
     b.wait(&mut out, Some(Duration::ZERO)).unwrap();
-    for (_, _, ring, p) in &mut conns {
-        if *ring == 1 {
-            p.write_all(b"dry").unwrap();
-        }
+    for a in adopted.iter_mut().filter(|a| a.ring == 1) {
+        a.peer.write_all(b"dry").unwrap();
     }
     let (mut held, mut dry) = (Vec::new(), Vec::new());
     let deadline = Instant::now() + Duration::from_secs(3);
@@ -377,31 +362,15 @@ fn a_ring_that_runs_dry_does_not_starve_the_others_and_is_refilled_first() {
         b.release(buf);
     }
     for &token in &dry {
-        let sock = conns[token.id as usize].1;
+        let sock = adopted[token.id as usize].sock;
         b.push(Op::Recv {
             token,
             sock,
             max: u32::MAX,
         });
     }
-    let mut got = 0;
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while got < dry.len() && Instant::now() < deadline {
-        out.clear();
-        b.wait(&mut out, Some(Duration::from_millis(50))).unwrap();
-        for c in out.drain(..) {
-            if let Completion::Recv {
-                result: Ok(Received::Data { buf, .. }),
-                ..
-            } = c
-            {
-                got += 1;
-                b.release(buf);
-            }
-        }
-    }
     assert_eq!(
-        got,
+        receive_data(&mut b, dry.len()).len(),
         dry.len(),
         "every receive that found ring 1 dry completed later"
     );
