@@ -33,15 +33,7 @@ impl Uring {
             ));
         };
         let slot = self.tables.take_slot(r);
-        let fd = stream.as_raw_fd();
-        let done = match r {
-            0 => self.ring.submitter().register_files_update(slot, &[fd]),
-            _ => self.tables.extra[r - 1]
-                .ring
-                .submitter()
-                .register_files_update(slot, &[fd]),
-        };
-        if let Err(e) = done {
+        if let Err(e) = self.set_slot(r, slot, stream.as_raw_fd()) {
             self.tables.give_slot(r, slot);
             return Err(e);
         }
@@ -55,14 +47,10 @@ impl Uring {
     /// reference, once no operation holds it), and the slot is free again.
     pub(super) fn close_adopted(&mut self, sock: Socket) {
         let (r, slot) = (Self::ring_of(sock), sock.0 as u32);
-        let done = match r {
-            0 => self.ring.submitter().register_files_update(slot, &[-1]),
-            _ => match self.tables.extra.get(r - 1) {
-                Some(t) => t.ring.submitter().register_files_update(slot, &[-1]),
-                None => return,
-            },
-        };
-        match done {
+        if r > self.tables.extra.len() {
+            return; // not a ring of this backend
+        }
+        match self.set_slot(r, slot, -1) {
             Ok(_) => {
                 self.tables.used[r] = self.tables.used[r].saturating_sub(1);
                 self.tables.give_slot(r, slot);
@@ -71,5 +59,17 @@ impl Uring {
                 tracing::warn!(ring = r, slot, error = %e, "clearing a direct descriptor failed")
             }
         }
+    }
+
+    /// Puts `fd` (-1: nothing) in slot `slot` of ring `r`'s table, in one system call.
+    fn set_slot(&self, r: usize, slot: u32, fd: i32) -> io::Result<usize> {
+        let ring = match r.checked_sub(1) {
+            None => &self.ring,
+            Some(i) => match self.tables.extra.get(i) {
+                Some(t) => &t.ring,
+                None => return Err(io::Error::from_raw_os_error(libc::EBADF)),
+            },
+        };
+        ring.submitter().register_files_update(slot, &[fd])
     }
 }

@@ -389,7 +389,7 @@ impl Uring {
         };
         self.tables = rings::Tables::new(direct, max_rings, count);
         let mut ring = BufRing::register(&self.ring, count)?;
-        for _ in 0..self.tables.cap(0) {
+        for _ in 0..self.tables.share() {
             let Some(b) = self.pool.take_recv() else {
                 break;
             };

@@ -13,11 +13,13 @@
 //!
 //! Buffers: all rings lend from the worker's one pool (`pool.rs`); only which buffer ring a
 //! buffer the kernel holds sits in differs. A buffer in a ring's buffer ring cannot be taken
-//! back (the kernel picks it when data comes), so each ring holds at most a cap
-//! ([`Tables::cap`]) and the rest of the pool stays free: a released buffer goes back to the
-//! ring it came from while that ring is below its cap, else to the pool, and every loop turn
-//! tops up the rings that run short, a new ring first of all. So an idle ring never holds
-//! the buffers a busy one needs.
+//! back (the kernel picks it when data comes), so each ring holds at most an equal share
+//! ([`Tables::share`]) and the rest of the pool stays free. A released buffer goes to a ring
+//! that ran dry or holds less than half its share, in turn ([`Tables::needy_ring`]), else
+//! back to the ring it came from while that ring is below its share, else to the pool; and
+//! every loop turn tops up the rings that run short. So an idle ring never holds the
+//! buffers a busy one needs for long, and a ring added while the older ones still hold their
+//! earlier, larger shares is filled by the next releases.
 //!
 //! [`Config::max_rings`]: super::Config::max_rings
 //! [`Socket`]: echoport_core::Socket
@@ -224,7 +226,7 @@ pub(super) struct Tables {
     buffers: u32,
     /// The one "tables full" message was logged.
     full_logged: bool,
-    /// The starved ring a released buffer went to last ([`Tables::needy_ring`]).
+    /// The ring a released buffer was sent to last instead of its own ([`Tables::needy_ring`]).
     fed: usize,
 }
 
@@ -251,17 +253,27 @@ impl Tables {
         }
     }
 
-    /// Buffers ring `r`'s buffer ring holds at most; the rest of the pool waits free, so
+    /// Buffers each ring's buffer ring holds at most (its share); the rest of the pool waits free, so
     /// that every ring, a new one too, can be given buffers from it ([`Uring::top_up`]). A
     /// lone ring holds them all; a worker that may add rings keeps a quarter free and the
     /// rings in use share the rest equally (a ring above its share once another is added
     /// gives buffers back to the pool as receives return them, `home`). Ring 0's connections
     /// are no busier than any other ring's, so it gets no more.
-    pub(super) fn cap(&self, _r: usize) -> u32 {
+    pub(super) fn share(&self) -> u32 {
         if self.max_rings == 1 {
             return self.buffers;
         }
         (self.buffers / 4 * 3 / self.rings() as u32).max(MIN_SHARE)
+    }
+
+    /// Ring `r` holds less than half its share: a release or a top-up should go there.
+    fn low(&self, r: usize) -> bool {
+        self.bufs[r] < self.share() / 2
+    }
+
+    /// Ring `r` ran dry or holds less than half its share ([`Uring::top_up`] gives it more).
+    pub(super) fn short(&self, r: usize) -> bool {
+        self.starved[r] || self.low(r)
     }
 
     /// The ring receive buffer `buf` last came from.
@@ -307,7 +319,7 @@ impl Tables {
         // ones still hold their earlier, larger shares starts empty).
         let from =
             |pick: &dyn Fn(usize) -> bool| (1..=n).map(|k| (self.fed + k) % n).find(|&r| pick(r));
-        let r = from(&|r| self.starved[r]).or_else(|| from(&|r| self.bufs[r] < self.cap(r) / 2))?;
+        let r = from(&|r| self.starved[r]).or_else(|| from(&|r| self.low(r)))?;
         self.fed = r;
         Some(r)
     }
@@ -418,18 +430,18 @@ impl Uring {
         Some(r)
     }
 
-    /// Gives every ring that is short of buffers (below half its cap, or starved) free ones
-    /// up to its cap; once per loop turn, only when there are rings beside ring 0.
+    /// Gives every ring that is short of buffers ([`Tables::short`]) free ones up to its
+    /// share; once per loop turn, only when there are rings beside ring 0.
     pub(super) fn top_up(&mut self) {
         for r in 0..self.tables.rings() {
-            if self.tables.starved[r] || self.tables.bufs[r] < self.tables.cap(r) / 2 {
+            if self.tables.short(r) {
                 self.top_up_ring(r);
             }
         }
     }
 
     fn top_up_ring(&mut self, r: usize) {
-        while self.tables.bufs[r] < self.tables.cap(r) {
+        while self.tables.bufs[r] < self.tables.share() {
             let Some(b) = self.pool.take_recv() else {
                 return;
             };
@@ -493,10 +505,10 @@ mod tests {
     #[test]
     fn a_lone_ring_holds_every_buffer_and_several_share_them() {
         let one = Tables::new(20_000, 1, 2048);
-        assert_eq!(one.cap(0), 2048);
+        assert_eq!(one.share(), 2048);
         let many = Tables::new(20_000, 26, 2048);
         assert_eq!(
-            many.cap(0),
+            many.share(),
             1536,
             "ring 0 alone, of a worker that may add more: a quarter stays free"
         );
@@ -511,9 +523,7 @@ mod tests {
                 panic!("adding ring {added} failed (io_uring is required here)");
             }
             let share = (1536 / (added + 1)).max(MIN_SHARE);
-            for r in 0..=added as usize {
-                assert_eq!(t.cap(r), share, "ring {r} of {}", added + 1);
-            }
+            assert_eq!(t.share(), share, "{} rings", added + 1);
             assert!(
                 (added + 1) * share <= 1536,
                 "caps leave a quarter free to top up"

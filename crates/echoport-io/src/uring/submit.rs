@@ -22,10 +22,10 @@ impl Submit for Uring {
     }
 
     fn release(&mut self, buf: BufId) {
-        // To a ring whose receives found its buffer ring empty, else back to the one it came
-        // from while that ring is below its cap (`rings.rs`).
+        // To a ring that ran dry or holds less than half its share, else back to the one it
+        // came from while that ring is below its share (`rings.rs`).
         let home = self.tables.needy_ring().unwrap_or(self.tables.home(buf.0));
-        let to_kernel = self.buf_ring.is_some() && self.tables.bufs[home] < self.tables.cap(home);
+        let to_kernel = self.buf_ring.is_some() && self.tables.bufs[home] < self.tables.share();
         match self.pool.release(buf.0, to_kernel) {
             Ok(Returned::Kernel) => self.publish_to(home, buf.0),
             Ok(Returned::Free) => {}
