@@ -384,7 +384,7 @@ pub(super) fn check_echo(c: &mut Conn, data: &[u8], now: u64, m: &mut Meters) ->
 
 /// Times a connection's first echo from the start of its connect (begun in the window).
 fn first_echo(tally: &mut Tally, plan: &Plan, started: u64, now: u64) {
-    if started >= plan.warmup_ns && plan.end_ns.is_none_or(|e| started < e) {
+    if plan.in_window(started) {
         tally
             .first_echo
             .saturating_record(now.saturating_sub(started).max(1));

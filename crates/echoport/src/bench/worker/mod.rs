@@ -129,6 +129,14 @@ pub struct Plan {
     pub reconnect: bool,
 }
 
+impl Plan {
+    /// `t` (ns since the start) falls in the measured window: after the warm-up, before the
+    /// end.
+    pub fn in_window(&self, t: u64) -> bool {
+        t >= self.warmup_ns && self.end_ns.is_none_or(|e| t < e)
+    }
+}
+
 /// How a worker reports that its backend is open: its waker and description, or why not.
 pub type Ready = Result<(Arc<dyn Waker>, String), String>;
 
@@ -526,10 +534,7 @@ impl<B: Backend> Worker<B> {
     /// what polluted the latencies measured (connecting before it and closing after it
     /// take long turns that time nothing).
     fn note_late(&mut self, at: u64, late: u64) {
-        let measuring = self.phase == Phase::Run
-            && at >= self.plan.warmup_ns
-            && self.plan.end_ns.is_none_or(|e| at < e);
-        if measuring {
+        if self.phase == Phase::Run && self.plan.in_window(at) {
             self.tally.max_late_ns = self.tally.max_late_ns.max(late);
         }
     }
