@@ -266,14 +266,9 @@ impl Tables {
         (self.buffers / 4 * 3 / self.rings() as u32).max(MIN_SHARE)
     }
 
-    /// Ring `r` holds less than half its share: a release or a top-up should go there.
-    fn low(&self, r: usize) -> bool {
-        self.bufs[r] < self.share() / 2
-    }
-
     /// Ring `r` ran dry or holds less than half its share ([`Uring::top_up`] gives it more).
     pub(super) fn short(&self, r: usize) -> bool {
-        self.starved[r] || self.low(r)
+        self.starved[r] || self.bufs[r] < self.share() / 2
     }
 
     /// The ring receive buffer `buf` last came from.
@@ -319,7 +314,10 @@ impl Tables {
         // ones still hold their earlier, larger shares starts empty).
         let from =
             |pick: &dyn Fn(usize) -> bool| (1..=n).map(|k| (self.fed + k) % n).find(|&r| pick(r));
-        let r = from(&|r| self.starved[r]).or_else(|| from(&|r| self.low(r)))?;
+        // (Every release of a worker with several rings comes here: one division, not one
+        // per ring.)
+        let half = self.share() / 2;
+        let r = from(&|r| self.starved[r]).or_else(|| from(&|r| self.bufs[r] < half))?;
         self.fed = r;
         Some(r)
     }
